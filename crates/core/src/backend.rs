@@ -1,0 +1,268 @@
+//! The only numerics a backend owns: a forward pass over a flattened multi-sequence batch that
+//! returns logits, and the per-sequence KV state that pass reads and extends.
+//!
+//! Everything after logits (log-softmax, sampling, stops) lives in the core, once for all
+//! backends. A backend addresses its KV state by [`SlotId`]; the engine decides which slot holds
+//! which sequence.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::TokenId;
+use crate::error::BackendError;
+
+/// Names one sequence's KV state inside a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SlotId(pub u32);
+
+/// Element type of a backend's weights and activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float: the reference precision.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// Where a backend computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+/// What the engine needs to know about a loaded model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// Rows of the output head: valid token ids are `0..vocab_size`.
+    pub vocab_size: usize,
+    /// Tokens that end generation unless `ignore_eos`.
+    pub eos_token_ids: Vec<TokenId>,
+    /// Maximum positions (prompt + completion) a sequence may occupy.
+    pub max_context: usize,
+    /// Precision the backend runs in.
+    pub dtype: DType,
+    /// Where it runs.
+    pub device: Device,
+}
+
+/// Which logits rows a chunk asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None: an intermediate prefill chunk.
+    None,
+    /// Only the row of the chunk's last token (to sample the next token).
+    Last,
+    /// One row per token of the chunk (prompt logprobs, scoring).
+    All,
+}
+
+impl LogitsWanted {
+    /// Number of rows this request yields for a chunk of `len` tokens.
+    pub fn rows(self, len: usize) -> usize {
+        match self {
+            Self::None => 0,
+            Self::Last => usize::from(len > 0),
+            Self::All => len,
+        }
+    }
+}
+
+/// A run of consecutive tokens of one sequence inside a [`ForwardBatch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqChunk {
+    /// The sequence's KV slot. A slot is created when first addressed at position 0.
+    pub slot: SlotId,
+    /// Position of `tokens[0]`; must equal the number of tokens the slot already caches.
+    pub start_pos: usize,
+    /// Tokens to append to the slot and run through the model.
+    pub tokens: Vec<TokenId>,
+    /// Which logits rows to return for this chunk.
+    pub logits: LogitsWanted,
+}
+
+/// One forward pass: prefill chunks and decode steps of several sequences, flattened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardBatch {
+    /// The chunks, each for a distinct slot.
+    pub chunks: Vec<SeqChunk>,
+}
+
+impl ForwardBatch {
+    /// Total tokens in the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.tokens.len()).sum()
+    }
+
+    /// Total logits rows the batch asks for.
+    pub fn num_logit_rows(&self) -> usize {
+        self.chunks.iter().map(|c| c.logits.rows(c.tokens.len())).sum()
+    }
+
+    /// Flat positions of the tokens whose logits are wanted, in batch order.
+    pub fn logit_row_indices(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.num_logit_rows());
+        let mut offset = 0;
+        for c in &self.chunks {
+            let len = c.tokens.len();
+            match c.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if len > 0 => out.push(offset + len - 1),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => out.extend(offset..offset + len),
+            }
+            offset += len;
+        }
+        out
+    }
+}
+
+/// Logits returned by a forward pass: host f32 rows, grouped by chunk in batch order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    vocab_size: usize,
+    data: Vec<f32>,
+    chunk_rows: Vec<Range<usize>>,
+}
+
+impl Logits {
+    /// Wraps `data` (rows × `vocab_size`, row-major) laid out as `batch` asked.
+    ///
+    /// Fails if the number of rows does not match what the batch asked for.
+    pub fn new(batch: &ForwardBatch, vocab_size: usize, data: Vec<f32>) -> Result<Self, BackendError> {
+        let expected = batch.num_logit_rows() * vocab_size;
+        if data.len() != expected {
+            return Err(BackendError::Runtime {
+                runtime: "backend",
+                message: format!("returned {} logits, expected {expected}", data.len()),
+            });
+        }
+        let mut chunk_rows = Vec::with_capacity(batch.chunks.len());
+        let mut row = 0;
+        for c in &batch.chunks {
+            let n = c.logits.rows(c.tokens.len());
+            chunk_rows.push(row..row + n);
+            row += n;
+        }
+        Ok(Self { vocab_size, data, chunk_rows })
+    }
+
+    /// Vocabulary size (row length).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The rows of chunk `chunk`, each `vocab_size` long.
+    pub fn chunk(&self, chunk: usize) -> impl ExactSizeIterator<Item = &[f32]> + '_ {
+        let rows = self.chunk_rows[chunk].clone();
+        rows.map(move |r| &self.data[r * self.vocab_size..(r + 1) * self.vocab_size])
+    }
+
+    /// The last row of chunk `chunk`, if it asked for any.
+    pub fn last_row(&self, chunk: usize) -> Option<&[f32]> {
+        self.chunk(chunk).last()
+    }
+}
+
+/// A model that turns token batches into logits over KV state it owns.
+///
+/// Implementations run on the engine thread only, so methods take `&mut self`.
+pub trait Backend: Send {
+    /// Static facts about the loaded model.
+    fn info(&self) -> &ModelInfo;
+
+    /// Runs the model over `batch`, appending each chunk's tokens to its slot's KV state, and
+    /// returns the logits rows each chunk asked for.
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError>;
+
+    /// Frees a slot's KV state; releasing an empty slot is a no-op.
+    fn release(&mut self, slot: SlotId);
+
+    /// Makes `dst` a copy of `src`'s KV state (for sampling several continuations of one
+    /// prefilled prompt). `dst`'s previous state, if any, is dropped.
+    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError>;
+
+    /// Number of tokens cached in `slot` (0 if it holds nothing).
+    fn cached_len(&self, slot: SlotId) -> usize;
+
+    /// Prefills (a chunk of) one sequence: shorthand for a one-chunk [`Backend::forward`].
+    fn prefill(
+        &mut self,
+        slot: SlotId,
+        start_pos: usize,
+        tokens: &[TokenId],
+        logits: LogitsWanted,
+    ) -> Result<Logits, BackendError> {
+        let chunk = SeqChunk { slot, start_pos, tokens: tokens.to_vec(), logits };
+        self.forward(&ForwardBatch { chunks: vec![chunk] })
+    }
+
+    /// One decode step for several sequences: `(slot, next token)` pairs, one logits row each.
+    fn decode(&mut self, steps: &[(SlotId, TokenId)]) -> Result<Logits, BackendError> {
+        let chunks = steps
+            .iter()
+            .map(|&(slot, token)| SeqChunk {
+                slot,
+                start_pos: self.cached_len(slot),
+                tokens: vec![token],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        self.forward(&ForwardBatch { chunks })
+    }
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn info(&self) -> &ModelInfo {
+        (**self).info()
+    }
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
+        (**self).forward(batch)
+    }
+    fn release(&mut self, slot: SlotId) {
+        (**self).release(slot)
+    }
+    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
+        (**self).fork(src, dst)
+    }
+    fn cached_len(&self, slot: SlotId) -> usize {
+        (**self).cached_len(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(slot: u32, len: usize, logits: LogitsWanted) -> SeqChunk {
+        SeqChunk { slot: SlotId(slot), start_pos: 0, tokens: vec![0; len], logits }
+    }
+
+    #[test]
+    fn logits_rows_follow_chunk_requests() {
+        let batch = ForwardBatch {
+            chunks: vec![
+                chunk(0, 3, LogitsWanted::All),
+                chunk(1, 4, LogitsWanted::None),
+                chunk(2, 2, LogitsWanted::Last),
+            ],
+        };
+        assert_eq!(batch.num_tokens(), 9);
+        assert_eq!(batch.logit_row_indices(), vec![0, 1, 2, 8]);
+        let data: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        let logits = Logits::new(&batch, 2, data).unwrap();
+        assert_eq!(logits.chunk(0).len(), 3);
+        assert_eq!(logits.chunk(1).len(), 0);
+        assert_eq!(logits.last_row(2), Some(&[6.0, 7.0][..]));
+        assert!(Logits::new(&batch, 2, vec![0.0; 6]).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Typed errors of the core: every message names what was wrong and where.
+
+use crate::backend::SlotId;
+
+/// A request or parameter that cannot be served, found before any compute is spent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    /// A field holds a value outside its documented domain.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidField {
+        /// Name of the offending field, as it is spelled in the public API.
+        field: &'static str,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The prompt holds no token.
+    #[error("the prompt is empty: at least one token is required")]
+    EmptyPrompt,
+    /// A prompt token id is not in the model's vocabulary.
+    #[error("prompt token {token} at position {position} is out of range (vocabulary size {vocab_size})")]
+    TokenOutOfRange {
+        /// Offending id.
+        token: u32,
+        /// Its index in the flattened prompt.
+        position: usize,
+        /// The model's vocabulary size.
+        vocab_size: usize,
+    },
+    /// Prompt plus requested completion do not fit the model's context window.
+    #[error("prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context of {max_context} tokens", prompt_len + max_tokens)]
+    ContextOverflow {
+        /// Tokens in the prompt.
+        prompt_len: usize,
+        /// Requested completion budget.
+        max_tokens: usize,
+        /// The model's maximum context.
+        max_context: usize,
+    },
+    /// The prompt holds a chunk kind the model cannot consume.
+    #[error("chunk {index} is {kind}, which this text-only model cannot consume")]
+    UnsupportedChunk {
+        /// Index of the chunk in the `ModelInput`.
+        index: usize,
+        /// The chunk kind, e.g. "an image chunk".
+        kind: &'static str,
+    },
+}
+
+impl ValidationError {
+    /// Shorthand for [`ValidationError::InvalidField`].
+    pub fn field(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidField { field, reason: reason.into() }
+    }
+}
+
+/// A failure inside a backend's numerics or state.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// A batch addressed a slot at a position that does not match its cached length.
+    #[error("slot {slot:?}: batch starts at position {start_pos} but {cached} tokens are cached")]
+    PositionMismatch {
+        /// The slot addressed.
+        slot: SlotId,
+        /// Where the batch said the chunk starts.
+        start_pos: usize,
+        /// How many tokens the slot holds.
+        cached: usize,
+    },
+    /// A slot that holds no state was addressed where state was required.
+    #[error("slot {0:?} holds no KV state")]
+    UnknownSlot(SlotId),
+    /// The runtime (candle, libtorch, ONNX Runtime) reported an error.
+    #[error("{runtime} error: {message}")]
+    Runtime {
+        /// Which runtime failed.
+        runtime: &'static str,
+        /// Its message.
+        message: String,
+    },
+    /// The backend panicked; the panic was caught at the engine boundary.
+    #[error("backend panicked: {0}")]
+    Panicked(String),
+}
+
+/// A model folder or configuration that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file the model needs is absent.
+    #[error("model folder {dir}: missing {file}")]
+    MissingFile {
+        /// The folder searched.
+        dir: std::path::PathBuf,
+        /// The file that was expected there.
+        file: String,
+    },
+    /// `config.json` names an architecture that infermux does not implement.
+    #[error("unsupported architecture {found:?}; supported: {}", supported.join(", "))]
+    UnsupportedArchitecture {
+        /// What config.json said.
+        found: String,
+        /// What infermux supports.
+        supported: &'static [&'static str],
+    },
+    /// A config field is missing or malformed.
+    #[error("{file}: {reason}")]
+    InvalidConfig {
+        /// The file at fault.
+        file: std::path::PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Reading a file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The path read.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Why a request submitted to the engine did not complete.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The request was rejected before scheduling.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The backend failed while this request was in its batch.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The engine thread is gone (shut down or crashed).
+    #[error("the engine has shut down")]
+    Shutdown,
+}

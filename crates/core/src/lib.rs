@@ -1,0 +1,35 @@
+//! # infermux-core
+//!
+//! The backend-agnostic half of infermux. One decode step is a pipeline of small parts, each in
+//! its own module:
+//!
+//! 1. **forward** — a [`Backend`] runs a flattened batch of prefill chunks and decode steps from
+//!    many sequences and returns logits ([`backend`]); it owns the KV cache, addressed by slot.
+//! 2. **processors** — temperature, top-k, top-p and min-p shape the distribution ([`sampling`]).
+//! 3. **sample** — a per-sequence RNG seeded from `(seed, sample index)` draws the token, so a
+//!    seeded request's output never depends on what it was batched with.
+//! 4. **stop** — EOS, stop tokens and length end a sequence ([`engine`]).
+//!
+//! The [`Engine`] schedules requests (waiting queue, slot pool, token budget, chunked prefill)
+//! on its own thread. Nothing here depends on a tensor library, a tokenizer or a wire format.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod input;
+pub mod model;
+pub mod params;
+pub mod sampling;
+
+/// A token id.
+pub type TokenId = u32;
+
+pub use backend::{Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
+pub use engine::{
+    Engine, EngineConfig, EngineStats, FinishReason, GenerateOutput, GenerateRequest, GeneratedSequence,
+    Pending, PromptLogprobs, TopLogprobs,
+};
+pub use error::{BackendError, EngineError, ModelError, ValidationError};
+pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};
+pub use model::{Architecture, ModelConfig, ModelDir};
+pub use params::{LogprobsMode, SamplingParams};

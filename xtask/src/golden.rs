@@ -1,0 +1,77 @@
+//! `cargo xtask golden`: regenerate reference outputs with Hugging Face transformers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+
+use crate::{run_status, setup};
+
+/// Virtual environment holding the Python reference stack.
+const VENV_DIR: &str = "runtimes/py";
+/// Pinned packages of the reference stack.
+const PY_PACKAGES: [&str; 5] = [
+    "torch==2.11.0",
+    "transformers==5.23.0",
+    "gguf",
+    "numpy",
+    "safetensors",
+];
+/// Succeeds only when the pinned stack is importable.
+const IMPORT_CHECK: &str = "import gguf, numpy, safetensors, torch, transformers\n\
+    assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__\n\
+    assert transformers.__version__ == '5.23.0', transformers.__version__\n";
+/// Golden generator script, relative to the repository root.
+const SCRIPT: &str = "tests/data/make_goldens.py";
+/// Output file, relative to the repository root.
+const OUTPUT: &str = "tests/data/goldens/smollm2-135m-instruct.json";
+
+/// Prepares the model, ensures the Python stack (unless `python` is given) and runs the script.
+pub fn run(root: &Path, python: Option<&Path>) -> Result<()> {
+    let model = setup::run(root)?;
+    let gguf = setup::ensure_gguf(root)?;
+    let python = match python {
+        Some(p) => p.to_path_buf(),
+        None => ensure_venv(root)?,
+    };
+    let mut cmd = Command::new(&python);
+    cmd.current_dir(root)
+        .arg(SCRIPT)
+        .arg("--model")
+        .arg(&model)
+        .arg("--gguf")
+        .arg(&gguf)
+        .arg("--out")
+        .arg(root.join(OUTPUT));
+    run_status(&mut cmd).context("golden generation failed")
+}
+
+/// Creates `runtimes/py` and installs the pinned packages unless they already import.
+fn ensure_venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(VENV_DIR);
+    let python = venv.join("bin").join("python");
+    if !python.is_file() {
+        eprintln!("creating Python venv at {}", venv.display());
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "venv"]).arg(&venv);
+        run_status(&mut cmd).context("python3 -m venv failed")?;
+    }
+    if imports_ok(&python) {
+        return Ok(python);
+    }
+    eprintln!("installing {} into {}", PY_PACKAGES.join(" "), venv.display());
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check"])
+        .args(PY_PACKAGES);
+    run_status(&mut cmd).context("pip install of the reference stack failed")?;
+    Ok(python)
+}
+
+fn imports_ok(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", IMPORT_CHECK])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
