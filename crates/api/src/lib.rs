@@ -1,1 +1,39 @@
-//! placeholder
+//! # infermux
+//!
+//! One API for LLM inference on interchangeable backends (candle, libtorch, ONNX Runtime), with
+//! Tinker's `SamplingClient` semantics: exact sampled tokens with their logprobs, and prompt
+//! scoring that agrees with them.
+//!
+//! ```no_run
+//! use infermux::{ModelInput, SamplingParams, ServiceClient};
+//!
+//! let client = ServiceClient::new().create_sampling_client("models/SmolLM2-135M-Instruct")?;
+//! let tokenizer = client.get_tokenizer();
+//! let prompt = ModelInput::from_ints(tokenizer.encode("The capital of France is", false)?);
+//! let params = SamplingParams { max_tokens: Some(20), temperature: 0.7, ..Default::default() };
+//! let response = client.sample(prompt, 1, params, false, 0).wait()?;
+//! println!("{}", tokenizer.decode(&response.sequences[0].tokens, true)?);
+//! # Ok::<(), infermux::Error>(())
+//! ```
+
+mod backend_kind;
+mod error;
+mod sampling_client;
+mod service;
+mod tokenizer;
+mod types;
+
+pub use backend_kind::{BackendKind, LoadOptions};
+pub use error::{Error, Result};
+pub use sampling_client::{ApiFuture, SamplingClient};
+pub use service::ServiceClient;
+pub use tokenizer::Tokenizer;
+pub use types::{SampleResponse, SampledSequence, StopReason};
+
+pub use infermux_core::{
+    DType, Device, EngineConfig, EngineError, FinishReason, ImageChunk, ImageFormat, LogprobsMode, ModelInput,
+    ModelInputChunk, SamplingParams, TokenId, TopLogprobs, ValidationError,
+};
+
+/// The core crate, for backend implementers and advanced use.
+pub use infermux_core as core;

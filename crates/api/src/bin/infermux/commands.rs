@@ -1,0 +1,91 @@
+//! What each subcommand does.
+
+use anyhow::{Context, Result};
+use infermux::{LoadOptions, ModelInput, SamplingClient, SamplingParams, ServiceClient, TokenId};
+use serde_json::json;
+
+use crate::args::{Cli, Command, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs};
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Sample(args) => sample(args),
+        Command::Logprobs(args) => logprobs(args),
+    }
+}
+
+fn client(args: &ModelArgs) -> Result<SamplingClient> {
+    let options =
+        LoadOptions { backend: args.backend, device: args.device, dtype: args.dtype, ..LoadOptions::default() };
+    ServiceClient::with_options(options)
+        .create_sampling_client(&args.model)
+        .with_context(|| format!("loading {} on {}", args.model.display(), args.backend))
+}
+
+fn prompt_tokens(client: &SamplingClient, prompt: &PromptArgs) -> Result<Vec<TokenId>> {
+    match (&prompt.prompt, &prompt.prompt_tokens) {
+        (Some(text), _) => Ok(client.get_tokenizer().encode(text, false)?),
+        (None, Some(ids)) => Ok(ids.clone()),
+        (None, None) => anyhow::bail!("give --prompt or --prompt-tokens"),
+    }
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    let client = client(&args.model)?;
+    let tokens = prompt_tokens(&client, &args.prompt)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        min_p: args.min_p,
+        seed: args.seed,
+        max_tokens: Some(args.max_tokens),
+        ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
+    };
+    let response = client.sample(ModelInput::from_ints(tokens.clone()), args.num_samples, params, false, 0).wait()?;
+    let tokenizer = client.get_tokenizer();
+    if args.json {
+        let samples = response
+            .sequences
+            .iter()
+            .map(|s| {
+                Ok(json!({
+                    "tokens": s.tokens,
+                    "text": tokenizer.decode(&s.tokens, true)?,
+                    "logprobs": s.logprobs,
+                    "finish_reason": s.stop_reason,
+                    "finish_detail": s.finish_reason,
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        println!("{}", json!({ "prompt_tokens": tokens, "samples": samples }));
+        return Ok(());
+    }
+    let many = response.sequences.len() > 1;
+    for (i, s) in response.sequences.iter().enumerate() {
+        if many {
+            println!("--- sample {i} ({}) ---", s.finish_reason.as_openai_str());
+        }
+        println!("{}", tokenizer.decode(&s.tokens, true)?);
+    }
+    Ok(())
+}
+
+fn logprobs(args: LogprobsArgs) -> Result<()> {
+    let client = client(&args.model)?;
+    let tokens = prompt_tokens(&client, &args.prompt)?;
+    let logprobs = client.compute_logprobs(ModelInput::from_ints(tokens.clone())).wait()?;
+    if args.json {
+        println!("{}", json!({ "logprobs": logprobs }));
+        return Ok(());
+    }
+    let tokenizer = client.get_tokenizer();
+    for (token, lp) in tokens.iter().zip(&logprobs) {
+        let piece = tokenizer.decode(&[*token], false)?;
+        match lp {
+            Some(lp) => println!("{token}\t{lp:.6}\t{piece:?}"),
+            None => println!("{token}\t-\t{piece:?}"),
+        }
+    }
+    Ok(())
+}

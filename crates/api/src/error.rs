@@ -1,0 +1,30 @@
+//! The façade's error type: one enum over every way a call can fail.
+
+use infermux_core::{EngineError, ModelError};
+
+use crate::BackendKind;
+
+/// Errors of the `infermux` API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request was invalid or the engine failed serving it.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The model folder could not be used.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer could not be loaded or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chosen backend could not be created.
+    #[error("{backend} backend: {reason}")]
+    Backend {
+        /// Which backend.
+        backend: BackendKind,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

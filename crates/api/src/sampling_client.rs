@@ -1,0 +1,127 @@
+//! `SamplingClient`: Tinker's sampling API over an in-process engine.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use infermux_core::{Engine, GenerateOutput, GenerateRequest, ModelInput, Pending, PromptLogprobs, SamplingParams};
+
+use crate::error::Result;
+use crate::tokenizer::Tokenizer;
+use crate::types::{SampleResponse, prompt_logprobs_of};
+
+/// Samples from and scores with one loaded model. Cheap to clone; safe to share across threads
+/// and async tasks, which all feed the same continuously batched engine.
+#[derive(Clone, Debug)]
+pub struct SamplingClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: Engine,
+    tokenizer: Tokenizer,
+    base_model: String,
+}
+
+impl SamplingClient {
+    pub(crate) fn new(engine: Engine, tokenizer: Tokenizer, base_model: String) -> Self {
+        Self { inner: Arc::new(Inner { engine, tokenizer, base_model }) }
+    }
+
+    /// Draws `num_samples` continuations of `prompt` (sharing one prefill), optionally with the
+    /// prompt's logprobs and its top-k alternatives per position. Await the result or `.wait()`.
+    pub fn sample(
+        &self,
+        prompt: ModelInput,
+        num_samples: usize,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: usize,
+    ) -> ApiFuture<SampleResponse> {
+        let request = GenerateRequest {
+            prompt,
+            num_samples,
+            params: sampling_params,
+            prompt_logprobs: PromptLogprobs { include: include_prompt_logprobs, top_k: topk_prompt_logprobs },
+        };
+        ApiFuture::new(self.inner.engine.generate(request), SampleResponse::from)
+    }
+
+    /// Async form of [`SamplingClient::sample`].
+    pub async fn sample_async(
+        &self,
+        prompt: ModelInput,
+        num_samples: usize,
+        sampling_params: SamplingParams,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: usize,
+    ) -> Result<SampleResponse> {
+        self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs).await
+    }
+
+    /// Logprob of each prompt token given the ones before it; the first entry is `None`.
+    pub fn compute_logprobs(&self, prompt: ModelInput) -> ApiFuture<Vec<Option<f32>>> {
+        ApiFuture::new(self.inner.engine.score(&prompt), prompt_logprobs_of)
+    }
+
+    /// Async form of [`SamplingClient::compute_logprobs`].
+    pub async fn compute_logprobs_async(&self, prompt: ModelInput) -> Result<Vec<Option<f32>>> {
+        self.compute_logprobs(prompt).await
+    }
+
+    /// The model's tokenizer.
+    pub fn get_tokenizer(&self) -> Tokenizer {
+        self.inner.tokenizer.clone()
+    }
+
+    /// The name of the served model (its folder name, or the registry name it was opened by).
+    pub fn get_base_model(&self) -> String {
+        self.inner.base_model.clone()
+    }
+
+    /// Async form of [`SamplingClient::get_base_model`].
+    pub async fn get_base_model_async(&self) -> String {
+        self.get_base_model()
+    }
+
+    /// The engine underneath, for stats and advanced use.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+}
+
+/// A reply from the engine, converted to an API type. `.await` it, or call
+/// [`ApiFuture::wait`] (alias [`ApiFuture::result`]) from synchronous code.
+/// Dropping it cancels the request.
+#[must_use = "a request is cancelled when its future is dropped"]
+pub struct ApiFuture<T> {
+    pending: Pending<GenerateOutput>,
+    convert: fn(GenerateOutput) -> T,
+}
+
+impl<T> ApiFuture<T> {
+    fn new(pending: Pending<GenerateOutput>, convert: fn(GenerateOutput) -> T) -> Self {
+        Self { pending, convert }
+    }
+
+    /// Blocks until the reply arrives.
+    pub fn wait(self) -> Result<T> {
+        Ok((self.convert)(self.pending.wait()?))
+    }
+
+    /// Tinker's spelling of [`ApiFuture::wait`].
+    pub fn result(self) -> Result<T> {
+        self.wait()
+    }
+}
+
+impl<T> Future for ApiFuture<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let convert = self.convert;
+        Pin::new(&mut self.pending).poll(cx).map(|r| Ok(convert(r?)))
+    }
+}

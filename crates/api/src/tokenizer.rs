@@ -1,0 +1,57 @@
+//! The model's tokenizer (`tokenizer.json`), shared cheaply between clients and threads.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use infermux_core::TokenId;
+
+use crate::error::{Error, Result};
+
+/// A Hugging Face tokenizer behind an `Arc`.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: Arc<tokenizers::Tokenizer>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("loading {}: {e}", path.display())))?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are
+    /// recognized. `add_special_tokens` adds the model's BOS/EOS template, if it has one.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, optionally leaving out special tokens.
+    pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token string, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The underlying `tokenizers` object, for anything this wrapper does not expose.
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
