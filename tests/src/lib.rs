@@ -9,7 +9,9 @@ use serde::Deserialize;
 ///
 /// `INFERMUX_MODEL_DIR` overrides the default `<repo>/models/SmolLM2-135M-Instruct`.
 pub fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("INFERMUX_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct"));
+    let dir = std::env::var_os("INFERMUX_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/SmolLM2-135M-Instruct"));
     assert!(
         dir.join("model.safetensors").is_file(),
         "the reference model is not prepared at {}: run `cargo xtask setup` (or `cargo xtask test`)",
@@ -20,7 +22,10 @@ pub fn model_dir() -> PathBuf {
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lives in the repo root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repo root")
+        .to_path_buf()
 }
 
 /// Outputs of the reference implementation for one prompt.
@@ -50,7 +55,8 @@ pub struct Goldens {
 /// Loads `tests/data/goldens/smollm2-135m-instruct.json`.
 pub fn goldens() -> Goldens {
     let path = repo_root().join("tests/data/goldens/smollm2-135m-instruct.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
@@ -65,9 +71,15 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// f32 backend vs the transformers reference (per prompt token).
-    pub const F32_VS_REFERENCE: Tolerance = Tolerance { name: "f32 vs reference", max_abs: 1e-3 };
+    pub const F32_VS_REFERENCE: Tolerance = Tolerance {
+        name: "f32 vs reference",
+        max_abs: 1e-3,
+    };
     /// A sampled token's logprob vs scoring the same sequence.
-    pub const SAMPLE_VS_SCORE: Tolerance = Tolerance { name: "sample vs compute_logprobs", max_abs: 1e-4 };
+    pub const SAMPLE_VS_SCORE: Tolerance = Tolerance {
+        name: "sample vs compute_logprobs",
+        max_abs: 1e-4,
+    };
 
     /// Largest |a - b| over paired entries, with its index; panics if a bound is exceeded.
     pub fn check(&self, what: &str, got: &[f64], expected: &[f64]) -> f64 {
@@ -77,7 +89,9 @@ impl Tolerance {
             .zip(expected)
             .map(|(a, b)| (a - b).abs())
             .enumerate()
-            .fold((0, 0.0f64), |acc, (i, d)| if d > acc.1 || d.is_nan() { (i, d) } else { acc });
+            .fold((0, 0.0f64), |acc, (i, d)| {
+                if d > acc.1 || d.is_nan() { (i, d) } else { acc }
+            });
         assert!(
             worst <= self.max_abs,
             "{what}: max |Δ| = {worst:e} at index {worst_i} exceeds {} ({:e}): got {}, expected {}",

@@ -23,7 +23,11 @@ fn no_source_file_exceeds_1000_lines() {
     for dir in ["crates", "xtask", "tests"] {
         rust_files(&root.join(dir), &mut files);
     }
-    assert!(files.len() > 20, "the walk found too few files: {}", files.len());
+    assert!(
+        files.len() > 20,
+        "the walk found too few files: {}",
+        files.len()
+    );
     let long: Vec<String> = files
         .iter()
         .filter_map(|f| {
@@ -37,8 +41,16 @@ fn no_source_file_exceeds_1000_lines() {
 #[test]
 fn libraries_do_not_use_anyhow() {
     let root = repo_root();
-    for krate in ["crates/core", "crates/backend-candle", "crates/backend-torch", "crates/backend-onnx"] {
+    for krate in [
+        "crates/core",
+        "crates/backend-candle",
+        "crates/backend-torch",
+        "crates/backend-onnx",
+    ] {
         let manifest = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
-        assert!(!manifest.contains("anyhow"), "{krate} must return typed errors, not anyhow");
+        assert!(
+            !manifest.contains("anyhow"),
+            "{krate} must return typed errors, not anyhow"
+        );
     }
 }

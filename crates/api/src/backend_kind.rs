@@ -5,7 +5,9 @@ use infermux_core::{Backend, DType, Device, EngineConfig, ModelDir};
 use crate::error::{Error, Result};
 
 /// The inference runtimes infermux can drive.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// candle: pure Rust, the default.
@@ -73,14 +75,22 @@ pub struct LoadOptions {
 pub(crate) fn load_backend(dir: &ModelDir, options: &LoadOptions) -> Result<Box<dyn Backend>> {
     let unavailable = |feature: &str| Error::Backend {
         backend: options.backend,
-        reason: format!("not compiled into this build (enable the `{feature}` feature of `infermux`)"),
+        reason: format!(
+            "not compiled into this build (enable the `{feature}` feature of `infermux`)"
+        ),
     };
     match options.backend {
         #[cfg(feature = "candle")]
         BackendKind::Candle => {
-            let opts = infermux_backend_candle::CandleOptions { device: options.device, dtype: options.dtype };
+            let opts = infermux_backend_candle::CandleOptions {
+                device: options.device,
+                dtype: options.dtype,
+            };
             let backend = infermux_backend_candle::CandleBackend::from_model_dir(dir, opts)
-                .map_err(|e| Error::Backend { backend: BackendKind::Candle, reason: e.to_string() })?;
+                .map_err(|e| Error::Backend {
+                    backend: BackendKind::Candle,
+                    reason: e.to_string(),
+                })?;
             Ok(Box::new(backend))
         }
         #[cfg(not(feature = "candle"))]

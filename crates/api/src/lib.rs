@@ -31,8 +31,8 @@ pub use tokenizer::Tokenizer;
 pub use types::{SampleResponse, SampledSequence, StopReason};
 
 pub use infermux_core::{
-    DType, Device, EngineConfig, EngineError, FinishReason, ImageChunk, ImageFormat, LogprobsMode, ModelInput,
-    ModelInputChunk, SamplingParams, TokenId, TopLogprobs, ValidationError,
+    DType, Device, EngineConfig, EngineError, FinishReason, ImageChunk, ImageFormat, LogprobsMode,
+    ModelInput, ModelInputChunk, SamplingParams, TokenId, TopLogprobs, ValidationError,
 };
 
 /// The core crate, for backend implementers and advanced use.

@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use infermux_core::{Engine, GenerateOutput, GenerateRequest, ModelInput, Pending, PromptLogprobs, SamplingParams};
+use infermux_core::{
+    Engine, GenerateOutput, GenerateRequest, ModelInput, Pending, PromptLogprobs, SamplingParams,
+};
 
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
@@ -27,7 +29,13 @@ struct Inner {
 
 impl SamplingClient {
     pub(crate) fn new(engine: Engine, tokenizer: Tokenizer, base_model: String) -> Self {
-        Self { inner: Arc::new(Inner { engine, tokenizer, base_model }) }
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                tokenizer,
+                base_model,
+            }),
+        }
     }
 
     /// Draws `num_samples` continuations of `prompt` (sharing one prefill), optionally with the
@@ -44,7 +52,10 @@ impl SamplingClient {
             prompt,
             num_samples,
             params: sampling_params,
-            prompt_logprobs: PromptLogprobs { include: include_prompt_logprobs, top_k: topk_prompt_logprobs },
+            prompt_logprobs: PromptLogprobs {
+                include: include_prompt_logprobs,
+                top_k: topk_prompt_logprobs,
+            },
         };
         ApiFuture::new(self.inner.engine.generate(request), SampleResponse::from)
     }
@@ -58,7 +69,14 @@ impl SamplingClient {
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: usize,
     ) -> Result<SampleResponse> {
-        self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs).await
+        self.sample(
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+        )
+        .await
     }
 
     /// Logprob of each prompt token given the ones before it; the first entry is `None`.
@@ -122,6 +140,8 @@ impl<T> Future for ApiFuture<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let convert = self.convert;
-        Pin::new(&mut self.pending).poll(cx).map(|r| Ok(convert(r?)))
+        Pin::new(&mut self.pending)
+            .poll(cx)
+            .map(|r| Ok(convert(r?)))
     }
 }

@@ -44,7 +44,8 @@ impl ServiceClient {
         }
         let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
         let backend = load_backend(&dir, &self.options)?;
-        let engine = Engine::start(backend, self.options.engine).map_err(|e| Error::Engine(e.into()))?;
+        let engine =
+            Engine::start(backend, self.options.engine).map_err(|e| Error::Engine(e.into()))?;
         let base_model = dir
             .path
             .file_name()

@@ -7,8 +7,14 @@ use serde_json::Value;
 
 fn model_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = std::env::var_os("INFERMUX_MODEL_DIR").map(PathBuf::from).unwrap_or(root.join("models/SmolLM2-135M-Instruct"));
-    assert!(dir.join("model.safetensors").is_file(), "run `cargo xtask setup` first ({} is missing)", dir.display());
+    let dir = std::env::var_os("INFERMUX_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("models/SmolLM2-135M-Instruct"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "run `cargo xtask setup` first ({} is missing)",
+        dir.display()
+    );
     dir
 }
 
@@ -23,37 +29,81 @@ fn infermux(args: &[&str]) -> Output {
 }
 
 fn json_stdout(out: &Output) -> Value {
-    assert!(out.status.success(), "infermux failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "infermux failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
 }
 
 #[test]
 fn sample_json_and_logprobs_json_agree() {
-    let out = infermux(&["sample", "--prompt", "The capital of France is", "--max-tokens", "8", "--temperature", "0", "--json"]);
+    let out = infermux(&[
+        "sample",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
     let v = json_stdout(&out);
     let sample = &v["samples"][0];
-    let tokens: Vec<u64> = sample["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    let tokens: Vec<u64> = sample["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
     assert_eq!(tokens.len(), 8);
-    assert!(sample["text"].as_str().unwrap().contains("Paris"), "{sample}");
+    assert!(
+        sample["text"].as_str().unwrap().contains("Paris"),
+        "{sample}"
+    );
     assert_eq!(sample["finish_reason"], "length");
     assert_eq!(sample["logprobs"].as_array().unwrap().len(), 8);
 
-    let prompt: Vec<String> = v["prompt_tokens"].as_array().unwrap().iter().map(|t| t.to_string()).collect();
-    let all: Vec<String> = prompt.iter().cloned().chain(tokens.iter().map(|t| t.to_string())).collect();
+    let prompt: Vec<String> = v["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let all: Vec<String> = prompt
+        .iter()
+        .cloned()
+        .chain(tokens.iter().map(|t| t.to_string()))
+        .collect();
     let out = infermux(&["logprobs", "--prompt-tokens", &all.join(","), "--json"]);
     let scored = json_stdout(&out);
     let lps = scored["logprobs"].as_array().unwrap();
     assert_eq!(lps.len(), all.len());
     assert!(lps[0].is_null());
     for (i, lp) in sample["logprobs"].as_array().unwrap().iter().enumerate() {
-        let (a, b) = (lp.as_f64().unwrap(), lps[prompt.len() + i].as_f64().unwrap());
+        let (a, b) = (
+            lp.as_f64().unwrap(),
+            lps[prompt.len() + i].as_f64().unwrap(),
+        );
         assert!((a - b).abs() < 1e-4, "token {i}: sampled {a} vs scored {b}");
     }
 }
 
 #[test]
 fn seeded_samples_are_reproducible_across_runs() {
-    let args = ["sample", "--prompt-tokens", "504,3458,314", "--max-tokens", "6", "--seed", "5", "--num-samples", "3", "--json"];
+    let args = [
+        "sample",
+        "--prompt-tokens",
+        "504,3458,314",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "5",
+        "--num-samples",
+        "3",
+        "--json",
+    ];
     let (a, b) = (json_stdout(&infermux(&args)), json_stdout(&infermux(&args)));
     assert_eq!(a["samples"].as_array().unwrap().len(), 3);
     assert_eq!(a, b);
@@ -64,7 +114,18 @@ fn bad_input_exits_nonzero_with_a_message() {
     let out = infermux(&["sample", "--prompt-tokens", "1,99999", "--max-tokens", "4"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("99999") && err.contains("out of range"), "{err}");
-    let out = infermux(&["sample", "--prompt-tokens", "1,2", "--max-tokens", "4", "--top-p", "2"]);
+    assert!(
+        err.contains("99999") && err.contains("out of range"),
+        "{err}"
+    );
+    let out = infermux(&[
+        "sample",
+        "--prompt-tokens",
+        "1,2",
+        "--max-tokens",
+        "4",
+        "--top-p",
+        "2",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
 }

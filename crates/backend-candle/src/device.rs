@@ -4,7 +4,10 @@ use infermux_core::{BackendError, DType, Device};
 
 /// Wraps a candle error as a [`BackendError`].
 pub(crate) fn runtime_error(err: candle_core::Error) -> BackendError {
-    BackendError::Runtime { runtime: "candle", message: err.to_string() }
+    BackendError::Runtime {
+        runtime: "candle",
+        message: err.to_string(),
+    }
 }
 
 /// The candle device for an infermux device; CUDA needs the `cuda` feature.

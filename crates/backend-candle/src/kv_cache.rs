@@ -38,7 +38,12 @@ const MIN_CAPACITY: usize = 64;
 
 impl KvCache {
     pub fn new(shape: KvShape, dtype: DType, device: Device) -> Self {
-        Self { shape, dtype, device, slots: HashMap::new() }
+        Self {
+            shape,
+            dtype,
+            device,
+            slots: HashMap::new(),
+        }
     }
 
     /// Tokens cached for `slot`.
@@ -52,13 +57,24 @@ impl KvCache {
 
     /// Makes `dst` an independent copy of `src`.
     pub fn fork(&mut self, src: SlotId, dst: SlotId) -> candle_core::Result<bool> {
-        let Some(s) = self.slots.get(&src) else { return Ok(false) };
+        let Some(s) = self.slots.get(&src) else {
+            return Ok(false);
+        };
         let layers = s
             .layers
             .iter()
-            .map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()? }))
+            .map(|l| {
+                Ok(LayerKv {
+                    k: l.k.copy()?,
+                    v: l.v.copy()?,
+                })
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let copy = SlotKv { len: s.len, capacity: s.capacity, layers };
+        let copy = SlotKv {
+            len: s.len,
+            capacity: s.capacity,
+            layers,
+        };
         self.slots.insert(dst, copy);
         Ok(true)
     }
@@ -66,13 +82,16 @@ impl KvCache {
     /// Ensures `slot` exists and can hold `extra` more tokens (reallocating by doubling).
     pub fn reserve(&mut self, slot: SlotId, extra: usize) -> candle_core::Result<()> {
         let (shape, dtype, device) = (self.shape, self.dtype, self.device.clone());
-        let alloc = |cap: usize| Tensor::zeros((shape.num_kv_heads, cap, shape.head_dim), dtype, &device);
+        let alloc =
+            |cap: usize| Tensor::zeros((shape.num_kv_heads, cap, shape.head_dim), dtype, &device);
         let entry = self.slots.entry(slot);
         let s = match entry {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(SlotKv { len: 0, capacity: 0, layers: Vec::new() })
-            }
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(SlotKv {
+                len: 0,
+                capacity: 0,
+                layers: Vec::new(),
+            }),
         };
         let needed = s.len + extra;
         if needed <= s.capacity {
@@ -104,7 +123,10 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let s = self.slots.get_mut(&slot).expect("reserve() creates the slot");
+        let s = self
+            .slots
+            .get_mut(&slot)
+            .expect("reserve() creates the slot");
         let l = &s.layers[layer];
         let t = k.dim(1)?;
         l.k.slice_set(&k.contiguous()?, 1, start)?;

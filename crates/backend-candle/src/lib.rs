@@ -18,7 +18,9 @@ mod weights;
 
 use std::path::Path;
 
-use infermux_core::{Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId};
+use infermux_core::{
+    Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId,
+};
 
 pub use device::{candle_device, candle_dtype};
 pub use error::CandleBackendError;
@@ -53,13 +55,20 @@ impl CandleBackend {
     }
 
     /// Loads an already opened model folder.
-    pub fn from_model_dir(dir: &ModelDir, options: CandleOptions) -> Result<Self, CandleBackendError> {
+    pub fn from_model_dir(
+        dir: &ModelDir,
+        options: CandleOptions,
+    ) -> Result<Self, CandleBackendError> {
         let device = candle_device(options.device)?;
         let dtype = candle_dtype(options.dtype);
         let weights = Weights::open(&dir.weight_files, &device, dtype)?;
         let cfg = &dir.config;
         let model = Llama::load(cfg, &weights, &device, dtype)?;
-        let shape = KvShape { num_layers: cfg.num_layers, num_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
+        let shape = KvShape {
+            num_layers: cfg.num_layers,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         let info = ModelInfo {
             vocab_size: cfg.vocab_size,
             eos_token_ids: dir.eos_token_ids.clone(),
@@ -67,7 +76,12 @@ impl CandleBackend {
             dtype: options.dtype,
             device: options.device,
         };
-        Ok(Self { info, model, kv: KvCache::new(shape, dtype, device.clone()), device })
+        Ok(Self {
+            info,
+            model,
+            kv: KvCache::new(shape, dtype, device.clone()),
+            device,
+        })
     }
 }
 
@@ -80,20 +94,33 @@ impl Backend for CandleBackend {
         for c in &batch.chunks {
             let cached = self.kv.len(c.slot);
             if cached != c.start_pos {
-                return Err(BackendError::PositionMismatch { slot: c.slot, start_pos: c.start_pos, cached });
+                return Err(BackendError::PositionMismatch {
+                    slot: c.slot,
+                    start_pos: c.start_pos,
+                    cached,
+                });
             }
             if c.start_pos + c.tokens.len() > self.info.max_context {
                 return Err(BackendError::Runtime {
                     runtime: "candle",
-                    message: format!("slot {:?} would exceed the context of {}", c.slot, self.info.max_context),
+                    message: format!(
+                        "slot {:?} would exceed the context of {}",
+                        c.slot, self.info.max_context
+                    ),
                 });
             }
         }
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }
-        let logits = self.model.forward(batch, &mut self.kv, &self.device).map_err(runtime_error)?;
-        let data = logits.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(runtime_error)?;
+        let logits = self
+            .model
+            .forward(batch, &mut self.kv, &self.device)
+            .map_err(runtime_error)?;
+        let data = logits
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(runtime_error)?;
         Logits::new(batch, self.info.vocab_size, data)
     }
 

@@ -57,7 +57,12 @@ fn load_err(e: candle_core::Error) -> CandleBackendError {
 
 impl Llama {
     /// Loads the weights named as Hugging Face names them.
-    pub fn load(cfg: &ModelConfig, w: &Weights, device: &Device, dtype: DType) -> Result<Self, CandleBackendError> {
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, CandleBackendError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -66,13 +71,21 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let get = |n: &str, s: &[usize]| w.get(&format!("{p}.{n}"), s);
             let qkv_w = Tensor::cat(
-                &[get("self_attn.q_proj.weight", &[q_out, h])?, get("self_attn.k_proj.weight", &[kv_out, h])?, get("self_attn.v_proj.weight", &[kv_out, h])?],
+                &[
+                    get("self_attn.q_proj.weight", &[q_out, h])?,
+                    get("self_attn.k_proj.weight", &[kv_out, h])?,
+                    get("self_attn.v_proj.weight", &[kv_out, h])?,
+                ],
                 0,
             )
             .map_err(load_err)?;
             let qkv_b = if cfg.attention_bias {
                 let b = Tensor::cat(
-                    &[get("self_attn.q_proj.bias", &[q_out])?, get("self_attn.k_proj.bias", &[kv_out])?, get("self_attn.v_proj.bias", &[kv_out])?],
+                    &[
+                        get("self_attn.q_proj.bias", &[q_out])?,
+                        get("self_attn.k_proj.bias", &[kv_out])?,
+                        get("self_attn.v_proj.bias", &[kv_out])?,
+                    ],
                     0,
                 )
                 .map_err(load_err)?;
@@ -80,9 +93,18 @@ impl Llama {
             } else {
                 None
             };
-            let norm = |n: &str| if cfg.qk_norm { get(n, &[hd]).map(Some) } else { Ok(None) };
+            let norm = |n: &str| {
+                if cfg.qk_norm {
+                    get(n, &[hd]).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             let gate_up = Tensor::cat(
-                &[get("mlp.gate_proj.weight", &[cfg.intermediate_size, h])?, get("mlp.up_proj.weight", &[cfg.intermediate_size, h])?],
+                &[
+                    get("mlp.gate_proj.weight", &[cfg.intermediate_size, h])?,
+                    get("mlp.up_proj.weight", &[cfg.intermediate_size, h])?,
+                ],
                 0,
             )
             .map_err(load_err)?;
@@ -91,10 +113,19 @@ impl Llama {
                 qkv: Linear { w: qkv_w, b: qkv_b },
                 q_norm: norm("self_attn.q_norm.weight")?,
                 k_norm: norm("self_attn.k_norm.weight")?,
-                o: Linear { w: get("self_attn.o_proj.weight", &[h, q_out])?, b: None },
+                o: Linear {
+                    w: get("self_attn.o_proj.weight", &[h, q_out])?,
+                    b: None,
+                },
                 post_norm: get("post_attention_layernorm.weight", &[h])?,
-                gate_up: Linear { w: gate_up, b: None },
-                down: Linear { w: get("mlp.down_proj.weight", &[h, cfg.intermediate_size])?, b: None },
+                gate_up: Linear {
+                    w: gate_up,
+                    b: None,
+                },
+                down: Linear {
+                    w: get("mlp.down_proj.weight", &[h, cfg.intermediate_size])?,
+                    b: None,
+                },
             });
         }
         let norm = w.get("model.norm.weight", &[h])?;
@@ -120,11 +151,23 @@ impl Llama {
     }
 
     /// Runs `batch`, updating `kv`, and returns the requested logits rows as `[rows, vocab]` f32.
-    pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
-        let tokens: Vec<u32> = batch.chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
-        let positions: Vec<u32> =
-            batch.chunks.iter().flat_map(|c| (c.start_pos..c.start_pos + c.tokens.len()).map(|p| p as u32)).collect();
+        let tokens: Vec<u32> = batch
+            .chunks
+            .iter()
+            .flat_map(|c| c.tokens.iter().copied())
+            .collect();
+        let positions: Vec<u32> = batch
+            .chunks
+            .iter()
+            .flat_map(|c| (c.start_pos..c.start_pos + c.tokens.len()).map(|p| p as u32))
+            .collect();
         let n = tokens.len();
         let positions = Tensor::from_vec(positions, n, device)?;
         let cos = self.cos.index_select(&positions, 0)?;
@@ -132,7 +175,9 @@ impl Llama {
         for c in &batch.chunks {
             kv.reserve(c.slot, c.tokens.len())?;
         }
-        let mut x = self.embed.index_select(&Tensor::from_vec(tokens, n, device)?, 0)?;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::from_vec(tokens, n, device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps as f32)?;
             let attn = self.attention(li, layer, &h, &cos, &sin, batch, kv)?;
@@ -150,7 +195,11 @@ impl Llama {
         if rows.is_empty() {
             return Tensor::zeros((0, cfg.vocab_size), DType::F32, device);
         }
-        let rows = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), device)?;
+        let rows = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            device,
+        )?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps as f32)?;
         x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
@@ -173,8 +222,13 @@ impl Llama {
         let n = h.dim(0)?;
         let qkv = layer.qkv.forward(h)?;
         // [n, heads, hd] → [1, heads, n, hd] for RoPE over all tokens at once.
-        let split = |start: usize, heads: usize, norm: &Option<Tensor>| -> candle_core::Result<Tensor> {
-            let t = qkv.narrow(1, start * hd, heads * hd)?.reshape((n, heads, hd))?;
+        let split = |start: usize,
+                     heads: usize,
+                     norm: &Option<Tensor>|
+         -> candle_core::Result<Tensor> {
+            let t = qkv
+                .narrow(1, start * hd, heads * hd)?
+                .reshape((n, heads, hd))?;
             let t = match norm {
                 Some(w) => candle_nn::ops::rms_norm(&t.contiguous()?, w, cfg.rms_norm_eps as f32)?,
                 None => t,
@@ -191,25 +245,38 @@ impl Llama {
         let mut offset = 0;
         for c in &batch.chunks {
             let t = c.tokens.len();
-            let (k_all, v_all) =
-                kv.append(c.slot, li, c.start_pos, &k.narrow(1, offset, t)?, &v.narrow(1, offset, t)?)?;
+            let (k_all, v_all) = kv.append(
+                c.slot,
+                li,
+                c.start_pos,
+                &k.narrow(1, offset, t)?,
+                &v.narrow(1, offset, t)?,
+            )?;
             let total = c.start_pos + t;
             // Grouped-query attention without repeating KV: [nkv, groups * t, hd].
             let qc = q.narrow(1, offset, t)?.reshape((nkv, groups * t, hd))?;
             let scores = qc.matmul(&k_all.t()?)?;
             let scores = if t > 1 {
                 let mask = causal_mask(t, c.start_pos, h.device())?.to_dtype(scores.dtype())?;
-                scores.reshape((nkv, groups, t, total))?.broadcast_add(&mask)?.reshape((nkv, groups * t, total))?
+                scores
+                    .reshape((nkv, groups, t, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, groups * t, total))?
             } else {
                 scores
             };
             let probs = if self.dtype == DType::F32 {
                 candle_nn::ops::softmax_last_dim(&scores)?
             } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                    .to_dtype(self.dtype)?
             };
             let o = probs.matmul(&v_all.contiguous()?)?; // [nkv, groups * t, hd]
-            outs.push(o.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?);
+            outs.push(
+                o.reshape((nh, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((t, nh * hd))?,
+            );
             offset += t;
         }
         Tensor::cat(&outs, 0)
@@ -220,8 +287,15 @@ impl Llama {
 fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<Tensor> {
     let total = start + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (t, total), device)
 }
-

@@ -16,12 +16,20 @@ pub(crate) struct Weights {
 
 impl Weights {
     /// Maps `paths`; tensors are converted to `dtype` on `device` as they are read.
-    pub fn open(paths: &[PathBuf], device: &Device, dtype: DType) -> Result<Self, CandleBackendError> {
+    pub fn open(
+        paths: &[PathBuf],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, CandleBackendError> {
         // SAFETY: the files are mapped read-only; like every safetensors loader we assume they
         // are not modified while the model is loaded.
         let files = unsafe { MmapedSafetensors::multi(paths) }
             .map_err(|e| CandleBackendError::Weights(format!("mapping {paths:?}: {e}")))?;
-        Ok(Self { files, device: device.clone(), dtype })
+        Ok(Self {
+            files,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Whether a tensor named `name` exists.
@@ -41,11 +49,20 @@ impl Weights {
                 t.dims()
             )));
         }
-        t.to_dtype(self.dtype).map_err(|e| CandleBackendError::Weights(format!("tensor {name}: {e}")))
+        t.to_dtype(self.dtype)
+            .map_err(|e| CandleBackendError::Weights(format!("tensor {name}: {e}")))
     }
 
     /// The tensor `name` if present (biases, optional norms).
-    pub fn get_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>, CandleBackendError> {
-        if self.contains(name) { self.get(name, shape).map(Some) } else { Ok(None) }
+    pub fn get_opt(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Tensor>, CandleBackendError> {
+        if self.contains(name) {
+            self.get(name, shape).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }

@@ -105,7 +105,10 @@ impl ForwardBatch {
 
     /// Total logits rows the batch asks for.
     pub fn num_logit_rows(&self) -> usize {
-        self.chunks.iter().map(|c| c.logits.rows(c.tokens.len())).sum()
+        self.chunks
+            .iter()
+            .map(|c| c.logits.rows(c.tokens.len()))
+            .sum()
     }
 
     /// Flat positions of the tokens whose logits are wanted, in batch order.
@@ -138,7 +141,11 @@ impl Logits {
     /// Wraps `data` (rows × `vocab_size`, row-major) laid out as `batch` asked.
     ///
     /// Fails if the number of rows does not match what the batch asked for.
-    pub fn new(batch: &ForwardBatch, vocab_size: usize, data: Vec<f32>) -> Result<Self, BackendError> {
+    pub fn new(
+        batch: &ForwardBatch,
+        vocab_size: usize,
+        data: Vec<f32>,
+    ) -> Result<Self, BackendError> {
         let expected = batch.num_logit_rows() * vocab_size;
         if data.len() != expected {
             return Err(BackendError::Runtime {
@@ -153,7 +160,11 @@ impl Logits {
             chunk_rows.push(row..row + n);
             row += n;
         }
-        Ok(Self { vocab_size, data, chunk_rows })
+        Ok(Self {
+            vocab_size,
+            data,
+            chunk_rows,
+        })
     }
 
     /// Vocabulary size (row length).
@@ -202,8 +213,15 @@ pub trait Backend: Send {
         tokens: &[TokenId],
         logits: LogitsWanted,
     ) -> Result<Logits, BackendError> {
-        let chunk = SeqChunk { slot, start_pos, tokens: tokens.to_vec(), logits };
-        self.forward(&ForwardBatch { chunks: vec![chunk] })
+        let chunk = SeqChunk {
+            slot,
+            start_pos,
+            tokens: tokens.to_vec(),
+            logits,
+        };
+        self.forward(&ForwardBatch {
+            chunks: vec![chunk],
+        })
     }
 
     /// One decode step for several sequences: `(slot, next token)` pairs, one logits row each.
@@ -244,7 +262,12 @@ mod tests {
     use super::*;
 
     fn chunk(slot: u32, len: usize, logits: LogitsWanted) -> SeqChunk {
-        SeqChunk { slot: SlotId(slot), start_pos: 0, tokens: vec![0; len], logits }
+        SeqChunk {
+            slot: SlotId(slot),
+            start_pos: 0,
+            tokens: vec![0; len],
+            logits,
+        }
     }
 
     #[test]
@@ -276,7 +299,9 @@ impl std::str::FromStr for DType {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "f16" | "float16" | "half" => Ok(Self::F16),
-            other => Err(format!("unknown dtype {other:?} (expected f32, bf16 or f16)")),
+            other => Err(format!(
+                "unknown dtype {other:?} (expected f32, bf16 or f16)"
+            )),
         }
     }
 }

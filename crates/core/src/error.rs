@@ -17,7 +17,9 @@ pub enum ValidationError {
     #[error("the prompt is empty: at least one token is required")]
     EmptyPrompt,
     /// A prompt token id is not in the model's vocabulary.
-    #[error("prompt token {token} at position {position} is out of range (vocabulary size {vocab_size})")]
+    #[error(
+        "prompt token {token} at position {position} is out of range (vocabulary size {vocab_size})"
+    )]
     TokenOutOfRange {
         /// Offending id.
         token: u32,
@@ -49,7 +51,10 @@ pub enum ValidationError {
 impl ValidationError {
     /// Shorthand for [`ValidationError::InvalidField`].
     pub fn field(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::InvalidField { field, reason: reason.into() }
+        Self::InvalidField {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 

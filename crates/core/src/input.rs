@@ -49,7 +49,11 @@ pub enum ImageFormat {
 impl ModelInput {
     /// A single text chunk holding `tokens`.
     pub fn from_ints(tokens: impl Into<Vec<TokenId>>) -> Self {
-        Self { chunks: vec![ModelInputChunk::EncodedText { tokens: tokens.into() }] }
+        Self {
+            chunks: vec![ModelInputChunk::EncodedText {
+                tokens: tokens.into(),
+            }],
+        }
     }
 
     /// Appends a chunk, builder style.
@@ -76,7 +80,10 @@ impl ModelInput {
             match chunk {
                 ModelInputChunk::EncodedText { tokens } => out.extend_from_slice(tokens),
                 ModelInputChunk::Image(_) => {
-                    return Err(ValidationError::UnsupportedChunk { index, kind: "an image chunk" });
+                    return Err(ValidationError::UnsupportedChunk {
+                        index,
+                        kind: "an image chunk",
+                    });
                 }
             }
         }
@@ -104,12 +111,19 @@ mod tests {
 
     #[test]
     fn image_chunk_is_rejected_by_index() {
-        let image = ImageChunk { data: vec![0x89], format: ImageFormat::Png, expected_tokens: Some(4) };
+        let image = ImageChunk {
+            data: vec![0x89],
+            format: ImageFormat::Png,
+            expected_tokens: Some(4),
+        };
         let input = ModelInput::from_ints(vec![1]).with_chunk(ModelInputChunk::Image(image));
         assert_eq!(input.length(), 5);
         assert_eq!(
             input.to_text_tokens(),
-            Err(ValidationError::UnsupportedChunk { index: 1, kind: "an image chunk" })
+            Err(ValidationError::UnsupportedChunk {
+                index: 1,
+                kind: "an image chunk"
+            })
         );
     }
 

@@ -24,10 +24,12 @@ pub mod sampling;
 /// A token id.
 pub type TokenId = u32;
 
-pub use backend::{Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
+pub use backend::{
+    Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId,
+};
 pub use engine::{
-    Engine, EngineConfig, EngineStats, FinishReason, GenerateOutput, GenerateRequest, GeneratedSequence,
-    Pending, PromptLogprobs, TopLogprobs,
+    Engine, EngineConfig, EngineStats, FinishReason, GenerateOutput, GenerateRequest,
+    GeneratedSequence, Pending, PromptLogprobs, TopLogprobs,
 };
 pub use error::{BackendError, EngineError, ModelError, ValidationError};
 pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};

@@ -9,8 +9,12 @@ use crate::TokenId;
 use crate::error::ModelError;
 
 /// Architectures (the `architectures[0]` of `config.json`) that infermux implements.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
 
 /// The Llama-family variants, which differ only in small, named ways.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +133,17 @@ impl TokenIds {
 impl ModelConfig {
     /// Parses a `config.json` body; `path` is only used in error messages.
     pub fn from_json(path: &Path, json: &str) -> Result<Self, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig { file: path.to_path_buf(), reason };
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            file: path.to_path_buf(),
+            reason,
+        };
         let raw: RawConfig = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
-        let arch_name = raw.architectures.as_ref().and_then(|a| a.first()).cloned().unwrap_or_default();
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first())
+            .cloned()
+            .unwrap_or_default();
         let architecture = match arch_name.as_str() {
             "LlamaForCausalLM" => Architecture::Llama,
             "MistralForCausalLM" => Architecture::Mistral,
@@ -147,26 +159,35 @@ impl ModelConfig {
         if let Some(act) = raw.hidden_act.as_deref()
             && act != "silu"
         {
-            return Err(invalid(format!("hidden_act {act:?} is not supported (only \"silu\")")));
+            return Err(invalid(format!(
+                "hidden_act {act:?} is not supported (only \"silu\")"
+            )));
         }
         if raw.num_attention_heads == 0 {
             return Err(invalid("num_attention_heads must be positive".into()));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 raw.num_attention_heads
             )));
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(invalid(format!("head_dim must be even and positive, got {head_dim}")));
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(invalid(format!(
+                "head_dim must be even and positive, got {head_dim}"
+            )));
         }
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rope_theta = raw
             .rope_theta
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10_000.0);
         let rope_scaling = parse_rope_scaling(rope).map_err(invalid)?;
         let mut max_position_embeddings = raw.max_position_embeddings;
@@ -191,7 +212,9 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: raw.attention_bias.unwrap_or(architecture == Architecture::Qwen2),
+            attention_bias: raw
+                .attention_bias
+                .unwrap_or(architecture == Architecture::Qwen2),
             qk_norm: architecture == Architecture::Qwen3,
             eos_token_ids: raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
         })
@@ -226,21 +249,33 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(value: Option<&serde_json::Value>) -> Result<RopeScaling, String> {
-    let Some(v) = value.filter(|v| !v.is_null()) else { return Ok(RopeScaling::None) };
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let Some(v) = value.filter(|v| !v.is_null()) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("default");
     let num = |key: &str| {
-        v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| format!("rope scaling {kind:?} needs numeric `{key}`"))
+        v.get(key)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| format!("rope scaling {kind:?} needs numeric `{key}`"))
     };
     match kind {
         "default" => Ok(RopeScaling::None),
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!("rope scaling type {other:?} is not supported (default, linear, llama3)")),
+        other => Err(format!(
+            "rope scaling type {other:?} is not supported (default, linear, llama3)"
+        )),
     }
 }
 
@@ -249,7 +284,12 @@ fn scale_inv_freq(inv_freq: f64, scaling: RopeScaling) -> f64 {
     match scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor,
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let low_freq_wavelen = original_max_position_embeddings / low_freq_factor;
             let high_freq_wavelen = original_max_position_embeddings / high_freq_factor;
             let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
@@ -284,7 +324,10 @@ impl ModelDir {
     /// `model.safetensors.index.json`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref().to_path_buf();
-        let missing = |file: &str| ModelError::MissingFile { dir: path.clone(), file: file.to_string() };
+        let missing = |file: &str| ModelError::MissingFile {
+            dir: path.clone(),
+            file: file.to_string(),
+        };
         if !path.is_dir() {
             return Err(missing("(the folder itself)"));
         }
@@ -296,12 +339,20 @@ impl ModelDir {
         let weight_files = find_weights(&path)?;
         let generation_eos = read_generation_eos(&path.join("generation_config.json"))?;
         let eos_token_ids = generation_eos.unwrap_or_else(|| config.eos_token_ids.clone());
-        Ok(Self { path, config, weight_files, eos_token_ids })
+        Ok(Self {
+            path,
+            config,
+            weight_files,
+            eos_token_ids,
+        })
     }
 }
 
 fn read(path: &Path) -> Result<String, ModelError> {
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn find_weights(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
@@ -320,8 +371,11 @@ fn find_weights(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     struct Index {
         weight_map: std::collections::BTreeMap<String, String>,
     }
-    let index: Index = serde_json::from_str(&read(&index_path)?)
-        .map_err(|e| ModelError::InvalidConfig { file: index_path.clone(), reason: e.to_string() })?;
+    let index: Index =
+        serde_json::from_str(&read(&index_path)?).map_err(|e| ModelError::InvalidConfig {
+            file: index_path.clone(),
+            reason: e.to_string(),
+        })?;
     let mut files: Vec<String> = index.weight_map.into_values().collect();
     files.sort();
     files.dedup();
@@ -329,7 +383,14 @@ fn find_weights(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
         .into_iter()
         .map(|f| {
             let p = dir.join(&f);
-            if p.is_file() { Ok(p) } else { Err(ModelError::MissingFile { dir: dir.to_path_buf(), file: f }) }
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    file: f,
+                })
+            }
         })
         .collect()
 }
@@ -342,8 +403,11 @@ fn read_generation_eos(path: &Path) -> Result<Option<Vec<TokenId>>, ModelError> 
     struct GenerationConfig {
         eos_token_id: Option<TokenIds>,
     }
-    let g: GenerationConfig = serde_json::from_str(&read(path)?)
-        .map_err(|e| ModelError::InvalidConfig { file: path.to_path_buf(), reason: e.to_string() })?;
+    let g: GenerationConfig =
+        serde_json::from_str(&read(path)?).map_err(|e| ModelError::InvalidConfig {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     Ok(g.eos_token_id.map(TokenIds::into_vec))
 }
 
@@ -359,7 +423,10 @@ mod tests {
     #[test]
     fn parses_a_llama_config() {
         let c = ModelConfig::from_json(Path::new("config.json"), SMOL).unwrap();
-        assert_eq!((c.architecture, c.head_dim, c.num_kv_heads), (Architecture::Llama, 64, 3));
+        assert_eq!(
+            (c.architecture, c.head_dim, c.num_kv_heads),
+            (Architecture::Llama, 64, 3)
+        );
         assert!(c.tie_word_embeddings && !c.attention_bias && !c.qk_norm);
         assert_eq!(c.eos_token_ids, vec![2]);
         let f = c.rope_inv_freq();
@@ -370,8 +437,13 @@ mod tests {
     #[test]
     fn unknown_architecture_names_the_supported_ones() {
         let json = SMOL.replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
-        let err = ModelConfig::from_json(Path::new("config.json"), &json).unwrap_err().to_string();
-        assert!(err.contains("GPTNeoXForCausalLM") && err.contains("Qwen3ForCausalLM"), "{err}");
+        let err = ModelConfig::from_json(Path::new("config.json"), &json)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GPTNeoXForCausalLM") && err.contains("Qwen3ForCausalLM"),
+            "{err}"
+        );
     }
 
     #[test]

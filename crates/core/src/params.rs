@@ -71,7 +71,11 @@ pub const MAX_TOP_LOGPROBS: usize = 1024;
 impl SamplingParams {
     /// Greedy decoding of up to `max_tokens` tokens.
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { temperature: 0.0, max_tokens: Some(max_tokens), ..Self::default() }
+        Self {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ..Self::default()
+        }
     }
 
     /// Whether this request samples at random (as opposed to taking the argmax).
@@ -93,10 +97,16 @@ impl SamplingParams {
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ValidationError::field("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+            return Err(ValidationError::field(
+                "top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(ValidationError::field("min_p", format!("must be in [0, 1], got {}", self.min_p)));
+            return Err(ValidationError::field(
+                "min_p",
+                format!("must be in [0, 1], got {}", self.min_p),
+            ));
         }
         if self.max_tokens == Some(0) {
             return Err(ValidationError::field("max_tokens", "must be at least 1"));
@@ -114,7 +124,11 @@ impl SamplingParams {
 
     /// Checks the token-id fields against a vocabulary size.
     pub fn validate_for_vocab(&self, vocab_size: usize) -> Result<(), ValidationError> {
-        if let Some(&bad) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+        if let Some(&bad) = self
+            .stop_token_ids
+            .iter()
+            .find(|&&t| t as usize >= vocab_size)
+        {
             return Err(ValidationError::field(
                 "stop_token_ids",
                 format!("token {bad} is out of range (vocabulary size {vocab_size})"),
@@ -139,7 +153,10 @@ mod tests {
     fn defaults_are_valid_and_match_easydel() {
         let p = SamplingParams::default();
         p.validate().unwrap();
-        assert_eq!((p.temperature, p.top_p, p.top_k, p.max_tokens), (1.0, 1.0, 0, Some(16)));
+        assert_eq!(
+            (p.temperature, p.top_p, p.top_k, p.max_tokens),
+            (1.0, 1.0, 0, Some(16))
+        );
     }
 
     #[test]
@@ -160,15 +177,27 @@ mod tests {
 
     #[test]
     fn stop_token_ids_are_checked_against_vocab() {
-        let p = SamplingParams { stop_token_ids: vec![3, 10], ..SamplingParams::default() };
+        let p = SamplingParams {
+            stop_token_ids: vec![3, 10],
+            ..SamplingParams::default()
+        };
         p.validate_for_vocab(11).unwrap();
-        assert_eq!(field_of(p.validate_for_vocab(10).unwrap_err()), "stop_token_ids");
+        assert_eq!(
+            field_of(p.validate_for_vocab(10).unwrap_err()),
+            "stop_token_ids"
+        );
     }
 
     #[test]
     fn json_round_trip_and_unknown_fields() {
-        let p = SamplingParams { temperature: 0.7, seed: Some(7), top_k: 40, ..SamplingParams::default() };
-        let back: SamplingParams = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        let p = SamplingParams {
+            temperature: 0.7,
+            seed: Some(7),
+            top_k: 40,
+            ..SamplingParams::default()
+        };
+        let back: SamplingParams =
+            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
         let partial: SamplingParams = serde_json::from_str(r#"{"max_tokens": 3}"#).unwrap();
         assert_eq!(partial.max_tokens, Some(3));

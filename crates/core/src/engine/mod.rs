@@ -35,7 +35,10 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_num_seqs: 64, max_num_batched_tokens: 512 }
+        Self {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+        }
     }
 }
 
@@ -54,18 +57,27 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.info).field("config", &self.config).finish()
+        f.debug_struct("Engine")
+            .field("info", &self.info)
+            .field("config", &self.config)
+            .finish()
     }
 }
 
 impl Engine {
     /// Starts the engine thread around `backend`. The thread ends when the last handle drops.
-    pub fn start<B: Backend + 'static>(backend: B, config: EngineConfig) -> Result<Self, ValidationError> {
+    pub fn start<B: Backend + 'static>(
+        backend: B,
+        config: EngineConfig,
+    ) -> Result<Self, ValidationError> {
         if config.max_num_seqs == 0 {
             return Err(ValidationError::field("max_num_seqs", "must be at least 1"));
         }
         if config.max_num_batched_tokens == 0 {
-            return Err(ValidationError::field("max_num_batched_tokens", "must be at least 1"));
+            return Err(ValidationError::field(
+                "max_num_batched_tokens",
+                "must be at least 1",
+            ));
         }
         let info = Arc::new(backend.info().clone());
         let (tx, rx) = flume::unbounded();
@@ -73,7 +85,9 @@ impl Engine {
         std::thread::Builder::new()
             .name("infermux-engine".into())
             .spawn(move || run(backend, Scheduler::new(config, thread_info), rx))
-            .map_err(|e| ValidationError::field("engine", format!("cannot spawn the engine thread: {e}")))?;
+            .map_err(|e| {
+                ValidationError::field("engine", format!("cannot spawn the engine thread: {e}"))
+            })?;
         Ok(Self { tx, info, config })
     }
 
@@ -109,7 +123,10 @@ impl Engine {
                 prompt: tokens,
                 params: SamplingParams::greedy(1),
                 num_samples: 1,
-                prompt_logprobs: PromptLogprobs { include: true, top_k: 0 },
+                prompt_logprobs: PromptLogprobs {
+                    include: true,
+                    top_k: 0,
+                },
                 max_new_tokens: 0,
                 seed: 0,
                 reply: flume::bounded(1).0,
@@ -124,7 +141,9 @@ impl Engine {
     /// Queue depth, running sequences and free KV slots, as the engine thread sees them now.
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
         let (tx, rx) = flume::bounded(1);
-        self.tx.send(Command::Stats(tx)).map_err(|_| EngineError::Shutdown)?;
+        self.tx
+            .send(Command::Stats(tx))
+            .map_err(|_| EngineError::Shutdown)?;
         rx.recv().map_err(|_| EngineError::Shutdown)
     }
 
@@ -143,20 +162,36 @@ impl Engine {
             return Err(ValidationError::EmptyPrompt);
         }
         let vocab_size = self.info.vocab_size;
-        if let Some((position, &token)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= vocab_size) {
-            return Err(ValidationError::TokenOutOfRange { token, position, vocab_size });
+        if let Some((position, &token)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= vocab_size)
+        {
+            return Err(ValidationError::TokenOutOfRange {
+                token,
+                position,
+                vocab_size,
+            });
         }
         Ok(tokens)
     }
 
     fn validate(&self, request: GenerateRequest) -> Result<Job, ValidationError> {
-        let GenerateRequest { prompt, num_samples, params, prompt_logprobs } = request;
+        let GenerateRequest {
+            prompt,
+            num_samples,
+            params,
+            prompt_logprobs,
+        } = request;
         params.validate()?;
         params.validate_for_vocab(self.info.vocab_size)?;
         if num_samples == 0 || num_samples > self.config.max_num_seqs {
             return Err(ValidationError::field(
                 "num_samples",
-                format!("must be in 1..={} (max_num_seqs), got {num_samples}", self.config.max_num_seqs),
+                format!(
+                    "must be in 1..={} (max_num_seqs), got {num_samples}",
+                    self.config.max_num_seqs
+                ),
             ));
         }
         if prompt_logprobs.top_k > MAX_TOP_LOGPROBS {
@@ -170,7 +205,11 @@ impl Engine {
         let room = max_context.saturating_sub(tokens.len());
         let wanted = params.max_tokens.unwrap_or(room.max(1));
         if tokens.len() + wanted > max_context {
-            return Err(ValidationError::ContextOverflow { prompt_len: tokens.len(), max_tokens: wanted, max_context });
+            return Err(ValidationError::ContextOverflow {
+                prompt_len: tokens.len(),
+                max_tokens: wanted,
+                max_context,
+            });
         }
         Ok(Job {
             prompt: tokens,

@@ -23,7 +23,9 @@ enum State<T: 'static> {
 
 impl<T: 'static> Pending<T> {
     pub(crate) fn new(rx: flume::Receiver<Reply<T>>) -> Self {
-        Self { state: State::Idle(rx) }
+        Self {
+            state: State::Idle(rx),
+        }
     }
 
     /// A reply that is already known (e.g. a validation error).
@@ -48,11 +50,15 @@ impl<T: 'static> Future for Pending<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let State::Idle(_) = self.state {
-            let State::Idle(rx) = std::mem::replace(&mut self.state, State::Taken) else { unreachable!() };
+            let State::Idle(rx) = std::mem::replace(&mut self.state, State::Taken) else {
+                unreachable!()
+            };
             self.state = State::Polling(rx.into_recv_async());
         }
         match &mut self.state {
-            State::Polling(fut) => Pin::new(fut).poll(cx).map(|r| r.unwrap_or(Err(EngineError::Shutdown))),
+            State::Polling(fut) => Pin::new(fut)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(EngineError::Shutdown))),
             _ => Poll::Ready(Err(EngineError::Shutdown)),
         }
     }

@@ -38,7 +38,12 @@ pub struct GenerateRequest {
 impl GenerateRequest {
     /// One sample of `prompt` under `params`, no prompt logprobs.
     pub fn new(prompt: impl Into<ModelInput>, params: SamplingParams) -> Self {
-        Self { prompt: prompt.into(), num_samples: 1, params, prompt_logprobs: PromptLogprobs::default() }
+        Self {
+            prompt: prompt.into(),
+            num_samples: 1,
+            params,
+            prompt_logprobs: PromptLogprobs::default(),
+        }
     }
 }
 

@@ -7,7 +7,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use crate::TokenId;
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
-use crate::engine::request::{FinishReason, GenerateOutput, GeneratedSequence, PromptLogprobs, TopLogprobs};
+use crate::engine::request::{
+    FinishReason, GenerateOutput, GeneratedSequence, PromptLogprobs, TopLogprobs,
+};
 use crate::error::{BackendError, EngineError};
 use crate::params::{LogprobsMode, SamplingParams};
 use crate::sampling::{SeqRng, sample_token, token_logprob, top_logprobs};
@@ -81,7 +83,13 @@ pub struct EngineStats {
 impl Scheduler {
     pub fn new(config: EngineConfig, info: ModelInfo) -> Self {
         let free_slots = (0..config.max_num_seqs as u32).rev().map(SlotId).collect();
-        Self { config, info, waiting: VecDeque::new(), running: Vec::new(), free_slots }
+        Self {
+            config,
+            info,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            free_slots,
+        }
     }
 
     pub fn enqueue(&mut self, job: Job) {
@@ -96,7 +104,11 @@ impl Scheduler {
         EngineStats {
             waiting_requests: self.waiting.len(),
             running_requests: self.running.len(),
-            running_sequences: self.running.iter().map(|g| g.seqs.iter().filter(|s| !s.done).count()).sum(),
+            running_sequences: self
+                .running
+                .iter()
+                .map(|g| g.seqs.iter().filter(|s| !s.done).count())
+                .sum(),
             free_slots: self.free_slots.len(),
             total_slots: self.config.max_num_seqs,
         }
@@ -126,7 +138,9 @@ impl Scheduler {
                 break;
             }
             let job = self.waiting.pop_front().expect("front exists");
-            let slots = self.free_slots.split_off(self.free_slots.len() - job.num_samples);
+            let slots = self
+                .free_slots
+                .split_off(self.free_slots.len() - job.num_samples);
             let n = job.prompt.len();
             let pl = job.prompt_logprobs;
             self.running.push(Group {
@@ -158,7 +172,10 @@ impl Scheduler {
                 owners.push(ChunkOwner::Decode { group: g, seq: s });
             }
         }
-        let mut budget = self.config.max_num_batched_tokens.saturating_sub(chunks.len());
+        let mut budget = self
+            .config
+            .max_num_batched_tokens
+            .saturating_sub(chunks.len());
         for (g, group) in self.running.iter().enumerate() {
             let remaining = group.job.prompt.len() - group.prefilled;
             if remaining == 0 || budget == 0 {
@@ -199,14 +216,18 @@ impl Scheduler {
                     g.record_prompt_logprobs(chunk, logits, i);
                     g.prefilled += chunk.tokens.len();
                     if g.prefilled == g.job.prompt.len() && g.job.max_new_tokens > 0 {
-                        let last = logits.last_row(i).expect("the last prefill chunk asks for logits");
+                        let last = logits
+                            .last_row(i)
+                            .expect("the last prefill chunk asks for logits");
                         if let Err(err) = g.start_sampling(backend, &self.info, last) {
                             g.fail(err.into());
                         }
                     }
                 }
                 ChunkOwner::Decode { group, seq } => {
-                    let row = logits.last_row(i).expect("decode chunks ask for their last row");
+                    let row = logits
+                        .last_row(i)
+                        .expect("decode chunks ask for their last row");
                     let g = &mut self.running[group];
                     let job = &g.job;
                     g.seqs[seq].push_sample(row, job, &self.info);
@@ -215,7 +236,12 @@ impl Scheduler {
         }
     }
 
-    fn fail_batch<B: Backend + ?Sized>(&mut self, backend: &mut B, owners: &[ChunkOwner], err: BackendError) {
+    fn fail_batch<B: Backend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        owners: &[ChunkOwner],
+        err: BackendError,
+    ) {
         for owner in owners {
             let group = match *owner {
                 ChunkOwner::Prefill { group } | ChunkOwner::Decode { group, .. } => group,
@@ -331,11 +357,17 @@ impl Seq {
         let out = GeneratedSequence {
             tokens: Vec::new(),
             logprobs: Vec::new(),
-            processed_logprobs: (params.logprobs_mode == LogprobsMode::RawAndProcessed).then(Vec::new),
+            processed_logprobs: (params.logprobs_mode == LogprobsMode::RawAndProcessed)
+                .then(Vec::new),
             top_logprobs: params.logprobs.map(|_| Vec::new()),
             finish_reason: FinishReason::Length,
         };
-        Self { slot, rng, out, done: false }
+        Self {
+            slot,
+            rng,
+            out,
+            done: false,
+        }
     }
 
     /// Samples the next token from `row`, records it and checks the stop conditions.

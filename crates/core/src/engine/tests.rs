@@ -39,18 +39,37 @@ impl FakeBackend {
             dtype: DType::F32,
             device: Device::Cpu,
         };
-        (Self { info, kv: HashMap::new(), counters: counters.clone() }, counters)
+        (
+            Self {
+                info,
+                kv: HashMap::new(),
+                counters: counters.clone(),
+            },
+            counters,
+        )
     }
 }
 
 /// Logits of the next token given a whole history (never favouring POISON or EOS much).
 fn fake_logits(history: &[TokenId]) -> Vec<f32> {
-    let h = history.iter().fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
+    let h = history
+        .iter()
+        .fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
     (0..VOCAB)
         .map(|j| {
             let x = ((h.wrapping_mul(j as u64 + 7)) % 1000) as f32 / 250.0;
-            let eos_bonus = if history.last() == Some(&BYE) { 100.0 } else { -3.0 };
-            if j as TokenId == POISON { x - 20.0 } else if j as TokenId == EOS { x + eos_bonus } else { x }
+            let eos_bonus = if history.last() == Some(&BYE) {
+                100.0
+            } else {
+                -3.0
+            };
+            if j as TokenId == POISON {
+                x - 20.0
+            } else if j as TokenId == EOS {
+                x + eos_bonus
+            } else {
+                x
+            }
         })
         .collect()
 }
@@ -64,13 +83,22 @@ impl Backend for FakeBackend {
         let mut data = Vec::new();
         for c in &batch.chunks {
             if c.tokens.contains(&POISON) {
-                return Err(BackendError::Runtime { runtime: "fake", message: "poisoned".into() });
+                return Err(BackendError::Runtime {
+                    runtime: "fake",
+                    message: "poisoned".into(),
+                });
             }
             let hist = self.kv.entry(c.slot).or_default();
             if hist.len() != c.start_pos {
-                return Err(BackendError::PositionMismatch { slot: c.slot, start_pos: c.start_pos, cached: hist.len() });
+                return Err(BackendError::PositionMismatch {
+                    slot: c.slot,
+                    start_pos: c.start_pos,
+                    cached: hist.len(),
+                });
             }
-            self.counters.tokens.fetch_add(c.tokens.len(), Ordering::Relaxed);
+            self.counters
+                .tokens
+                .fetch_add(c.tokens.len(), Ordering::Relaxed);
             let rows = c.logits.rows(c.tokens.len());
             for (i, &t) in c.tokens.iter().enumerate() {
                 hist.push(t);
@@ -88,7 +116,11 @@ impl Backend for FakeBackend {
 
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
         self.counters.forks.fetch_add(1, Ordering::Relaxed);
-        let state = self.kv.get(&src).cloned().ok_or(BackendError::UnknownSlot(src))?;
+        let state = self
+            .kv
+            .get(&src)
+            .cloned()
+            .ok_or(BackendError::UnknownSlot(src))?;
         self.kv.insert(dst, state);
         Ok(())
     }
@@ -104,14 +136,29 @@ fn engine(config: EngineConfig) -> (Engine, Arc<Counters>) {
 }
 
 fn sampled(temperature: f32, seed: u64, max_tokens: usize) -> SamplingParams {
-    SamplingParams { temperature, seed: Some(seed), max_tokens: Some(max_tokens), ignore_eos: true, ..Default::default() }
+    SamplingParams {
+        temperature,
+        seed: Some(seed),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 #[test]
 fn greedy_follows_the_model() {
     let (e, _) = engine(EngineConfig::default());
     let prompt = vec![1, 2, 3];
-    let out = e.generate(GenerateRequest::new(prompt.clone(), SamplingParams { ignore_eos: true, ..SamplingParams::greedy(5) })).wait().unwrap();
+    let out = e
+        .generate(GenerateRequest::new(
+            prompt.clone(),
+            SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(5)
+            },
+        ))
+        .wait()
+        .unwrap();
     let mut hist = prompt;
     for &t in &out.sequences[0].tokens {
         assert_eq!(t, crate::sampling::argmax(&fake_logits(&hist)));
@@ -123,14 +170,28 @@ fn greedy_follows_the_model() {
 
 #[test]
 fn seeded_samples_do_not_depend_on_the_batch() {
-    let request = GenerateRequest { num_samples: 4, ..GenerateRequest::new(vec![5, 6, 7], sampled(0.8, 7, 12)) };
+    let request = GenerateRequest {
+        num_samples: 4,
+        ..GenerateRequest::new(vec![5, 6, 7], sampled(0.8, 7, 12))
+    };
     let (alone, _) = engine(EngineConfig::default());
     let expected = alone.generate(request.clone()).wait().unwrap();
-    let (busy, _) = engine(EngineConfig { max_num_seqs: 16, max_num_batched_tokens: 5 });
-    let others: Vec<_> = (0..8).map(|i| busy.generate(GenerateRequest::new(vec![i + 1; 3 + i as usize], sampled(1.0, i as u64, 9)))).collect();
+    let (busy, _) = engine(EngineConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: 5,
+    });
+    let others: Vec<_> = (0..8)
+        .map(|i| {
+            busy.generate(GenerateRequest::new(
+                vec![i + 1; 3 + i as usize],
+                sampled(1.0, i as u64, 9),
+            ))
+        })
+        .collect();
     let got = busy.generate(request).wait().unwrap();
     assert_eq!(got.sequences, expected.sequences);
-    let distinct: std::collections::HashSet<_> = got.sequences.iter().map(|s| s.tokens.clone()).collect();
+    let distinct: std::collections::HashSet<_> =
+        got.sequences.iter().map(|s| s.tokens.clone()).collect();
     assert!(distinct.len() > 1, "samples of one request must differ");
     for o in others {
         o.wait().unwrap();
@@ -141,7 +202,13 @@ fn seeded_samples_do_not_depend_on_the_batch() {
 fn samples_share_one_prefill_via_fork() {
     let (e, counters) = engine(EngineConfig::default());
     let prompt: Vec<TokenId> = (0..20).collect();
-    let out = e.generate(GenerateRequest { num_samples: 4, ..GenerateRequest::new(prompt, sampled(1.0, 1, 3)) }).wait().unwrap();
+    let out = e
+        .generate(GenerateRequest {
+            num_samples: 4,
+            ..GenerateRequest::new(prompt, sampled(1.0, 1, 3))
+        })
+        .wait()
+        .unwrap();
     assert_eq!(out.sequences.len(), 4);
     assert_eq!(counters.forks.load(Ordering::Relaxed), 3);
     // 20 prompt tokens once, then 2 decode steps per sample (the 3rd token is never fed back).
@@ -152,7 +219,10 @@ fn samples_share_one_prefill_via_fork() {
 fn chunked_prefill_gives_the_same_prompt_logprobs() {
     let prompt: Vec<TokenId> = (0..23).map(|i| (i * 7) % 29).collect();
     let (whole, _) = engine(EngineConfig::default());
-    let (chunked, _) = engine(EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 4 });
+    let (chunked, _) = engine(EngineConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 4,
+    });
     let a = whole.score(&prompt.clone().into()).wait().unwrap();
     let b = chunked.score(&prompt.clone().into()).wait().unwrap();
     let lp = a.prompt_logprobs.clone().unwrap();
@@ -169,11 +239,19 @@ fn chunked_prefill_gives_the_same_prompt_logprobs() {
 fn sampled_logprobs_equal_scoring() {
     let (e, _) = engine(EngineConfig::default());
     let prompt = vec![3, 1, 4, 1, 5];
-    let out = e.generate(GenerateRequest::new(prompt.clone(), sampled(1.0, 11, 8))).wait().unwrap();
+    let out = e
+        .generate(GenerateRequest::new(prompt.clone(), sampled(1.0, 11, 8)))
+        .wait()
+        .unwrap();
     let seq = &out.sequences[0];
     let mut full = prompt.clone();
     full.extend(&seq.tokens);
-    let scored = e.score(&full.into()).wait().unwrap().prompt_logprobs.unwrap();
+    let scored = e
+        .score(&full.into())
+        .wait()
+        .unwrap()
+        .prompt_logprobs
+        .unwrap();
     for (i, lp) in seq.logprobs.iter().enumerate() {
         assert_eq!(scored[prompt.len() + i], Some(*lp));
     }
@@ -182,8 +260,19 @@ fn sampled_logprobs_equal_scoring() {
 #[test]
 fn top_logprobs_and_processed_logprobs_are_returned() {
     let (e, _) = engine(EngineConfig::default());
-    let params = SamplingParams { logprobs: Some(3), logprobs_mode: crate::LogprobsMode::RawAndProcessed, top_k: 2, ..sampled(1.0, 2, 4) };
-    let req = GenerateRequest { prompt_logprobs: PromptLogprobs { include: true, top_k: 2 }, ..GenerateRequest::new(vec![1, 2, 3], params) };
+    let params = SamplingParams {
+        logprobs: Some(3),
+        logprobs_mode: crate::LogprobsMode::RawAndProcessed,
+        top_k: 2,
+        ..sampled(1.0, 2, 4)
+    };
+    let req = GenerateRequest {
+        prompt_logprobs: PromptLogprobs {
+            include: true,
+            top_k: 2,
+        },
+        ..GenerateRequest::new(vec![1, 2, 3], params)
+    };
     let out = e.generate(req).wait().unwrap();
     let seq = &out.sequences[0];
     let top = seq.top_logprobs.as_ref().unwrap();
@@ -203,14 +292,38 @@ fn eos_and_stop_tokens_finish_sequences() {
     let (e, _) = engine(EngineConfig::default());
     let prompt = vec![1, 2];
     let first = crate::sampling::argmax(&fake_logits(&prompt));
-    let stop = SamplingParams { stop_token_ids: vec![first], ..SamplingParams::greedy(10) };
-    let out = e.generate(GenerateRequest::new(prompt, stop)).wait().unwrap();
+    let stop = SamplingParams {
+        stop_token_ids: vec![first],
+        ..SamplingParams::greedy(10)
+    };
+    let out = e
+        .generate(GenerateRequest::new(prompt, stop))
+        .wait()
+        .unwrap();
     assert_eq!(out.sequences[0].tokens, vec![first]);
     assert_eq!(out.sequences[0].finish_reason, FinishReason::StopToken);
-    let eos = e.generate(GenerateRequest::new(vec![1, BYE], SamplingParams::greedy(10))).wait().unwrap();
-    assert_eq!((eos.sequences[0].tokens.clone(), eos.sequences[0].finish_reason), (vec![EOS], FinishReason::Eos));
-    let ignored = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(3) };
-    let out = e.generate(GenerateRequest::new(vec![1, BYE], ignored)).wait().unwrap();
+    let eos = e
+        .generate(GenerateRequest::new(
+            vec![1, BYE],
+            SamplingParams::greedy(10),
+        ))
+        .wait()
+        .unwrap();
+    assert_eq!(
+        (
+            eos.sequences[0].tokens.clone(),
+            eos.sequences[0].finish_reason
+        ),
+        (vec![EOS], FinishReason::Eos)
+    );
+    let ignored = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(3)
+    };
+    let out = e
+        .generate(GenerateRequest::new(vec![1, BYE], ignored))
+        .wait()
+        .unwrap();
     assert_eq!(out.sequences[0].tokens.len(), 3);
     assert_eq!(out.sequences[0].tokens[0], EOS);
     assert_eq!(out.sequences[0].finish_reason, FinishReason::Length);
@@ -218,45 +331,127 @@ fn eos_and_stop_tokens_finish_sequences() {
 
 #[test]
 fn bad_requests_get_typed_errors_and_the_engine_keeps_serving() {
-    let (e, _) = engine(EngineConfig { max_num_seqs: 8, max_num_batched_tokens: 16 });
-    let submit = |prompt: ModelInput, params: SamplingParams| e.generate(GenerateRequest { prompt, ..GenerateRequest::new(vec![], params) }).wait();
+    let (e, _) = engine(EngineConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 16,
+    });
+    let submit = |prompt: ModelInput, params: SamplingParams| {
+        e.generate(GenerateRequest {
+            prompt,
+            ..GenerateRequest::new(vec![], params)
+        })
+        .wait()
+    };
     let ok = SamplingParams::greedy(2);
     let err = submit(vec![1, VOCAB as TokenId].into(), ok.clone()).unwrap_err();
-    assert_eq!(err, EngineError::Invalid(ValidationError::TokenOutOfRange { token: VOCAB as u32, position: 1, vocab_size: VOCAB }));
-    assert_eq!(submit(vec![].into(), ok.clone()).unwrap_err(), EngineError::Invalid(ValidationError::EmptyPrompt));
+    assert_eq!(
+        err,
+        EngineError::Invalid(ValidationError::TokenOutOfRange {
+            token: VOCAB as u32,
+            position: 1,
+            vocab_size: VOCAB
+        })
+    );
+    assert_eq!(
+        submit(vec![].into(), ok.clone()).unwrap_err(),
+        EngineError::Invalid(ValidationError::EmptyPrompt)
+    );
     let field = |r: Result<GenerateOutput, EngineError>| match r {
         Err(EngineError::Invalid(ValidationError::InvalidField { field, .. })) => field,
         other => panic!("{other:?}"),
     };
-    assert_eq!(field(submit(vec![1].into(), SamplingParams { temperature: -1.0, ..ok.clone() })), "temperature");
-    assert_eq!(field(submit(vec![1].into(), SamplingParams { top_p: 1.5, ..ok.clone() })), "top_p");
+    assert_eq!(
+        field(submit(
+            vec![1].into(),
+            SamplingParams {
+                temperature: -1.0,
+                ..ok.clone()
+            }
+        )),
+        "temperature"
+    );
+    assert_eq!(
+        field(submit(
+            vec![1].into(),
+            SamplingParams {
+                top_p: 1.5,
+                ..ok.clone()
+            }
+        )),
+        "top_p"
+    );
     let overflow = submit(vec![1; 60].into(), SamplingParams::greedy(5)).unwrap_err();
-    assert_eq!(overflow, EngineError::Invalid(ValidationError::ContextOverflow { prompt_len: 60, max_tokens: 5, max_context: 64 }));
-    let image = ModelInput::from_ints(vec![1]).with_chunk(ModelInputChunk::Image(ImageChunk { data: vec![], format: ImageFormat::Jpeg, expected_tokens: None }));
-    assert!(matches!(submit(image, ok.clone()).unwrap_err(), EngineError::Invalid(ValidationError::UnsupportedChunk { index: 1, .. })));
-    let too_many = e.generate(GenerateRequest { num_samples: 9, ..GenerateRequest::new(vec![1], ok.clone()) }).wait();
+    assert_eq!(
+        overflow,
+        EngineError::Invalid(ValidationError::ContextOverflow {
+            prompt_len: 60,
+            max_tokens: 5,
+            max_context: 64
+        })
+    );
+    let image = ModelInput::from_ints(vec![1]).with_chunk(ModelInputChunk::Image(ImageChunk {
+        data: vec![],
+        format: ImageFormat::Jpeg,
+        expected_tokens: None,
+    }));
+    assert!(matches!(
+        submit(image, ok.clone()).unwrap_err(),
+        EngineError::Invalid(ValidationError::UnsupportedChunk { index: 1, .. })
+    ));
+    let too_many = e
+        .generate(GenerateRequest {
+            num_samples: 9,
+            ..GenerateRequest::new(vec![1], ok.clone())
+        })
+        .wait();
     assert_eq!(field(too_many), "num_samples");
     // A request that makes the backend fail gets the backend's error; a concurrent one is served.
     let poisoned = e.generate(GenerateRequest::new(vec![1, POISON], ok.clone()));
     let healthy = e.generate(GenerateRequest::new(vec![1, 2], ok.clone()));
-    assert!(matches!(poisoned.wait(), Err(EngineError::Backend(BackendError::Runtime { .. }))));
+    assert!(matches!(
+        poisoned.wait(),
+        Err(EngineError::Backend(BackendError::Runtime { .. }))
+    ));
     let healthy = healthy.wait();
     // The healthy request may have shared the failed batch; if so it fails too, but a retry works.
     if healthy.is_err() {
-        e.generate(GenerateRequest::new(vec![1, 2], ok.clone())).wait().unwrap();
+        e.generate(GenerateRequest::new(vec![1, 2], ok.clone()))
+            .wait()
+            .unwrap();
     }
-    e.generate(GenerateRequest::new(vec![4, 5], ok)).wait().unwrap();
+    e.generate(GenerateRequest::new(vec![4, 5], ok))
+        .wait()
+        .unwrap();
     let stats = e.stats().unwrap();
-    assert_eq!((stats.free_slots, stats.running_requests, stats.waiting_requests), (8, 0, 0));
+    assert_eq!(
+        (
+            stats.free_slots,
+            stats.running_requests,
+            stats.waiting_requests
+        ),
+        (8, 0, 0)
+    );
 }
 
 #[test]
 fn dropping_a_pending_request_frees_its_slots() {
-    let (e, _) = engine(EngineConfig { max_num_seqs: 4, max_num_batched_tokens: 8 });
-    let long = e.generate(GenerateRequest { num_samples: 4, ..GenerateRequest::new(vec![1, 2], sampled(1.0, 3, 60)) });
+    let (e, _) = engine(EngineConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 8,
+    });
+    let long = e.generate(GenerateRequest {
+        num_samples: 4,
+        ..GenerateRequest::new(vec![1, 2], sampled(1.0, 3, 60))
+    });
     drop(long);
     // The next request needs all four slots, so it only completes once the dropped one is gone.
-    let out = e.generate(GenerateRequest { num_samples: 4, ..GenerateRequest::new(vec![3], sampled(1.0, 4, 2)) }).wait().unwrap();
+    let out = e
+        .generate(GenerateRequest {
+            num_samples: 4,
+            ..GenerateRequest::new(vec![3], sampled(1.0, 4, 2))
+        })
+        .wait()
+        .unwrap();
     assert_eq!(out.sequences.len(), 4);
     assert_eq!(e.stats().unwrap().free_slots, 4);
 }

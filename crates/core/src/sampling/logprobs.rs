@@ -32,7 +32,9 @@ pub fn top_logprobs(row: &[f32], k: usize) -> Vec<(TokenId, f32)> {
         ids.truncate(k);
     }
     ids.sort_unstable_by(better);
-    ids.into_iter().map(|id| (id, row[id as usize] - lse)).collect()
+    ids.into_iter()
+        .map(|id| (id, row[id as usize] - lse))
+        .collect()
 }
 
 /// The index of the largest value (lowest index on ties).
@@ -55,7 +57,10 @@ mod tests {
         let row = [1.0f32, 2.0, 3.0, -1e4];
         let total: f64 = (0..4).map(|t| (token_logprob(&row, t) as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
-        assert!((token_logprob(&row, 2) - (3.0 - (1f32.exp() + 2f32.exp() + 3f32.exp()).ln())).abs() < 1e-6);
+        assert!(
+            (token_logprob(&row, 2) - (3.0 - (1f32.exp() + 2f32.exp() + 3f32.exp()).ln())).abs()
+                < 1e-6
+        );
     }
 
     #[test]

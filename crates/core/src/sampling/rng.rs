@@ -19,7 +19,12 @@ impl SeqRng {
     /// The stream of sample `index` of a request seeded with `seed`.
     pub fn new(seed: u64, index: u64) -> Self {
         let mut state = seed ^ splitmix64(&mut index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let s = [splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state), splitmix64(&mut state)];
+        let s = [
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+            splitmix64(&mut state),
+        ];
         Self { s }
     }
 
@@ -57,10 +62,12 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_distinct() {
-        let a: Vec<u64> = (0..4).map({
-            let mut r = SeqRng::new(7, 0);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = SeqRng::new(7, 0);
+                move |_| r.next_u64()
+            })
+            .collect();
         let mut again = SeqRng::new(7, 0);
         assert!(a.iter().all(|&x| x == again.next_u64()));
         assert_ne!(SeqRng::new(7, 1).next_u64(), a[0]);

@@ -26,11 +26,19 @@ pub fn sample_token(row: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> S
     let raw = |token: TokenId| row[token as usize] - lse;
     if !params.is_random() {
         let token = argmax(row);
-        return SampledToken { token, logprob: raw(token), processed_logprob: 0.0 };
+        return SampledToken {
+            token,
+            logprob: raw(token),
+            processed_logprob: 0.0,
+        };
     }
     let dist = Candidates::new(row, params);
     let token = dist.draw(rng.next_f64()).unwrap_or_else(|| argmax(row));
-    SampledToken { token, logprob: raw(token), processed_logprob: dist.logprob(token) }
+    SampledToken {
+        token,
+        logprob: raw(token),
+        processed_logprob: dist.logprob(token),
+    }
 }
 
 /// The tokens that survive the filters, with unnormalized weights, in a fixed order.
@@ -46,14 +54,19 @@ impl Candidates {
         let mut ids: Vec<TokenId> = match params.top_k() {
             Some(k) if k < row.len() => {
                 let mut ids: Vec<TokenId> = (0..row.len() as TokenId).collect();
-                ids.select_nth_unstable_by(k - 1, |a, b| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)));
+                ids.select_nth_unstable_by(k - 1, |a, b| {
+                    row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b))
+                });
                 ids.truncate(k);
                 ids.sort_unstable();
                 ids
             }
             _ => (0..row.len() as TokenId).collect(),
         };
-        let max = ids.iter().map(|&i| row[i as usize]).fold(f32::NEG_INFINITY, f32::max) as f64;
+        let max = ids
+            .iter()
+            .map(|&i| row[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max) as f64;
         let weight = |i: TokenId| ((row[i as usize] as f64 - max) * inv_t).exp();
         if params.top_p < 1.0 {
             ids = nucleus(ids, params.top_p as f64, weight);
@@ -65,7 +78,11 @@ impl Candidates {
         }
         let weights: Vec<f64> = ids.iter().map(|&i| weight(i)).collect();
         let total = weights.iter().sum();
-        Self { ids, weights, total }
+        Self {
+            ids,
+            weights,
+            total,
+        }
     }
 
     /// The token whose cumulative weight first exceeds `u * total`.
@@ -170,7 +187,8 @@ mod tests {
         let p = params(|p| p.top_k = 2);
         let s = sample_token(&ROW, &p, &mut SeqRng::new(9, 0));
         let kept = [ROW[0], ROW[3]];
-        let expected = crate::sampling::logprobs::token_logprob(&kept, if s.token == 0 { 0 } else { 1 });
+        let expected =
+            crate::sampling::logprobs::token_logprob(&kept, if s.token == 0 { 0 } else { 1 });
         assert!((s.processed_logprob - expected).abs() < 1e-6);
     }
 
@@ -182,7 +200,10 @@ mod tests {
         for (i, &x) in ROW.iter().enumerate() {
             let expected = ((x - lse) as f64).exp();
             let got = c[i] as f64 / n as f64;
-            assert!((got - expected).abs() < 0.015, "token {i}: {got} vs {expected}");
+            assert!(
+                (got - expected).abs() < 0.015,
+                "token {i}: {got} vs {expected}"
+            );
         }
     }
 }

@@ -14,8 +14,12 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn client(args: &ModelArgs) -> Result<SamplingClient> {
-    let options =
-        LoadOptions { backend: args.backend, device: args.device, dtype: args.dtype, ..LoadOptions::default() };
+    let options = LoadOptions {
+        backend: args.backend,
+        device: args.device,
+        dtype: args.dtype,
+        ..LoadOptions::default()
+    };
     ServiceClient::with_options(options)
         .create_sampling_client(&args.model)
         .with_context(|| format!("loading {} on {}", args.model.display(), args.backend))
@@ -42,7 +46,15 @@ fn sample(args: SampleArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         ..SamplingParams::default()
     };
-    let response = client.sample(ModelInput::from_ints(tokens.clone()), args.num_samples, params, false, 0).wait()?;
+    let response = client
+        .sample(
+            ModelInput::from_ints(tokens.clone()),
+            args.num_samples,
+            params,
+            false,
+            0,
+        )
+        .wait()?;
     let tokenizer = client.get_tokenizer();
     if args.json {
         let samples = response
@@ -74,7 +86,9 @@ fn sample(args: SampleArgs) -> Result<()> {
 fn logprobs(args: LogprobsArgs) -> Result<()> {
     let client = client(&args.model)?;
     let tokens = prompt_tokens(&client, &args.prompt)?;
-    let logprobs = client.compute_logprobs(ModelInput::from_ints(tokens.clone())).wait()?;
+    let logprobs = client
+        .compute_logprobs(ModelInput::from_ints(tokens.clone()))
+        .wait()?;
     if args.json {
         println!("{}", json!({ "logprobs": logprobs }));
         return Ok(());
