@@ -10,15 +10,16 @@ use crate::{run_status, setup};
 /// Virtual environment holding the Python reference stack.
 const VENV_DIR: &str = "runtimes/py";
 /// Pinned packages of the reference stack.
-const PY_PACKAGES: [&str; 5] = [
+const PY_PACKAGES: [&str; 6] = [
     "torch==2.11.0",
     "transformers==5.23.0",
+    "accelerate",
     "gguf",
     "numpy",
     "safetensors",
 ];
 /// Succeeds only when the pinned stack is importable.
-const IMPORT_CHECK: &str = "import gguf, numpy, safetensors, torch, transformers\n\
+const IMPORT_CHECK: &str = "import accelerate, gguf, numpy, safetensors, torch, transformers\n\
     assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__\n\
     assert transformers.__version__ == '5.23.0', transformers.__version__\n";
 /// Golden generator script, relative to the repository root.
@@ -59,7 +60,11 @@ fn ensure_venv(root: &Path) -> Result<PathBuf> {
     if imports_ok(&python) {
         return Ok(python);
     }
-    eprintln!("installing {} into {}", PY_PACKAGES.join(" "), venv.display());
+    eprintln!(
+        "installing {} into {}",
+        PY_PACKAGES.join(" "),
+        venv.display()
+    );
     let mut cmd = Command::new(&python);
     cmd.args(["-m", "pip", "install", "--disable-pip-version-check"])
         .args(PY_PACKAGES);

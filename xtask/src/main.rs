@@ -58,9 +58,13 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
+///
+/// Prefers the value `cargo run` sets at run time, so a moved checkout never uses a stale path.
 fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().unwrap_or(&manifest).to_path_buf()
 }
 
 /// The `cargo` that launched us, so the same toolchain runs the nested command.
@@ -71,14 +75,34 @@ fn cargo() -> Command {
 fn quickstart(root: &Path) -> Result<()> {
     let model = setup::run(root)?;
     let model = model.strip_prefix(root).unwrap_or(&model).to_path_buf();
-    let mut cmd = cargo();
-    cmd.current_dir(root)
-        .args(["run", "--release", "-p", "infermux", "--bin", "infermux", "--"])
-        .args(["sample", "--model"])
-        .arg(&model)
-        .args(["--backend", "candle", "--prompt", "The capital of France is"])
-        .args(["--max-tokens", "24"]);
-    run_status(&mut cmd)
+    // A plain completion, then the same question through the model's chat template.
+    let runs: [&[&str]; 2] = [
+        &["--prompt", "The capital of France is", "--max-tokens", "3"],
+        &[
+            "--prompt",
+            "What is the capital of France?",
+            "--chat",
+            "--max-tokens",
+            "32",
+        ],
+    ];
+    for extra in runs {
+        eprintln!(
+            "\n$ infermux sample --model {} --backend candle --temperature 0 {}",
+            model.display(),
+            extra.join(" ")
+        );
+        let mut cmd = cargo();
+        cmd.current_dir(root)
+            .args([
+                "run", "--quiet", "-p", "infermux", "--bin", "infermux", "--", "sample", "--model",
+            ])
+            .arg(&model)
+            .args(["--backend", "candle", "--temperature", "0"])
+            .args(extra);
+        run_status(&mut cmd)?;
+    }
+    Ok(())
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {

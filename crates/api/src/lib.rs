@@ -17,6 +17,7 @@
 //! ```
 
 mod backend_kind;
+mod chat;
 mod error;
 mod sampling_client;
 mod service;
@@ -24,6 +25,7 @@ mod tokenizer;
 mod types;
 
 pub use backend_kind::{BackendKind, LoadOptions};
+pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{Error, Result};
 pub use sampling_client::{ApiFuture, SamplingClient};
 pub use service::ServiceClient;

@@ -42,7 +42,7 @@ impl ServiceClient {
                 file: "tokenizer.json".into(),
             }));
         }
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+        let tokenizer = Tokenizer::from_model_dir(&dir.path)?;
         let backend = load_backend(&dir, &self.options)?;
         let engine =
             Engine::start(backend, self.options.engine).map_err(|e| Error::Engine(e.into()))?;

@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use infermux_core::TokenId;
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
 
-/// A Hugging Face tokenizer behind an `Arc`.
+/// A Hugging Face tokenizer (and the model's chat template, if any) behind an `Arc`.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
+    chat_template: Option<Arc<ChatTemplate>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -22,14 +24,37 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json`.
+    /// Loads `tokenizer.json` (no chat template).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("loading {}: {e}", path.display())))?;
         Ok(Self {
             inner: Arc::new(inner),
+            chat_template: None,
         })
+    }
+
+    /// Loads a model folder's `tokenizer.json` and the chat template of its
+    /// `tokenizer_config.json`.
+    pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let mut tokenizer = Self::from_file(dir.join("tokenizer.json"))?;
+        tokenizer.chat_template = ChatTemplate::from_model_dir(dir)?.map(Arc::new);
+        Ok(tokenizer)
+    }
+
+    /// Renders `messages` with the model's chat template (Hugging Face's `apply_chat_template`
+    /// with `tokenize=False`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            Error::Tokenizer("this model has no chat_template in tokenizer_config.json".into())
+        })?;
+        template.render(messages, add_generation_prompt)
     }
 
     /// Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are

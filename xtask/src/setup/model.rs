@@ -44,7 +44,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
     let (content, mut file) = open(gguf)?;
     let params = LlamaParams::from_gguf(&content)?;
     write_json(&out.join("config.json"), &config_json(&params))?;
-    write_json(&out.join("generation_config.json"), &generation_config_json(&params))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &generation_config_json(&params),
+    )?;
     let tensors = dequantize_all(&content, &mut file, &params)?;
     save_safetensors(&tensors, &out.join("model.safetensors"))
 }
@@ -67,7 +70,9 @@ impl LlamaParams {
             Some(v) => value_usize(v)?,
             None => hidden_size / num_heads,
         };
-        let tokens = md.get("tokenizer.ggml.tokens").map(|v| v.to_vec().map(Vec::len));
+        let tokens = md
+            .get("tokenizer.ggml.tokens")
+            .map(|v| v.to_vec().map(Vec::len));
         let vocab_size = match md.get(&key("vocab_size")) {
             Some(v) => value_usize(v)?,
             None => tokens.context("GGUF has neither vocab_size nor tokens")??,
@@ -81,7 +86,10 @@ impl LlamaParams {
             num_kv_heads: meta_usize(md, &key("attention.head_count_kv"))?,
             head_dim,
             max_position_embeddings: meta_usize(md, &key("context_length"))?,
-            rope_theta: meta_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0),
+            rope_theta: match md.contains_key(&key("rope.freq_base")) {
+                true => meta_f64(md, &key("rope.freq_base"))?,
+                false => 10_000.0, // llama.cpp's default when the key is absent
+            },
             rms_norm_eps: meta_f64(md, &key("attention.layer_norm_rms_epsilon"))?,
             vocab_size,
             bos_token_id: meta_opt_u32(md, "tokenizer.ggml.bos_token_id")?,
@@ -171,7 +179,7 @@ fn rope_heads(gguf_name: &str, p: &LlamaParams) -> Option<usize> {
 pub fn unpermute_rope_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims();
     let rows = dims[0];
-    if rows % (2 * n_head) != 0 {
+    if !rows.is_multiple_of(2 * n_head) {
         bail!("cannot un-permute {rows} rows into {n_head} heads");
     }
     let rest: usize = dims[1..].iter().product();
@@ -224,7 +232,21 @@ fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
     sorted.sort_by_key(|(name, _)| name.as_str());
     safetensors::serialize_to_file(sorted, Some(metadata), path)
-        .with_context(|| format!("writing {}", path.display()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    make_world_readable(path)
+}
+
+/// The safetensors crate creates files with mode 0600; use the usual 0644.
+#[cfg(unix)]
+fn make_world_readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("setting permissions of {}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn make_world_readable(_path: &Path) -> Result<()> {
+    Ok(())
 }
 
 /// Writes pretty-printed JSON with a trailing newline.
@@ -245,7 +267,11 @@ impl Progress {
     fn new(total: usize) -> Self {
         let tty = std::io::stderr().is_terminal();
         eprintln!("dequantizing {total} tensors…");
-        Self { total, done: 0, tty }
+        Self {
+            total,
+            done: 0,
+            tty,
+        }
     }
 
     fn step(&mut self) {
@@ -264,7 +290,8 @@ impl Progress {
 }
 
 fn meta<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    md.get(key).with_context(|| format!("GGUF metadata lacks {key}"))
+    md.get(key)
+        .with_context(|| format!("GGUF metadata lacks {key}"))
 }
 
 fn meta_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a str> {
@@ -319,8 +346,15 @@ mod tests {
     /// llama.cpp's forward `permute` (convert_hf_to_gguf.py), to check the inverse against.
     fn permute(w: &Tensor, n_head: usize) -> Tensor {
         let dims = w.dims().to_vec();
-        let w = w.reshape((n_head, 2, dims[0] / n_head / 2, dims[1])).unwrap();
-        w.transpose(1, 2).unwrap().contiguous().unwrap().reshape(dims).unwrap()
+        let w = w
+            .reshape((n_head, 2, dims[0] / n_head / 2, dims[1]))
+            .unwrap();
+        w.transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape(dims)
+            .unwrap()
     }
 
     #[test]
@@ -335,8 +369,14 @@ mod tests {
     fn maps_tensor_names() {
         let cases = [
             ("token_embd.weight", "model.embed_tokens.weight"),
-            ("blk.7.attn_k.weight", "model.layers.7.self_attn.k_proj.weight"),
-            ("blk.12.ffn_norm.weight", "model.layers.12.post_attention_layernorm.weight"),
+            (
+                "blk.7.attn_k.weight",
+                "model.layers.7.self_attn.k_proj.weight",
+            ),
+            (
+                "blk.12.ffn_norm.weight",
+                "model.layers.12.post_attention_layernorm.weight",
+            ),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
         ];

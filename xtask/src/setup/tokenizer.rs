@@ -51,7 +51,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
         .save(&path, true)
         .map_err(|e| anyhow!("saving {}: {e}", path.display()))?;
     verify_tokenizer(&path, &vocab)?;
-    write_json(&out.join("tokenizer_config.json"), &tokenizer_config_json(&vocab)?)
+    write_json(
+        &out.join("tokenizer_config.json"),
+        &tokenizer_config_json(&vocab)?,
+    )
 }
 
 impl GgufVocab {
@@ -62,7 +65,9 @@ impl GgufVocab {
         let string = |k: &str| get(k).map(|v| v.to_string().cloned()).transpose();
         let id = |k: &str| get(k).map(value_u32).transpose();
         let flag = |k: &str| get(k).map(|v| v.to_bool()).transpose();
-        let arch = md.get("general.architecture").and_then(|v| v.to_string().ok());
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok());
         let ctx = arch.and_then(|a| md.get(&format!("{a}.context_length")));
         Ok(Self {
             model: string("ggml.model")?.context("GGUF lacks tokenizer.ggml.model")?,
@@ -86,7 +91,8 @@ impl GgufVocab {
 
     /// Token text for an optional id.
     fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|i| self.tokens.get(i as usize)).map(String::as_str)
+        id.and_then(|i| self.tokens.get(i as usize))
+            .map(String::as_str)
     }
 
     /// `(id, token, special)` for control and user-defined tokens, in id order.
@@ -109,12 +115,21 @@ pub fn build_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer> {
         "only byte-level BPE (tokenizer.ggml.model = \"gpt2\") is supported, not {:?}",
         vocab.model
     );
-    let ids: Vocab = (0u32..).zip(vocab.tokens.iter().cloned()).map(|(i, t)| (t, i)).collect();
-    ensure!(ids.len() == vocab.tokens.len(), "GGUF vocabulary has duplicate tokens");
+    let ids: Vocab = (0u32..)
+        .zip(vocab.tokens.iter().cloned())
+        .map(|(i, t)| (t, i))
+        .collect();
+    ensure!(
+        ids.len() == vocab.tokens.len(),
+        "GGUF vocabulary has duplicate tokens"
+    );
     let merges = vocab
         .merges
         .iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
         .collect::<Option<Vec<_>>>()
         .context("malformed merge (expected \"a b\")")?;
     let bpe = BPE::builder()
@@ -127,7 +142,9 @@ pub fn build_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer> {
     tokenizer.with_post_processor(Some(ByteLevel::new(true, false, true)));
     let (special, plain): (Vec<_>, Vec<_>) = vocab.added_tokens().into_iter().partition(|t| t.2);
     let as_added = |v: Vec<(u32, &str, bool)>| -> Vec<AddedToken> {
-        v.into_iter().map(|(_, tok, s)| AddedToken::from(tok, s)).collect()
+        v.into_iter()
+            .map(|(_, tok, s)| AddedToken::from(tok, s))
+            .collect()
     };
     tokenizer.add_special_tokens(&as_added(special));
     tokenizer.add_tokens(&as_added(plain));
@@ -147,7 +164,11 @@ fn pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
                 false,
             )
             .map_err(|e| anyhow!("building split regex: {e}"))?;
-            Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into()
         }
         other => bail!("unsupported llama.cpp pre-tokenizer {other:?}"),
     })
@@ -163,11 +184,21 @@ fn verify_tokenizer(path: &Path, vocab: &GgufVocab) -> Result<()> {
         vocab.tokens.len()
     );
     for (id, text, _) in vocab.added_tokens() {
-        ensure!(tok.token_to_id(text) == Some(id), "added token {text:?} is not id {id}");
+        ensure!(
+            tok.token_to_id(text) == Some(id),
+            "added token {text:?} is not id {id}"
+        );
     }
-    let enc = tok.encode(ROUND_TRIP_TEXT, false).map_err(|e| anyhow!("encoding: {e}"))?;
-    let back = tok.decode(enc.get_ids(), false).map_err(|e| anyhow!("decoding: {e}"))?;
-    ensure!(back == ROUND_TRIP_TEXT, "round trip changed {ROUND_TRIP_TEXT:?} into {back:?}");
+    let enc = tok
+        .encode(ROUND_TRIP_TEXT, false)
+        .map_err(|e| anyhow!("encoding: {e}"))?;
+    let back = tok
+        .decode(enc.get_ids(), false)
+        .map_err(|e| anyhow!("decoding: {e}"))?;
+    ensure!(
+        back == ROUND_TRIP_TEXT,
+        "round trip changed {ROUND_TRIP_TEXT:?} into {back:?}"
+    );
     eprintln!(
         "tokenizer round trip ok: {} tokens {:?}",
         enc.get_ids().len(),
@@ -177,13 +208,16 @@ fn verify_tokenizer(path: &Path, vocab: &GgufVocab) -> Result<()> {
 }
 
 /// `tokenizer_config.json` in the style transformers writes for GPT-2-like tokenizers.
+///
+/// The class is `PreTrainedTokenizerFast`, not `GPT2Tokenizer`: transformers 5 rebuilds a
+/// `GPT2Tokenizer` from vocab/merges with a plain ByteLevel pre-tokenizer, dropping our Digits split.
 pub fn tokenizer_config_json(vocab: &GgufVocab) -> Result<Json> {
     let mut decoder = Map::new();
     for (id, text, special) in vocab.added_tokens() {
         decoder.insert(id.to_string(), added_token_json(text, special));
     }
     let mut config = json!({
-        "tokenizer_class": "GPT2Tokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": vocab.add_bos,
         "add_prefix_space": vocab.add_space_prefix,
         "clean_up_tokenization_spaces": false,
@@ -233,4 +267,44 @@ fn int_array(v: Option<&Value>) -> Result<Vec<i64>> {
             other => Ok(i64::try_from(value_usize(other)?)?),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_vocab() -> GgufVocab {
+        let tokens = ["<|end|>", "a", "b", "1", "2", "Ġ", "ab", "Ġab"];
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some("smollm".into()),
+            tokens: tokens.iter().map(|t| t.to_string()).collect(),
+            token_types: vec![3, 1, 1, 1, 1, 1, 1, 1],
+            merges: vec!["a b".into(), "Ġ ab".into()],
+            bos: None,
+            eos: Some(0),
+            unk: None,
+            pad: None,
+            add_bos: false,
+            add_space_prefix: false,
+            chat_template: None,
+            max_length: Some(16),
+        }
+    }
+
+    #[test]
+    fn builds_byte_level_bpe_with_digit_split_and_specials() {
+        let tok = build_tokenizer(&tiny_vocab()).unwrap();
+        let enc = tok.encode("ab ab12<|end|>", false).unwrap();
+        assert_eq!(enc.get_ids(), &[6, 7, 3, 4, 0]);
+        assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), "ab ab12<|end|>");
+    }
+
+    #[test]
+    fn config_names_special_tokens() {
+        let config = tokenizer_config_json(&tiny_vocab()).unwrap();
+        assert_eq!(config["eos_token"], "<|end|>");
+        assert_eq!(config["added_tokens_decoder"]["0"]["special"], true);
+        assert!(config.get("bos_token").is_none());
+    }
 }

@@ -50,12 +50,22 @@ pub struct PromptArgs {
     pub prompt_tokens: Option<Vec<u32>>,
 }
 
+/// How the prompt text becomes tokens.
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Send --prompt as a user message through the model's chat template.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct SampleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
     /// Maximum tokens to generate per sample.
     #[arg(long)]
     pub max_tokens: usize,
@@ -91,6 +101,8 @@ pub struct LogprobsArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
     /// Print `{"logprobs": [null, ...]}` (the default output is one line per token).
     #[arg(long)]
     pub json: bool,

@@ -1,10 +1,12 @@
 //! What each subcommand does.
 
 use anyhow::{Context, Result};
-use infermux::{LoadOptions, ModelInput, SamplingClient, SamplingParams, ServiceClient, TokenId};
+use infermux::{
+    ChatMessage, LoadOptions, ModelInput, SamplingClient, SamplingParams, ServiceClient, TokenId,
+};
 use serde_json::json;
 
-use crate::args::{Cli, Command, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs};
+use crate::args::{ChatArgs, Cli, Command, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs};
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -25,8 +27,18 @@ fn client(args: &ModelArgs) -> Result<SamplingClient> {
         .with_context(|| format!("loading {} on {}", args.model.display(), args.backend))
 }
 
-fn prompt_tokens(client: &SamplingClient, prompt: &PromptArgs) -> Result<Vec<TokenId>> {
+fn prompt_tokens(
+    client: &SamplingClient,
+    prompt: &PromptArgs,
+    chat: &ChatArgs,
+) -> Result<Vec<TokenId>> {
     match (&prompt.prompt, &prompt.prompt_tokens) {
+        (Some(text), _) if chat.chat => {
+            let tokenizer = client.get_tokenizer();
+            let rendered =
+                tokenizer.apply_chat_template(&[ChatMessage::user(text.as_str())], true)?;
+            Ok(tokenizer.encode(&rendered, false)?)
+        }
         (Some(text), _) => Ok(client.get_tokenizer().encode(text, false)?),
         (None, Some(ids)) => Ok(ids.clone()),
         (None, None) => anyhow::bail!("give --prompt or --prompt-tokens"),
@@ -35,7 +47,7 @@ fn prompt_tokens(client: &SamplingClient, prompt: &PromptArgs) -> Result<Vec<Tok
 
 fn sample(args: SampleArgs) -> Result<()> {
     let client = client(&args.model)?;
-    let tokens = prompt_tokens(&client, &args.prompt)?;
+    let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let params = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -85,7 +97,7 @@ fn sample(args: SampleArgs) -> Result<()> {
 
 fn logprobs(args: LogprobsArgs) -> Result<()> {
     let client = client(&args.model)?;
-    let tokens = prompt_tokens(&client, &args.prompt)?;
+    let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let logprobs = client
         .compute_logprobs(ModelInput::from_ints(tokens.clone()))
         .wait()?;
