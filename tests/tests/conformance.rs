@@ -70,6 +70,29 @@ fn prompt_logprobs_match_reference(backend: BackendKind) {
     }
 }
 
+fn agrees_with_candle(backend: BackendKind) {
+    let (ours, reference) = (shared(backend), shared(BackendKind::Candle));
+    for case in goldens().cases {
+        let prompt = ModelInput::from_ints(case.prompt_tokens.clone());
+        let (a, b) = (
+            ours.compute_logprobs(prompt.clone()),
+            reference.compute_logprobs(prompt),
+        );
+        let flat =
+            |v: Vec<Option<f32>>| v[1..].iter().map(|x| x.unwrap() as f64).collect::<Vec<_>>();
+        let (a, b) = (flat(a.wait().unwrap()), flat(b.wait().unwrap()));
+        let worst = Tolerance::F32_VS_REFERENCE.check(
+            &format!("{backend} vs candle {}", case.name),
+            &a,
+            &b,
+        );
+        eprintln!(
+            "{backend} vs candle {}: max |Δ logprob| = {worst:.2e}",
+            case.name
+        );
+    }
+}
+
 fn tokenizer_matches_reference(backend: BackendKind) {
     let tokenizer = shared(backend).get_tokenizer();
     for case in goldens().cases {
@@ -309,9 +332,21 @@ fn missing_model_files_are_named(backend: BackendKind) {
 
 /// Instantiates every case for one backend, as `mod <backend> { #[test] fn <case>() }`.
 macro_rules! conformance_suite {
+    ($module:ident, $backend:expr, cross_checked) => {
+        conformance_suite!($module, $backend, {
+            #[test]
+            fn agrees_with_candle() {
+                super::agrees_with_candle($backend);
+            }
+        });
+    };
     ($module:ident, $backend:expr) => {
+        conformance_suite!($module, $backend, {});
+    };
+    ($module:ident, $backend:expr, { $($extra:item)* }) => {
         mod $module {
             use super::*;
+            $($extra)*
             #[test]
             fn prompt_logprobs_match_reference() {
                 super::prompt_logprobs_match_reference($backend);
@@ -345,3 +380,5 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(candle, BackendKind::Candle);
+#[cfg(feature = "torch")]
+conformance_suite!(torch, BackendKind::Torch, cross_checked);

@@ -36,7 +36,8 @@ impl BackendKind {
     pub fn is_available(self) -> bool {
         match self {
             Self::Candle => cfg!(feature = "candle"),
-            Self::Torch | Self::Onnx => false,
+            Self::Torch => cfg!(feature = "torch"),
+            Self::Onnx => false,
         }
     }
 }
@@ -98,6 +99,22 @@ pub(crate) fn load_backend(dir: &ModelDir, options: &LoadOptions) -> Result<Box<
             let _ = dir;
             Err(unavailable("candle"))
         }
+        #[cfg(feature = "torch")]
+        BackendKind::Torch => {
+            let opts = infermux_backend_torch::TorchOptions {
+                device: options.device,
+                dtype: options.dtype,
+            };
+            let backend =
+                infermux_backend_torch::TorchBackend::from_model_dir(dir, opts).map_err(|e| {
+                    Error::Backend {
+                        backend: BackendKind::Torch,
+                        reason: e.to_string(),
+                    }
+                })?;
+            Ok(Box::new(backend))
+        }
+        #[cfg(not(feature = "torch"))]
         BackendKind::Torch => Err(unavailable("torch")),
         BackendKind::Onnx => Err(unavailable("onnx")),
     }

