@@ -326,7 +326,11 @@ fn missing_model_files_are_named(backend: BackendKind) {
         .create_sampling_client(&dir)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("model.safetensors"), "{backend}: {err}");
+    let expected = match backend {
+        BackendKind::Onnx => "model.onnx",
+        _ => "model.safetensors",
+    };
+    assert!(err.contains(expected), "{backend}: {err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -382,3 +386,5 @@ macro_rules! conformance_suite {
 conformance_suite!(candle, BackendKind::Candle);
 #[cfg(feature = "torch")]
 conformance_suite!(torch, BackendKind::Torch, cross_checked);
+#[cfg(feature = "onnx")]
+conformance_suite!(onnx, BackendKind::Onnx, cross_checked);

@@ -1,5 +1,6 @@
 //! Developer tasks for infermux (`cargo xtask <command>`).
 
+mod export;
 mod golden;
 mod setup;
 
@@ -20,8 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install libtorch and ONNX Runtime into runtimes/, and prepare the reference model
-    /// (SmolLM2-135M-Instruct) in models/.
+    /// Install libtorch and ONNX Runtime into runtimes/, prepare the reference model
+    /// (SmolLM2-135M-Instruct) in models/ and, with ONNX Runtime, export it to models/*/onnx.
     Setup {
         #[command(flatten)]
         runtimes: RuntimeFlags,
@@ -42,6 +43,9 @@ enum Cmd {
         #[arg(long)]
         python: Option<PathBuf>,
     },
+    /// Export a Hugging Face model folder to an ONNX decoder graph (Optimum layout), with the
+    /// Python exporter in crates/backend-onnx/export (venv in runtimes/py-onnx).
+    ExportOnnx(export::ExportArgs),
 }
 
 /// Flags that leave out a native runtime (the model is always prepared).
@@ -83,11 +87,21 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let root = repo_root();
     match cli.command {
-        Cmd::Setup { runtimes } => setup::all(&root, runtimes.components()).map(|_| ()),
+        Cmd::Setup { runtimes } => setup_all(&root, runtimes.components()).map(|_| ()),
         Cmd::Quickstart => quickstart(&root),
         Cmd::Test { runtimes, args } => test(&root, runtimes.components(), &args),
         Cmd::Golden { python } => golden::run(&root, python.as_deref()),
+        Cmd::ExportOnnx(args) => export::run(&root, &args),
     }
+}
+
+/// `setup::all`, then, with ONNX Runtime, the f32 ONNX export of the model; returns the model folder.
+fn setup_all(root: &Path, components: Components) -> Result<PathBuf> {
+    let model = setup::all(root, components)?;
+    if components.onnx {
+        export::reference(root, &model)?;
+    }
+    Ok(model)
 }
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -141,7 +155,7 @@ fn quickstart(root: &Path) -> Result<()> {
 
 /// Runs setup for `components`, then the workspace tests with their features enabled.
 fn test(root: &Path, components: Components, extra: &[String]) -> Result<()> {
-    let model = setup::all(root, components)?;
+    let model = setup_all(root, components)?;
     let mut cmd = cargo();
     cmd.current_dir(root)
         .args(["test", "--workspace", "--exclude", "xtask"]);

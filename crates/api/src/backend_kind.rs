@@ -1,5 +1,8 @@
 //! Choosing and constructing a backend at run time.
 
+use std::path::Path;
+
+#[allow(unused_imports)]
 use infermux_core::{Backend, DType, Device, EngineConfig, ModelDir};
 
 use crate::error::{Error, Result};
@@ -37,7 +40,7 @@ impl BackendKind {
         match self {
             Self::Candle => cfg!(feature = "candle"),
             Self::Torch => cfg!(feature = "torch"),
-            Self::Onnx => false,
+            Self::Onnx => cfg!(feature = "onnx"),
         }
     }
 }
@@ -72,50 +75,55 @@ pub struct LoadOptions {
     pub engine: EngineConfig,
 }
 
-/// Builds the chosen backend over an opened model folder.
-pub(crate) fn load_backend(dir: &ModelDir, options: &LoadOptions) -> Result<Box<dyn Backend>> {
-    let unavailable = |feature: &str| Error::Backend {
+/// Builds the chosen backend over the model folder at `path`.
+pub(crate) fn load_backend(path: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>> {
+    let failed = |reason: String| Error::Backend {
         backend: options.backend,
-        reason: format!(
-            "not compiled into this build (enable the `{feature}` feature of `infermux`)"
-        ),
+        reason,
     };
     match options.backend {
         #[cfg(feature = "candle")]
         BackendKind::Candle => {
+            let dir = ModelDir::open(path)?;
             let opts = infermux_backend_candle::CandleOptions {
                 device: options.device,
                 dtype: options.dtype,
             };
-            let backend = infermux_backend_candle::CandleBackend::from_model_dir(dir, opts)
-                .map_err(|e| Error::Backend {
-                    backend: BackendKind::Candle,
-                    reason: e.to_string(),
-                })?;
+            let backend = infermux_backend_candle::CandleBackend::from_model_dir(&dir, opts)
+                .map_err(|e| failed(e.to_string()))?;
             Ok(Box::new(backend))
-        }
-        #[cfg(not(feature = "candle"))]
-        BackendKind::Candle => {
-            let _ = dir;
-            Err(unavailable("candle"))
         }
         #[cfg(feature = "torch")]
         BackendKind::Torch => {
+            let dir = ModelDir::open(path)?;
             let opts = infermux_backend_torch::TorchOptions {
                 device: options.device,
                 dtype: options.dtype,
             };
-            let backend =
-                infermux_backend_torch::TorchBackend::from_model_dir(dir, opts).map_err(|e| {
-                    Error::Backend {
-                        backend: BackendKind::Torch,
-                        reason: e.to_string(),
-                    }
-                })?;
+            let backend = infermux_backend_torch::TorchBackend::from_model_dir(&dir, opts)
+                .map_err(|e| failed(e.to_string()))?;
             Ok(Box::new(backend))
         }
-        #[cfg(not(feature = "torch"))]
-        BackendKind::Torch => Err(unavailable("torch")),
-        BackendKind::Onnx => Err(unavailable("onnx")),
+        #[cfg(feature = "onnx")]
+        BackendKind::Onnx => {
+            if options.dtype != DType::F32 {
+                return Err(failed(
+                    "a graph's precision is fixed when it is exported (`--dtype` of the exporter)"
+                        .into(),
+                ));
+            }
+            let opts = infermux_backend_onnx::OnnxOptions {
+                device: options.device,
+                ..Default::default()
+            };
+            let backend = infermux_backend_onnx::OnnxBackend::load(path, opts)
+                .map_err(|e| failed(e.to_string()))?;
+            Ok(Box::new(backend))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(failed(format!(
+            "{} cannot be served: not compiled into this build (enable the `{other}` feature of `infermux`)",
+            path.display()
+        ))),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use infermux_core::{Engine, ModelDir};
+use infermux_core::{Engine, ModelError};
 
 use crate::backend_kind::{LoadOptions, load_backend};
 use crate::error::{Error, Result};
@@ -31,26 +31,32 @@ impl ServiceClient {
         &self.options
     }
 
-    /// Loads the Hugging Face model folder at `model` (config, safetensors, tokenizer.json) and
-    /// starts an engine for it.
+    /// Loads the Hugging Face model folder at `model` (config.json, tokenizer.json, and the
+    /// weights or graph the backend needs) and starts an engine for it.
     pub fn create_sampling_client(&self, model: impl AsRef<Path>) -> Result<SamplingClient> {
-        let dir = ModelDir::open(model.as_ref())?;
-        let tokenizer_path = dir.path.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
-            return Err(Error::Model(infermux_core::ModelError::MissingFile {
-                dir: dir.path.clone(),
-                file: "tokenizer.json".into(),
-            }));
+        let path = model.as_ref();
+        if !path.is_dir() {
+            return Err(ModelError::MissingFile {
+                dir: path.to_path_buf(),
+                file: "(the folder itself)".into(),
+            }
+            .into());
         }
-        let tokenizer = Tokenizer::from_model_dir(&dir.path)?;
-        let backend = load_backend(&dir, &self.options)?;
+        let backend = load_backend(path, &self.options)?;
+        if !path.join("tokenizer.json").is_file() {
+            return Err(ModelError::MissingFile {
+                dir: path.to_path_buf(),
+                file: "tokenizer.json".into(),
+            }
+            .into());
+        }
+        let tokenizer = Tokenizer::from_model_dir(path)?;
         let engine =
             Engine::start(backend, self.options.engine).map_err(|e| Error::Engine(e.into()))?;
-        let base_model = dir
-            .path
+        let base_model = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.path.display().to_string());
+            .unwrap_or_else(|| path.display().to_string());
         Ok(SamplingClient::new(engine, tokenizer, base_model))
     }
 }

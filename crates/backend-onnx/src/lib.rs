@@ -1,1 +1,162 @@
-//! infermux backend on onnx: implemented in a later milestone; this crate reserves its place.
+//! # infermux-backend-onnx
+//!
+//! Llama-family decoders exported to ONNX in Hugging Face Optimum's
+//! "text-generation-with-past" layout (`input_ids`, `attention_mask`, `position_ids`,
+//! `past_key_values.N.key/value` → `logits`, `present.N.key/value`), run on ONNX Runtime through
+//! [`ort`](https://docs.rs/ort) loaded at run time. Decode steps of several sequences share one
+//! run: their pasts are left-padded and masked. Export a graph with `cargo xtask export-onnx`.
+//!
+//! ```no_run
+//! use infermux_backend_onnx::{OnnxBackend, OnnxOptions};
+//! let backend = OnnxBackend::load("models/SmolLM2-135M-Instruct", OnnxOptions::default())?;
+//! # Ok::<(), infermux_backend_onnx::OnnxBackendError>(())
+//! ```
+
+mod error;
+mod io;
+mod kv_cache;
+mod session;
+
+use std::path::{Path, PathBuf};
+
+use infermux_core::{
+    Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelConfig, ModelInfo, SeqChunk,
+    SlotId,
+};
+
+pub use error::OnnxBackendError;
+
+use io::{GraphIo, KvType};
+use kv_cache::{KvCache, KvShape};
+
+/// Where to run, and where the runtime library is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnnxOptions {
+    /// CPU, or CUDA through the CUDA execution provider (feature `cuda`).
+    pub device: Device,
+    /// `libonnxruntime.so` to load; default: `ORT_DYLIB_PATH`, then `runtimes/onnxruntime`.
+    pub dylib: Option<PathBuf>,
+    /// Threads of one operator (ONNX Runtime's default: all cores).
+    pub intra_threads: Option<usize>,
+}
+
+/// A decoder graph loaded into ONNX Runtime.
+pub struct OnnxBackend {
+    info: ModelInfo,
+    session: ort::session::Session,
+    io: GraphIo,
+    kv: KvCache,
+}
+
+impl OnnxBackend {
+    /// Loads the graph of a model folder (`DIR/onnx/model.onnx` or `DIR/model.onnx`) with the
+    /// folder's `config.json`.
+    pub fn load(dir: impl AsRef<Path>, options: OnnxOptions) -> Result<Self, OnnxBackendError> {
+        let dir = dir.as_ref();
+        let (config, eos) = infermux_core::model::read_config(dir)?;
+        let graph = session::find_graph(dir)?;
+        let (session, io) = session::open(&graph, &options)?;
+        if io.num_layers != config.num_layers {
+            return Err(OnnxBackendError::Graph {
+                path: graph,
+                reason: format!(
+                    "{} layers in the graph, {} in config.json",
+                    io.num_layers, config.num_layers
+                ),
+            });
+        }
+        Ok(Self::new(config, eos, session, io, options.device))
+    }
+
+    fn new(
+        config: ModelConfig,
+        eos: Vec<u32>,
+        session: ort::session::Session,
+        io: GraphIo,
+        device: Device,
+    ) -> Self {
+        let shape = KvShape {
+            num_layers: config.num_layers,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let info = ModelInfo {
+            vocab_size: config.vocab_size,
+            eos_token_ids: eos,
+            max_context: config.max_position_embeddings,
+            dtype: if io.kv_type == KvType::F16 {
+                DType::F16
+            } else {
+                DType::F32
+            },
+            device,
+        };
+        Self {
+            info,
+            session,
+            io,
+            kv: KvCache::new(shape),
+        }
+    }
+}
+
+/// Decode steps batch together; every other chunk runs alone.
+fn groups(batch: &ForwardBatch) -> Vec<Vec<usize>> {
+    let decode: Vec<usize> = (0..batch.chunks.len())
+        .filter(|&i| batch.chunks[i].tokens.len() == 1)
+        .collect();
+    let mut out: Vec<Vec<usize>> = (0..batch.chunks.len())
+        .filter(|&i| batch.chunks[i].tokens.len() > 1)
+        .map(|i| vec![i])
+        .collect();
+    if !decode.is_empty() {
+        out.push(decode);
+    }
+    out
+}
+
+impl Backend for OnnxBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
+        for c in &batch.chunks {
+            let cached = self.kv.len(c.slot);
+            if cached != c.start_pos {
+                return Err(BackendError::PositionMismatch {
+                    slot: c.slot,
+                    start_pos: c.start_pos,
+                    cached,
+                });
+            }
+        }
+        let vocab = self.info.vocab_size;
+        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.chunks.len()];
+        for group in groups(batch) {
+            let chunks: Vec<&SeqChunk> = group.iter().map(|&i| &batch.chunks[i]).collect();
+            let out =
+                session::run_group(&mut self.session, &self.io, &mut self.kv, vocab, &chunks)?;
+            for (&i, r) in group.iter().zip(out) {
+                rows[i] = r;
+            }
+        }
+        Logits::new(batch, vocab, rows.concat())
+    }
+
+    fn release(&mut self, slot: SlotId) {
+        self.kv.release(slot);
+    }
+
+    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
+        if self.kv.fork(src, dst) {
+            Ok(())
+        } else {
+            Err(BackendError::UnknownSlot(src))
+        }
+    }
+
+    fn cached_len(&self, slot: SlotId) -> usize {
+        self.kv.len(slot)
+    }
+}

@@ -331,14 +331,8 @@ impl ModelDir {
         if !path.is_dir() {
             return Err(missing("(the folder itself)"));
         }
-        let config_path = path.join("config.json");
-        if !config_path.is_file() {
-            return Err(missing("config.json"));
-        }
-        let config = ModelConfig::from_json(&config_path, &read(&config_path)?)?;
+        let (config, eos_token_ids) = read_config(&path)?;
         let weight_files = find_weights(&path)?;
-        let generation_eos = read_generation_eos(&path.join("generation_config.json"))?;
-        let eos_token_ids = generation_eos.unwrap_or_else(|| config.eos_token_ids.clone());
         Ok(Self {
             path,
             config,
@@ -346,6 +340,22 @@ impl ModelDir {
             eos_token_ids,
         })
     }
+}
+
+/// Reads a folder's `config.json` and its EOS ids (`generation_config.json`'s if present, else
+/// `config.json`'s), without looking for weights (graph-only folders have none).
+pub fn read_config(dir: &Path) -> Result<(ModelConfig, Vec<TokenId>), ModelError> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(ModelError::MissingFile {
+            dir: dir.to_path_buf(),
+            file: "config.json".into(),
+        });
+    }
+    let config = ModelConfig::from_json(&config_path, &read(&config_path)?)?;
+    let generation_eos = read_generation_eos(&dir.join("generation_config.json"))?;
+    let eos = generation_eos.unwrap_or_else(|| config.eos_token_ids.clone());
+    Ok((config, eos))
 }
 
 fn read(path: &Path) -> Result<String, ModelError> {
