@@ -121,16 +121,7 @@ impl Backend for OnnxBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
-        for c in &batch.chunks {
-            let cached = self.kv.len(c.slot);
-            if cached != c.start_pos {
-                return Err(BackendError::PositionMismatch {
-                    slot: c.slot,
-                    start_pos: c.start_pos,
-                    cached,
-                });
-            }
-        }
+        batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
         let vocab = self.info.vocab_size;
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.chunks.len()];
         for group in groups(batch) {

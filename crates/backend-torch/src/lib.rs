@@ -91,25 +91,7 @@ impl Backend for TorchBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
-        for c in &batch.chunks {
-            let cached = self.kv.len(c.slot);
-            if cached != c.start_pos {
-                return Err(BackendError::PositionMismatch {
-                    slot: c.slot,
-                    start_pos: c.start_pos,
-                    cached,
-                });
-            }
-            if c.start_pos + c.tokens.len() > self.info.max_context {
-                return Err(BackendError::Runtime {
-                    runtime: "libtorch",
-                    message: format!(
-                        "slot {:?} would exceed the context of {}",
-                        c.slot, self.info.max_context
-                    ),
-                });
-            }
-        }
+        batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }

@@ -111,6 +111,34 @@ impl ForwardBatch {
             .sum()
     }
 
+    /// Checks what every backend relies on: each chunk starts where its slot's cache ends
+    /// (`cached_len`) and stays within `max_context`.
+    pub fn check_positions(
+        &self,
+        cached_len: impl Fn(SlotId) -> usize,
+        max_context: usize,
+    ) -> Result<(), BackendError> {
+        for c in &self.chunks {
+            let cached = cached_len(c.slot);
+            if cached != c.start_pos {
+                return Err(BackendError::PositionMismatch {
+                    slot: c.slot,
+                    start_pos: c.start_pos,
+                    cached,
+                });
+            }
+            let needed = c.start_pos + c.tokens.len();
+            if needed > max_context {
+                return Err(BackendError::ContextExceeded {
+                    slot: c.slot,
+                    needed,
+                    max_context,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Flat positions of the tokens whose logits are wanted, in batch order.
     pub fn logit_row_indices(&self) -> Vec<usize> {
         let mut out = Vec::with_capacity(self.num_logit_rows());
@@ -354,5 +382,31 @@ mod parse_tests {
         assert!("tpu".parse::<Device>().is_err());
         assert_eq!("bf16".parse::<DType>().unwrap(), DType::Bf16);
         assert!("f8".parse::<DType>().is_err());
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    #[test]
+    fn positions_must_continue_the_cache_and_fit_the_context() {
+        let batch = ForwardBatch {
+            chunks: vec![SeqChunk {
+                slot: SlotId(1),
+                start_pos: 3,
+                tokens: vec![0; 2],
+                logits: LogitsWanted::Last,
+            }],
+        };
+        batch.check_positions(|_| 3, 5).unwrap();
+        assert!(matches!(
+            batch.check_positions(|_| 2, 5),
+            Err(BackendError::PositionMismatch { cached: 2, .. })
+        ));
+        assert!(matches!(
+            batch.check_positions(|_| 3, 4),
+            Err(BackendError::ContextExceeded { needed: 5, .. })
+        ));
     }
 }

@@ -71,6 +71,16 @@ pub enum BackendError {
         /// How many tokens the slot holds.
         cached: usize,
     },
+    /// A chunk would grow its slot past the model's context window.
+    #[error("slot {slot:?}: {needed} positions exceed the context of {max_context}")]
+    ContextExceeded {
+        /// The slot addressed.
+        slot: SlotId,
+        /// Positions the slot would hold after the chunk.
+        needed: usize,
+        /// The model's maximum context.
+        max_context: usize,
+    },
     /// A slot that holds no state was addressed where state was required.
     #[error("slot {0:?} holds no KV state")]
     UnknownSlot(SlotId),
