@@ -80,17 +80,12 @@ impl OnnxBackend {
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
         };
-        let info = ModelInfo {
-            vocab_size: config.vocab_size,
-            eos_token_ids: eos,
-            max_context: config.max_position_embeddings,
-            dtype: if io.kv_type == KvType::F16 {
-                DType::F16
-            } else {
-                DType::F32
-            },
-            device,
+        let dtype = if io.kv_type == KvType::F16 {
+            DType::F16
+        } else {
+            DType::F32
         };
+        let info = ModelInfo::from_config(&config, eos, dtype, device);
         Self {
             info,
             session,

@@ -70,13 +70,12 @@ impl TorchBackend {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
         };
-        let info = ModelInfo {
-            vocab_size: cfg.vocab_size,
-            eos_token_ids: dir.eos_token_ids.clone(),
-            max_context: cfg.max_position_embeddings,
-            dtype: options.dtype,
-            device: options.device,
-        };
+        let info = ModelInfo::from_config(
+            cfg,
+            dir.eos_token_ids.clone(),
+            options.dtype,
+            options.device,
+        );
         Ok(Self {
             info,
             model,

@@ -55,6 +55,24 @@ pub struct ModelInfo {
     pub device: Device,
 }
 
+impl ModelInfo {
+    /// The facts of a model with `config`, served in `dtype` on `device`.
+    pub fn from_config(
+        config: &crate::model::ModelConfig,
+        eos_token_ids: Vec<TokenId>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
+        Self {
+            vocab_size: config.vocab_size,
+            eos_token_ids,
+            max_context: config.max_position_embeddings,
+            dtype,
+            device,
+        }
+    }
+}
+
 /// Which logits rows a chunk asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
