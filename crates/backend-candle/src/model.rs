@@ -271,7 +271,7 @@ impl Llama {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(self.dtype)?
             };
-            let o = probs.matmul(&v_all.contiguous()?)?; // [nkv, groups * t, hd]
+            let o = probs.matmul(&v_all)?; // [nkv, groups * t, hd]; v_all is a strided view
             outs.push(
                 o.reshape((nh, t, hd))?
                     .transpose(0, 1)?

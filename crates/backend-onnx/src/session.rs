@@ -226,19 +226,19 @@ fn tensor_float(ty: KvType, shape: Vec<usize>, data: Vec<f32>) -> Result<DynValu
     }
 }
 
-fn extract_f32(value: &DynValue, ty: KvType) -> Result<Vec<f32>, BackendError> {
+/// The tensor's values as f32: borrowed for f32 graphs (no copy), converted for f16 ones.
+fn extract_f32(value: &DynValue, ty: KvType) -> Result<std::borrow::Cow<'_, [f32]>, BackendError> {
     match ty {
-        KvType::F32 => Ok(value
-            .try_extract_tensor::<f32>()
-            .map_err(runtime_error)?
-            .1
-            .to_vec()),
-        KvType::F16 => Ok(value
-            .try_extract_tensor::<half::f16>()
-            .map_err(runtime_error)?
-            .1
-            .iter()
-            .map(|x| x.to_f32())
-            .collect()),
+        KvType::F32 => Ok(std::borrow::Cow::Borrowed(
+            value.try_extract_tensor::<f32>().map_err(runtime_error)?.1,
+        )),
+        KvType::F16 => {
+            let (_, data) = value
+                .try_extract_tensor::<half::f16>()
+                .map_err(runtime_error)?;
+            Ok(std::borrow::Cow::Owned(
+                data.iter().map(|x| x.to_f32()).collect(),
+            ))
+        }
     }
 }
