@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod guided;
 pub mod input;
 pub mod model;
 pub mod params;
@@ -32,6 +33,9 @@ pub use engine::{
     GeneratedSequence, Pending, PromptLogprobs, TopLogprobs,
 };
 pub use error::{BackendError, EngineError, ModelError, ValidationError};
+pub use guided::{
+    GuidedDecoder, GuidedDecodingParams, GuidedError, GuidedMode, TokenConstraint, TokenMask,
+};
 pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};
 pub use model::{Architecture, ModelConfig, ModelDir};
 pub use params::{LogprobsMode, SamplingParams};

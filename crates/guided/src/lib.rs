@@ -1,0 +1,1 @@
+//! Guided decoding for infermux through llguidance (being built).
