@@ -21,6 +21,7 @@ pub mod input;
 pub mod model;
 pub mod params;
 pub mod sampling;
+pub mod text;
 
 /// A token id.
 pub type TokenId = u32;
@@ -38,4 +39,5 @@ pub use guided::{
 };
 pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};
 pub use model::{Architecture, ModelConfig, ModelDir};
-pub use params::{LogprobsMode, SamplingParams};
+pub use params::{BeamSearchParams, GenerationConfig, LogprobsMode, OutputKind, SamplingParams};
+pub use text::{TextCodec, TextError};

@@ -20,23 +20,59 @@ pub struct SampledToken {
     pub processed_logprob: f32,
 }
 
+/// The distribution-shaping knobs of one row: temperature and the three filters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Knobs {
+    /// `0` is greedy.
+    pub temperature: f32,
+    /// `0` disables.
+    pub top_k: usize,
+    /// `1` disables.
+    pub top_p: f32,
+    /// `0` disables.
+    pub min_p: f32,
+}
+
+impl Knobs {
+    /// The knobs of `params`.
+    pub fn of(params: &SamplingParams) -> Self {
+        Self {
+            temperature: params.temperature,
+            top_k: params.top_k().unwrap_or(0),
+            top_p: params.top_p,
+            min_p: params.min_p,
+        }
+    }
+}
+
 /// Samples one token from `row` under `params`, drawing from `rng` (greedy draws nothing).
 pub fn sample_token(row: &[f32], params: &SamplingParams, rng: &mut SeqRng) -> SampledToken {
-    let lse = logsumexp(row);
-    let raw = |token: TokenId| row[token as usize] - lse;
-    if !params.is_random() {
+    sample_processed(row, None, Knobs::of(params), rng)
+}
+
+/// Samples from `processed` (the row after logits processors; `None`: unprocessed), reporting
+/// the raw logprob from `raw`. Greedy takes the processed argmax.
+pub fn sample_processed(
+    raw: &[f32],
+    processed: Option<&[f32]>,
+    knobs: Knobs,
+    rng: &mut SeqRng,
+) -> SampledToken {
+    let row = processed.unwrap_or(raw);
+    let raw_lp = |token: TokenId| raw[token as usize] - logsumexp(raw);
+    if knobs.temperature <= 0.0 {
         let token = argmax(row);
         return SampledToken {
             token,
-            logprob: raw(token),
-            processed_logprob: 0.0,
+            logprob: raw_lp(token),
+            processed_logprob: row[token as usize] - logsumexp(row),
         };
     }
-    let dist = Candidates::new(row, params);
+    let dist = Candidates::new(row, knobs);
     let token = dist.draw(rng.next_f64()).unwrap_or_else(|| argmax(row));
     SampledToken {
         token,
-        logprob: raw(token),
+        logprob: raw_lp(token),
         processed_logprob: dist.logprob(token),
     }
 }
@@ -49,10 +85,10 @@ struct Candidates {
 }
 
 impl Candidates {
-    fn new(row: &[f32], params: &SamplingParams) -> Self {
-        let inv_t = 1.0 / params.temperature as f64;
-        let mut ids: Vec<TokenId> = match params.top_k() {
-            Some(k) if k < row.len() => {
+    fn new(row: &[f32], knobs: Knobs) -> Self {
+        let inv_t = 1.0 / knobs.temperature as f64;
+        let mut ids: Vec<TokenId> = match knobs.top_k {
+            k if k > 0 && k < row.len() => {
                 let mut ids: Vec<TokenId> = (0..row.len() as TokenId).collect();
                 ids.select_nth_unstable_by(k - 1, |a, b| {
                     row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b))
@@ -61,19 +97,21 @@ impl Candidates {
                 ids.sort_unstable();
                 ids
             }
-            _ => (0..row.len() as TokenId).collect(),
+            _ => (0..row.len() as TokenId)
+                .filter(|&i| row[i as usize] > f32::NEG_INFINITY)
+                .collect(),
         };
         let max = ids
             .iter()
             .map(|&i| row[i as usize])
             .fold(f32::NEG_INFINITY, f32::max) as f64;
         let weight = |i: TokenId| ((row[i as usize] as f64 - max) * inv_t).exp();
-        if params.top_p < 1.0 {
-            ids = nucleus(ids, params.top_p as f64, weight);
+        if knobs.top_p < 1.0 {
+            ids = nucleus(ids, knobs.top_p as f64, weight);
         }
-        if params.min_p > 0.0 {
+        if knobs.min_p > 0.0 {
             // The top token has weight 1, so the threshold is min_p itself.
-            let threshold = params.min_p as f64;
+            let threshold = knobs.min_p as f64;
             ids.retain(|&i| weight(i) >= threshold);
         }
         let weights: Vec<f64> = ids.iter().map(|&i| weight(i)).collect();
@@ -155,7 +193,7 @@ mod tests {
         let s = sample_token(&ROW, &SamplingParams::greedy(1), &mut SeqRng::new(0, 0));
         assert_eq!(s.token, 3);
         assert!((s.logprob - crate::sampling::logprobs::token_logprob(&ROW, 3)).abs() < 1e-7);
-        assert_eq!(s.processed_logprob, 0.0);
+        assert_eq!(s.processed_logprob, s.logprob);
     }
 
     #[test]
@@ -190,6 +228,18 @@ mod tests {
         let expected =
             crate::sampling::logprobs::token_logprob(&kept, if s.token == 0 { 0 } else { 1 });
         assert!((s.processed_logprob - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn greedy_follows_the_processed_row() {
+        let mut processed = ROW;
+        processed[3] = f32::NEG_INFINITY;
+        let knobs = Knobs::of(&SamplingParams::greedy(1));
+        let s = sample_processed(&ROW, Some(&processed), knobs, &mut SeqRng::new(0, 0));
+        assert_eq!(s.token, 0);
+        let raw = crate::sampling::logprobs::token_logprob(&ROW, 0);
+        assert!((s.logprob - raw).abs() < 1e-7);
+        assert!(s.processed_logprob > raw, "renormalized without token 3");
     }
 
     #[test]
