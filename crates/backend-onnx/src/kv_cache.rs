@@ -1,9 +1,25 @@
-//! Per-slot key/value state kept in host memory, `[kv_heads][len * head_dim]` per layer, from
-//! which each run's (left-padded) `past_key_values` are assembled.
+//! Per-slot key/value state as views into the `present.*` tensors of the run that produced it.
+//!
+//! A run over slots `s0..sB` yields one [`KvBlock`]: the graph's `present.N.key/value` outputs,
+//! `[B, kv_heads, total, head_dim]` each, left-padded, where ONNX Runtime allocated them (host
+//! memory on CPU, device memory on CUDA). Each slot then holds a [`SlotKv`] view: the block, its
+//! row, and its length (the last `len` positions of the row; the ones before are padding).
+//!
+//! Blocks are immutable once produced, so a fork is a clone of the view and a release drops it.
+//! When the next run covers exactly the rows of one block, in order, the block's tensors are
+//! bound as that run's `past_key_values.*` as they are ([`KvCache::resident`]): no copy, no host
+//! round trip. Only when the composition changes is a new left-padded past assembled from the
+//! views ([`KvCache::assemble`]), reading device blocks through one host copy each.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use infermux_core::SlotId;
+use infermux_core::{BackendError, SlotId};
+use ort::memory::AllocationDevice;
+use ort::value::{DynTensor, PrimitiveTensorElementType, Tensor};
+
+use crate::error::runtime_error;
+use crate::io::KvType;
 
 /// Shape facts every layer's cache shares.
 #[derive(Debug, Clone, Copy)]
@@ -13,17 +29,58 @@ pub(crate) struct KvShape {
     pub head_dim: usize,
 }
 
-/// One layer of one sequence: keys and values, one buffer per kv head.
-#[derive(Clone)]
-struct LayerKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+/// The KV output of one run: per layer, keys then values, each `[rows, kv_heads, total,
+/// head_dim]`.
+pub(crate) struct KvBlock {
+    tensors: Vec<DynTensor>,
+    rows: usize,
+    total: usize,
 }
 
+impl KvBlock {
+    /// Wraps `tensors` (`2 * num_layers`, keys and values interleaved by layer).
+    pub fn new(tensors: Vec<DynTensor>, rows: usize, total: usize) -> Self {
+        Self {
+            tensors,
+            rows,
+            total,
+        }
+    }
+
+    /// Positions per row, padding included.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Layer `layer`'s keys (`values == false`) or values.
+    pub fn tensor(&self, layer: usize, values: bool) -> &DynTensor {
+        &self.tensors[2 * layer + usize::from(values)]
+    }
+
+    /// Host-readable tensors: the block's own on the CPU, a copy of them otherwise.
+    fn host_tensors(&self) -> Result<std::borrow::Cow<'_, [DynTensor]>, BackendError> {
+        if self
+            .tensors
+            .iter()
+            .all(|t| t.memory_info().is_cpu_accessible())
+        {
+            return Ok(std::borrow::Cow::Borrowed(&self.tensors));
+        }
+        let copies = self
+            .tensors
+            .iter()
+            .map(|t| t.to(AllocationDevice::CPU, 0).map_err(runtime_error))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(std::borrow::Cow::Owned(copies))
+    }
+}
+
+/// One sequence's state: the last `len` positions of row `row` of `block`.
 #[derive(Clone)]
 struct SlotKv {
+    block: Arc<KvBlock>,
+    row: usize,
     len: usize,
-    layers: Vec<LayerKv>,
 }
 
 /// All sequences' caches, by slot.
@@ -40,10 +97,6 @@ impl KvCache {
         }
     }
 
-    pub fn shape(&self) -> KvShape {
-        self.shape
-    }
-
     /// Tokens cached for `slot`.
     pub fn len(&self, slot: SlotId) -> usize {
         self.slots.get(&slot).map_or(0, |s| s.len)
@@ -53,7 +106,8 @@ impl KvCache {
         self.slots.remove(&slot);
     }
 
-    /// Makes `dst` an independent copy of `src`; `false` if `src` holds nothing.
+    /// Makes `dst` a copy of `src` (a shared view: blocks are never written); `false` if `src`
+    /// holds nothing.
     pub fn fork(&mut self, src: SlotId, dst: SlotId) -> bool {
         match self.slots.get(&src).cloned() {
             Some(s) => {
@@ -64,64 +118,152 @@ impl KvCache {
         }
     }
 
-    /// Writes `slot`'s layer `layer` keys (or values) into `out`, a `[kv_heads, padded_len,
-    /// head_dim]` block, right-aligned: the first `padded_len - len` positions stay zero.
-    pub fn write_past(
-        &self,
-        slot: SlotId,
-        layer: usize,
-        values: bool,
-        padded_len: usize,
-        out: &mut [f32],
-    ) {
-        let hd = self.shape.head_dim;
-        let Some(s) = self.slots.get(&slot) else {
-            return;
-        };
-        let l = &s.layers[layer];
-        let heads = if values { &l.v } else { &l.k };
-        let pad = padded_len - s.len;
-        for (h, buf) in heads.iter().enumerate() {
-            let start = (h * padded_len + pad) * hd;
-            out[start..start + s.len * hd].copy_from_slice(buf);
+    /// The block whose rows are exactly `slots`, in order, if there is one: its tensors can be
+    /// the next run's past as they are.
+    pub fn resident(&self, slots: &[SlotId]) -> Option<Arc<KvBlock>> {
+        let first = self.slots.get(slots.first()?)?;
+        let block = &first.block;
+        if block.rows != slots.len() {
+            return None;
         }
-    }
-
-    /// Appends `t` new positions from a `present` block (`[kv_heads, total, head_dim]`, the new
-    /// positions last) to `slot`'s layer `layer`.
-    pub fn append(
-        &mut self,
-        slot: SlotId,
-        layer: usize,
-        values: bool,
-        present: &[f32],
-        total: usize,
-        t: usize,
-    ) {
-        let shape = self.shape;
-        let s = self.slots.entry(slot).or_insert_with(|| SlotKv {
-            len: 0,
-            layers: vec![
-                LayerKv {
-                    k: vec![Vec::new(); shape.num_kv_heads],
-                    v: vec![Vec::new(); shape.num_kv_heads]
-                };
-                shape.num_layers
-            ],
+        let all = slots.iter().enumerate().all(|(i, s)| {
+            self.slots
+                .get(s)
+                .is_some_and(|v| v.row == i && Arc::ptr_eq(&v.block, block))
         });
-        let hd = shape.head_dim;
-        let l = &mut s.layers[layer];
-        let heads = if values { &mut l.v } else { &mut l.k };
-        for (h, buf) in heads.iter_mut().enumerate() {
-            let start = (h * total + total - t) * hd;
-            buf.extend_from_slice(&present[start..start + t * hd]);
+        all.then(|| Arc::clone(block))
+    }
+
+    /// Assembles `slots`' states as a past of `past` positions (`>=` every slot's length), left
+    /// padded with zeros: `2 * num_layers` host tensors `[slots, kv_heads, past, head_dim]`.
+    pub fn assemble(
+        &self,
+        ty: KvType,
+        slots: &[SlotId],
+        past: usize,
+    ) -> Result<Vec<DynTensor>, BackendError> {
+        match ty {
+            KvType::F32 => self.assemble_as::<f32>(slots, past),
+            KvType::F16 => self.assemble_as::<half::f16>(slots, past),
         }
     }
 
-    /// Records that `t` tokens were appended to `slot` in every layer.
-    pub fn advance(&mut self, slot: SlotId, t: usize) {
-        if let Some(s) = self.slots.get_mut(&slot) {
-            s.len += t;
+    fn assemble_as<T: PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static>(
+        &self,
+        slots: &[SlotId],
+        past: usize,
+    ) -> Result<Vec<DynTensor>, BackendError> {
+        let KvShape {
+            num_layers,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        } = self.shape;
+        let b = slots.len();
+        let views: Vec<Option<&SlotKv>> = slots.iter().map(|s| self.slots.get(s)).collect();
+        // One host view of every distinct block (a copy only for device-resident blocks).
+        let mut blocks: Vec<&Arc<KvBlock>> = Vec::new();
+        for v in views.iter().flatten() {
+            if !blocks.iter().any(|b| Arc::ptr_eq(b, &v.block)) {
+                blocks.push(&v.block);
+            }
         }
+        let hosts = blocks
+            .iter()
+            .map(|b| b.host_tensors())
+            .collect::<Result<Vec<_>, _>>()?;
+        let block_index = |v: &SlotKv| {
+            blocks
+                .iter()
+                .position(|b| Arc::ptr_eq(b, &v.block))
+                .expect("every view's block was collected")
+        };
+        let mut out = Vec::with_capacity(2 * num_layers);
+        for k in 0..2 * num_layers {
+            let mut data = vec![T::default(); b * nkv * past * hd];
+            for (i, view) in views.iter().enumerate() {
+                let Some(v) = view else { continue };
+                let src_total = v.block.total;
+                let (_, src) = hosts[block_index(v)][k]
+                    .try_extract_tensor::<T>()
+                    .map_err(runtime_error)?;
+                for h in 0..nkv {
+                    let from = ((v.row * nkv + h) * src_total + src_total - v.len) * hd;
+                    let to = ((i * nkv + h) * past + past - v.len) * hd;
+                    data[to..to + v.len * hd].copy_from_slice(&src[from..from + v.len * hd]);
+                }
+            }
+            out.push(
+                Tensor::from_array((vec![b, nkv, past, hd], data))
+                    .map_err(runtime_error)?
+                    .upcast(),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records the run that produced `block`: `slots[i]` is now row `i`, `lens[i]` long.
+    ///
+    /// Slots outside the run that are left holding a mostly unused block (under half of its
+    /// rows still referenced) are compacted into blocks of their own, so that a sequence that
+    /// sits out does not pin a whole batch's cache.
+    pub fn store(
+        &mut self,
+        ty: KvType,
+        block: KvBlock,
+        slots: &[SlotId],
+        lens: &[usize],
+    ) -> Result<(), BackendError> {
+        let block = Arc::new(block);
+        let mut previous: Vec<Arc<KvBlock>> = Vec::new();
+        for (i, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
+            let view = SlotKv {
+                block: Arc::clone(&block),
+                row: i,
+                len,
+            };
+            if let Some(old) = self.slots.insert(slot, view)
+                && !Arc::ptr_eq(&old.block, &block)
+                && !previous.iter().any(|p| Arc::ptr_eq(p, &old.block))
+            {
+                previous.push(old.block);
+            }
+        }
+        for old in previous {
+            let views = self
+                .slots
+                .values()
+                .filter(|v| Arc::ptr_eq(&v.block, &old))
+                .count();
+            if views == 0 || 2 * views >= old.rows {
+                continue;
+            }
+            let mut holders: Vec<(usize, SlotId)> = self
+                .slots
+                .iter()
+                .filter(|(_, v)| Arc::ptr_eq(&v.block, &old))
+                .map(|(&s, v)| (v.row, s))
+                .collect();
+            holders.sort();
+            // Forks share a row: one compact block per row.
+            let mut compact: Option<(usize, SlotKv)> = None;
+            for (row, slot) in holders {
+                let view = match &compact {
+                    Some((r, view)) if *r == row => view.clone(),
+                    _ => {
+                        let len = self.len(slot);
+                        let tensors = self.assemble(ty, &[slot], len)?;
+                        let view = SlotKv {
+                            block: Arc::new(KvBlock::new(tensors, 1, len)),
+                            row: 0,
+                            len,
+                        };
+                        compact = Some((row, view.clone()));
+                        view
+                    }
+                };
+                self.slots.insert(slot, view);
+            }
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,11 @@
 //! "text-generation-with-past" layout (`input_ids`, `attention_mask`, `position_ids`,
 //! `past_key_values.N.key/value` → `logits`, `present.N.key/value`), run on ONNX Runtime through
 //! [`ort`](https://docs.rs/ort) loaded at run time. Decode steps of several sequences share one
-//! run: their pasts are left-padded and masked. Export a graph with `cargo xtask export-onnx`.
+//! run: their pasts are left-padded and masked. The `present.*` outputs stay where ONNX Runtime
+//! put them (host memory on CPU, device memory with CUDA) and are bound as the next run's past
+//! as they are while the batch keeps the same sequences in the same order; only a change of
+//! composition assembles a new past (see `kv_cache`). Export a graph with
+//! `cargo xtask export-onnx`.
 //!
 //! ```no_run
 //! use infermux_backend_onnx::{OnnxBackend, OnnxOptions};
@@ -46,6 +50,7 @@ pub struct OnnxBackend {
     session: ort::session::Session,
     io: GraphIo,
     kv: KvCache,
+    placement: session::OutputPlacement,
 }
 
 impl OnnxBackend {
@@ -65,7 +70,7 @@ impl OnnxBackend {
                 ),
             });
         }
-        Ok(Self::new(config, eos, session, io, options.device))
+        Self::new(config, eos, session, io, options.device)
     }
 
     fn new(
@@ -74,7 +79,7 @@ impl OnnxBackend {
         session: ort::session::Session,
         io: GraphIo,
         device: Device,
-    ) -> Self {
+    ) -> Result<Self, OnnxBackendError> {
         let shape = KvShape {
             num_layers: config.num_layers,
             num_kv_heads: config.num_kv_heads,
@@ -86,12 +91,13 @@ impl OnnxBackend {
             DType::F32
         };
         let info = ModelInfo::from_config(&config, eos, dtype, device);
-        Self {
+        Ok(Self {
             info,
             session,
             io,
             kv: KvCache::new(shape),
-        }
+            placement: session::OutputPlacement::new(device)?,
+        })
     }
 }
 
@@ -121,8 +127,14 @@ impl Backend for OnnxBackend {
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.chunks.len()];
         for group in groups(batch) {
             let chunks: Vec<&SeqChunk> = group.iter().map(|&i| &batch.chunks[i]).collect();
-            let out =
-                session::run_group(&mut self.session, &self.io, &mut self.kv, vocab, &chunks)?;
+            let out = session::run_group(
+                &mut self.session,
+                &self.io,
+                &mut self.kv,
+                &self.placement,
+                vocab,
+                &chunks,
+            )?;
             for (&i, r) in group.iter().zip(out) {
                 rows[i] = r;
             }

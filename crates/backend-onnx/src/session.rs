@@ -1,17 +1,18 @@
 //! Loading ONNX Runtime, finding the graph of a model folder, and running one group of chunks
-//! as a (left-padded) batch.
+//! as a (left-padded) batch through an IO binding that keeps the KV cache where it is computed.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use infermux_core::{BackendError, Device, LogitsWanted, SeqChunk};
+use infermux_core::{BackendError, Device, LogitsWanted, SeqChunk, SlotId};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynTensor, DynTensorValueType, DynValue, Tensor};
 
 use crate::OnnxOptions;
 use crate::error::{OnnxBackendError, runtime_error};
 use crate::io::{GraphIo, KvType};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvBlock, KvCache};
 
 /// Where the runtime library is looked for when no path is configured.
 const DEFAULT_DYLIB: &str = "runtimes/onnxruntime/lib/libonnxruntime.so.1.31.1";
@@ -115,21 +116,53 @@ fn with_cuda(
     ))
 }
 
+/// Where a run's outputs go: `present.*` stay where the execution provider computes (so that
+/// the next run can take them as its past), logits come to the host.
+pub(crate) struct OutputPlacement {
+    kv: MemoryInfo<'static>,
+    host: MemoryInfo<'static>,
+}
+
+impl OutputPlacement {
+    pub fn new(device: Device) -> Result<Self, OnnxBackendError> {
+        let info = |device, id| {
+            MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
+                .map_err(|e| OnnxBackendError::Runtime(e.to_string()))
+        };
+        let host = info(AllocationDevice::CPU, 0)?;
+        let kv = match device {
+            Device::Cpu => info(AllocationDevice::CPU, 0)?,
+            Device::Cuda(ordinal) => info(AllocationDevice::CUDA, ordinal as i32)?,
+        };
+        Ok(Self { kv, host })
+    }
+}
+
 /// Runs `chunks` (equal token counts) as one batch, appending their KV to `kv`; returns the
 /// logits rows each chunk asked for, in chunk order.
+///
+/// When the chunks' slots are exactly the rows of the block the previous run left (the steady
+/// state of continuous decoding), that block's `present.*` tensors are bound as this run's
+/// `past_key_values.*` as they are, on the device. Otherwise the past is assembled on the host,
+/// left-padded to the longest sequence. Either way every row's attention mask is zero over its
+/// padding: each row grows by the same `t` positions per run, so a padded layout stays valid.
 pub(crate) fn run_group(
     session: &mut Session,
     io: &GraphIo,
     kv: &mut KvCache,
+    placement: &OutputPlacement,
     vocab: usize,
     chunks: &[&SeqChunk],
 ) -> Result<Vec<Vec<f32>>, BackendError> {
     let b = chunks.len();
     let t = chunks[0].tokens.len();
-    let past = chunks.iter().map(|c| c.start_pos).max().unwrap_or(0);
+    let slots: Vec<SlotId> = chunks.iter().map(|c| c.slot).collect();
+    let resident = kv.resident(&slots);
+    let past = match &resident {
+        Some(block) => block.total(),
+        None => chunks.iter().map(|c| c.start_pos).max().unwrap_or(0),
+    };
     let total = past + t;
-    let shape = kv.shape();
-    let (nkv, hd) = (shape.num_kv_heads, shape.head_dim);
     let ids: Vec<i64> = chunks
         .iter()
         .flat_map(|c| c.tokens.iter().map(|&x| x as i64))
@@ -142,56 +175,74 @@ pub(crate) fn run_group(
         .iter()
         .flat_map(|c| (0..total).map(move |i| i64::from(i >= past - c.start_pos)))
         .collect();
-    let mut inputs: Vec<(String, DynValue)> = vec![
-        ("input_ids".into(), tensor_i64(vec![b, t], ids)?),
-        ("attention_mask".into(), tensor_i64(vec![b, total], mask)?),
-    ];
+    let mut binding = session.create_binding().map_err(runtime_error)?;
+    binding
+        .bind_input("input_ids", &tensor_i64(vec![b, t], ids)?)
+        .map_err(runtime_error)?;
+    binding
+        .bind_input("attention_mask", &tensor_i64(vec![b, total], mask)?)
+        .map_err(runtime_error)?;
     if io.has_position_ids {
-        inputs.push(("position_ids".into(), tensor_i64(vec![b, t], positions)?));
+        binding
+            .bind_input("position_ids", &tensor_i64(vec![b, t], positions)?)
+            .map_err(runtime_error)?;
     }
-    let block = nkv * past * hd;
-    for layer in 0..io.num_layers {
-        for (values, name) in [(false, &io.past_key[layer]), (true, &io.past_value[layer])] {
-            let mut data = vec![0f32; b * block];
-            for (i, c) in chunks.iter().enumerate() {
-                kv.write_past(
-                    c.slot,
-                    layer,
-                    values,
-                    past,
-                    &mut data[i * block..(i + 1) * block],
-                );
+    let names = |layer: usize| [&io.past_key[layer], &io.past_value[layer]];
+    match &resident {
+        Some(block) => {
+            for layer in 0..io.num_layers {
+                for (values, name) in [false, true].into_iter().zip(names(layer)) {
+                    binding
+                        .bind_input(name.as_str(), block.tensor(layer, values))
+                        .map_err(runtime_error)?;
+                }
             }
-            inputs.push((
-                name.clone(),
-                tensor_float(io.kv_type, vec![b, nkv, past, hd], data)?,
-            ));
         }
-    }
-    let outputs = session.run(inputs).map_err(runtime_error)?;
-    for layer in 0..io.num_layers {
-        for (values, name) in [
-            (false, &io.present_key[layer]),
-            (true, &io.present_value[layer]),
-        ] {
-            let present = extract_f32(&outputs[name.as_str()], io.kv_type)?;
-            let row = nkv * total * hd;
-            for (i, c) in chunks.iter().enumerate() {
-                kv.append(
-                    c.slot,
-                    layer,
-                    values,
-                    &present[i * row..(i + 1) * row],
-                    total,
-                    t,
-                );
+        None => {
+            let assembled = kv.assemble(io.kv_type, &slots, past)?;
+            for layer in 0..io.num_layers {
+                for (k, name) in names(layer).into_iter().enumerate() {
+                    binding
+                        .bind_input(name.as_str(), &assembled[2 * layer + k])
+                        .map_err(runtime_error)?;
+                }
             }
         }
     }
-    for c in chunks {
-        kv.advance(c.slot, t);
+    // Fresh output bindings each run: ONNX Runtime allocates new `present.*` tensors (a
+    // previous run's, still held as some slots' past, are never written over).
+    binding
+        .bind_output_to_device("logits", &placement.host)
+        .map_err(runtime_error)?;
+    for layer in 0..io.num_layers {
+        for name in [&io.present_key[layer], &io.present_value[layer]] {
+            binding
+                .bind_output_to_device(name.as_str(), &placement.kv)
+                .map_err(runtime_error)?;
+        }
     }
-    let logits = extract_f32(&outputs["logits"], io.logits_type)?;
+    let mut outputs = session.run_binding(&binding).map_err(runtime_error)?;
+    let mut take = |name: &str| -> Result<DynTensor, BackendError> {
+        outputs
+            .remove(name)
+            .ok_or_else(|| BackendError::Runtime {
+                runtime: "onnxruntime",
+                message: format!("run returned no `{name}`"),
+            })?
+            .downcast::<DynTensorValueType>()
+            .map_err(runtime_error)
+    };
+    let logits = take("logits")?;
+    let mut present = Vec::with_capacity(2 * io.num_layers);
+    for layer in 0..io.num_layers {
+        present.push(take(&io.present_key[layer])?);
+        present.push(take(&io.present_value[layer])?);
+    }
+    drop(outputs);
+    drop(binding);
+    let lens: Vec<usize> = chunks.iter().map(|c| c.start_pos + t).collect();
+    kv.store(io.kv_type, KvBlock::new(present, b, total), &slots, &lens)?;
+    let logits = extract_f32(&logits, io.logits_type)?;
     Ok(chunks
         .iter()
         .enumerate()
@@ -212,22 +263,8 @@ fn tensor_i64(shape: Vec<usize>, data: Vec<i64>) -> Result<DynValue, BackendErro
         .into_dyn())
 }
 
-fn tensor_float(ty: KvType, shape: Vec<usize>, data: Vec<f32>) -> Result<DynValue, BackendError> {
-    match ty {
-        KvType::F32 => Ok(Tensor::from_array((shape, data))
-            .map_err(runtime_error)?
-            .into_dyn()),
-        KvType::F16 => {
-            let data: Vec<half::f16> = data.into_iter().map(half::f16::from_f32).collect();
-            Ok(Tensor::from_array((shape, data))
-                .map_err(runtime_error)?
-                .into_dyn())
-        }
-    }
-}
-
 /// The tensor's values as f32: borrowed for f32 graphs (no copy), converted for f16 ones.
-fn extract_f32(value: &DynValue, ty: KvType) -> Result<std::borrow::Cow<'_, [f32]>, BackendError> {
+fn extract_f32(value: &DynTensor, ty: KvType) -> Result<std::borrow::Cow<'_, [f32]>, BackendError> {
     match ty {
         KvType::F32 => Ok(std::borrow::Cow::Borrowed(
             value.try_extract_tensor::<f32>().map_err(runtime_error)?.1,
