@@ -1,6 +1,8 @@
 //! Shared fixtures of the integration and conformance suites: where the reference model is, the
 //! golden outputs of Hugging Face transformers, and named tolerances.
 
+pub mod cases;
+
 use std::path::PathBuf;
 
 use serde::Deserialize;

@@ -1,5 +1,7 @@
 //! Developer tasks for infermux (`cargo xtask <command>`).
 
+mod bench;
+mod conformance;
 mod export;
 mod golden;
 mod setup;
@@ -46,6 +48,12 @@ enum Cmd {
     /// Export a Hugging Face model folder to an ONNX decoder graph (Optimum layout), with the
     /// Python exporter in crates/backend-onnx/export (venv in runtimes/py-onnx).
     ExportOnnx(export::ExportArgs),
+    /// Run the shared conformance cases on each backend: a table, a JSON report, and a ratchet
+    /// against tests/data/conformance-baseline.json; fails on any violation or regression.
+    Conformance(conformance::ConformanceArgs),
+    /// End-to-end throughput and memory of each backend through the public API, next to
+    /// Hugging Face transformers (runtimes/py) as the peer: Markdown, JSON and SVG results.
+    Bench(bench::BenchArgs),
 }
 
 /// Flags that leave out a native runtime (the model is always prepared).
@@ -92,6 +100,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { runtimes, args } => test(&root, runtimes.components(), &args),
         Cmd::Golden { python } => golden::run(&root, python.as_deref()),
         Cmd::ExportOnnx(args) => export::run(&root, &args),
+        Cmd::Conformance(args) => conformance::run(&root, &args),
+        Cmd::Bench(args) => bench::run(&root, &args),
     }
 }
 
