@@ -19,6 +19,7 @@
 mod backend_kind;
 mod chat;
 mod error;
+mod guided;
 mod sampling_client;
 mod service;
 mod tokenizer;
@@ -33,8 +34,10 @@ pub use tokenizer::Tokenizer;
 pub use types::{SampleResponse, SampledSequence, StopReason};
 
 pub use infermux_core::{
-    DType, Device, EngineConfig, EngineError, FinishReason, ImageChunk, ImageFormat, LogprobsMode,
-    ModelInput, ModelInputChunk, SamplingParams, TokenId, TopLogprobs, ValidationError,
+    BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,
+    GuidedDecodingParams, ImageChunk, ImageFormat, LogprobsMode, ModelInput, ModelInputChunk,
+    OutputKind, SamplingParams, SequenceUpdate, StreamUpdate, TokenId, TopLogprobs,
+    ValidationError,
 };
 
 /// The core crate, for backend implementers and advanced use.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use infermux_core::{
-    Engine, GenerateOutput, GenerateRequest, ModelInput, Pending, PromptLogprobs, SamplingParams,
+    BeamSearchParams, BeamSearchRequest, Engine, GenerateOutput, GenerateRequest, GenerateStream,
+    ModelInput, Pending, PromptLogprobs, SamplingParams,
 };
 
 use crate::error::Result;
@@ -50,14 +51,39 @@ impl SamplingClient {
     ) -> ApiFuture<SampleResponse> {
         let request = GenerateRequest {
             prompt,
-            num_samples,
-            params: sampling_params,
+            params: SamplingParams {
+                n: num_samples,
+                ..sampling_params
+            },
             prompt_logprobs: PromptLogprobs {
                 include: include_prompt_logprobs,
                 top_k: topk_prompt_logprobs,
             },
         };
         ApiFuture::new(self.inner.engine.generate(request), SampleResponse::from)
+    }
+
+    /// Streams the continuations of `prompt` as they are generated: each item carries what
+    /// `sampling_params.output_kind` asks for (`Delta`: only what is new). Iterate it, or use it
+    /// as a `futures::Stream`; dropping it cancels the request and frees its KV slots.
+    pub fn sample_stream(
+        &self,
+        prompt: ModelInput,
+        sampling_params: SamplingParams,
+    ) -> GenerateStream {
+        self.inner
+            .engine
+            .generate_stream(GenerateRequest::new(prompt, sampling_params))
+    }
+
+    /// Beam search: the `beam_width` most likely continuations, best first.
+    pub fn beam_search(
+        &self,
+        prompt: ModelInput,
+        params: BeamSearchParams,
+    ) -> ApiFuture<SampleResponse> {
+        let request = BeamSearchRequest { prompt, params };
+        ApiFuture::new(self.inner.engine.beam_search(request), SampleResponse::from)
     }
 
     /// Async form of [`SamplingClient::sample`].

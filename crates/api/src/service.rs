@@ -1,8 +1,9 @@
 //! `ServiceClient`: the entry point that loads models and hands out sampling clients.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use infermux_core::{Engine, ModelError};
+use infermux_core::{Backend, Engine, EngineTools, ModelError};
 
 use crate::backend_kind::{LoadOptions, load_backend};
 use crate::error::{Error, Result};
@@ -51,8 +52,12 @@ impl ServiceClient {
             .into());
         }
         let tokenizer = Tokenizer::from_model_dir(path)?;
-        let engine =
-            Engine::start(backend, self.options.engine).map_err(|e| Error::Engine(e.into()))?;
+        let tools = EngineTools {
+            codec: Some(Arc::new(tokenizer.clone())),
+            guided: crate::guided::decoder(&tokenizer, backend.info())?,
+        };
+        let engine = Engine::start_with(backend, self.options.engine, tools)
+            .map_err(|e| Error::Engine(e.into()))?;
         let base_model = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use infermux_core::TokenId;
+use infermux_core::{TextError, TokenId};
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
+    /// Ids of the added tokens marked special (sorted), for `skip_special_tokens`.
+    special: Arc<Vec<TokenId>>,
     chat_template: Option<Arc<ChatTemplate>>,
 }
 
@@ -29,8 +31,16 @@ impl Tokenizer {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("loading {}: {e}", path.display())))?;
+        let mut special: Vec<TokenId> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        special.sort_unstable();
         Ok(Self {
             inner: Arc::new(inner),
+            special: Arc::new(special),
             chat_template: None,
         })
     }
@@ -84,8 +94,33 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Whether `id` is a special token (left out by `skip_special_tokens`).
+    pub fn is_special(&self, id: TokenId) -> bool {
+        self.special.binary_search(&id).is_ok()
+    }
+
+    /// Whether the model ships a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
     /// The underlying `tokenizers` object, for anything this wrapper does not expose.
     pub fn hf(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// The engine detokenizes (stop strings, streamed text) and tokenizes bad words with this.
+impl infermux_core::TextCodec for Tokenizer {
+    fn encode(&self, text: &str) -> std::result::Result<Vec<TokenId>, TextError> {
+        Tokenizer::encode(self, text, false).map_err(|e| TextError(e.to_string()))
+    }
+
+    fn decode(&self, ids: &[TokenId]) -> std::result::Result<String, TextError> {
+        Tokenizer::decode(self, ids, false).map_err(|e| TextError(e.to_string()))
+    }
+
+    fn is_special(&self, id: TokenId) -> bool {
+        Tokenizer::is_special(self, id)
     }
 }

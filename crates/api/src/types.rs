@@ -16,7 +16,7 @@ pub enum StopReason {
 impl From<FinishReason> for StopReason {
     fn from(r: FinishReason) -> Self {
         match r {
-            FinishReason::Eos | FinishReason::StopToken => Self::Stop,
+            FinishReason::Eos | FinishReason::StopToken | FinishReason::StopString => Self::Stop,
             FinishReason::Length => Self::Length,
         }
     }
@@ -31,8 +31,14 @@ pub struct SampledSequence {
     pub logprobs: Option<Vec<f32>>,
     /// Tinker's stop reason.
     pub stop_reason: StopReason,
-    /// The precise reason (EOS, stop token, length).
+    /// The precise reason (EOS, stop token, stop string, length).
     pub finish_reason: FinishReason,
+    /// The token id or text that stopped it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<infermux_core::StopReason>,
+    /// The detokenized text (cut before a stop string unless `include_stop_str_in_output`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// Logprobs under the processed sampling distribution, if `LogprobsMode::RawAndProcessed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processed_logprobs: Option<Vec<f32>>,
@@ -48,6 +54,8 @@ impl From<GeneratedSequence> for SampledSequence {
             logprobs: Some(s.logprobs),
             stop_reason: s.finish_reason.into(),
             finish_reason: s.finish_reason,
+            stopped_by: s.stop_reason,
+            text: s.text,
             processed_logprobs: s.processed_logprobs,
             top_logprobs: s.top_logprobs,
         }

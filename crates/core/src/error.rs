@@ -143,6 +143,12 @@ pub enum EngineError {
     /// The backend failed while this request was in its batch.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Detokenizing the output failed.
+    #[error(transparent)]
+    Text(#[from] crate::text::TextError),
+    /// The guided-decoding engine failed mid-request.
+    #[error(transparent)]
+    Guided(#[from] crate::guided::GuidedError),
     /// The engine thread is gone (shut down or crashed).
     #[error("the engine has shut down")]
     Shutdown,

@@ -30,8 +30,9 @@ pub use backend::{
     Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId,
 };
 pub use engine::{
-    Engine, EngineConfig, EngineStats, FinishReason, GenerateOutput, GenerateRequest,
-    GeneratedSequence, Pending, PromptLogprobs, TopLogprobs,
+    BeamSearchRequest, Engine, EngineConfig, EngineStats, EngineTools, FinishReason,
+    GenerateOutput, GenerateRequest, GenerateStream, GeneratedSequence, Pending, PromptLogprobs,
+    SequenceUpdate, StopReason, StreamUpdate, TopLogprobs,
 };
 pub use error::{BackendError, EngineError, ModelError, ValidationError};
 pub use guided::{

@@ -4,30 +4,41 @@
 //! validated on the caller's thread, then sent to the engine thread, which interleaves decode
 //! steps and prefill chunks of all running requests into shared forward passes.
 
+mod beam;
+mod job;
 mod pending;
 mod request;
 mod scheduler;
+mod sequence;
+mod stream;
 
 use std::sync::Arc;
 
 pub use pending::Pending;
 pub use request::{
-    FinishReason, GenerateOutput, GenerateRequest, GeneratedSequence, PromptLogprobs, TopLogprobs,
+    BeamSearchRequest, FinishReason, GenerateOutput, GenerateRequest, GeneratedSequence,
+    PromptLogprobs, SequenceUpdate, StopReason, StreamUpdate, TopLogprobs,
 };
 pub use scheduler::EngineStats;
+pub use stream::GenerateStream;
 
 use crate::TokenId;
 use crate::backend::{Backend, ModelInfo};
 use crate::error::{EngineError, ValidationError};
+use crate::guided::GuidedDecoder;
 use crate::input::ModelInput;
 use crate::params::{MAX_TOP_LOGPROBS, SamplingParams};
+use crate::sampling::Processors;
 use crate::sampling::rng::fresh_seed;
-use scheduler::{Job, Scheduler};
+use crate::text::{StopMatcher, TextCodec};
+use job::{Job, JobKind, Replier};
+use scheduler::Scheduler;
 
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Most sequences (KV slots) decoding at once; a request needs one per sample.
+    /// Most sequences (KV slots) decoding at once; a request needs one per sample
+    /// (`2 × beam_width` for beam search).
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass; longer prompts are prefilled in chunks.
     pub max_num_batched_tokens: usize,
@@ -42,8 +53,18 @@ impl Default for EngineConfig {
     }
 }
 
+/// Optional services an engine uses beyond the backend: a tokenizer for text (stop strings,
+/// bad words, detokenized output) and a grammar engine for guided decoding.
+#[derive(Clone, Default)]
+pub struct EngineTools {
+    /// Turns tokens into text and words into tokens.
+    pub codec: Option<Arc<dyn TextCodec>>,
+    /// Compiles `guided_decoding` parameters.
+    pub guided: Option<Arc<dyn GuidedDecoder>>,
+}
+
 enum Command {
-    Submit(Job),
+    Submit(Box<Job>),
     Stats(flume::Sender<EngineStats>),
 }
 
@@ -53,6 +74,7 @@ pub struct Engine {
     tx: flume::Sender<Command>,
     info: Arc<ModelInfo>,
     config: EngineConfig,
+    tools: EngineTools,
 }
 
 impl std::fmt::Debug for Engine {
@@ -60,15 +82,27 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("info", &self.info)
             .field("config", &self.config)
+            .field("has_codec", &self.tools.codec.is_some())
+            .field("has_guided", &self.tools.guided.is_some())
             .finish()
     }
 }
 
 impl Engine {
-    /// Starts the engine thread around `backend`. The thread ends when the last handle drops.
+    /// Starts the engine thread around `backend`, without text services.
     pub fn start<B: Backend + 'static>(
         backend: B,
         config: EngineConfig,
+    ) -> Result<Self, ValidationError> {
+        Self::start_with(backend, config, EngineTools::default())
+    }
+
+    /// Starts the engine thread around `backend` with a tokenizer and/or grammar engine.
+    /// The thread ends when the last handle drops.
+    pub fn start_with<B: Backend + 'static>(
+        backend: B,
+        config: EngineConfig,
+        tools: EngineTools,
     ) -> Result<Self, ValidationError> {
         if config.max_num_seqs == 0 {
             return Err(ValidationError::field("max_num_seqs", "must be at least 1"));
@@ -81,14 +115,19 @@ impl Engine {
         }
         let info = Arc::new(backend.info().clone());
         let (tx, rx) = flume::unbounded();
-        let thread_info = (*info).clone();
+        let scheduler = Scheduler::new(config, (*info).clone(), tools.codec.clone());
         std::thread::Builder::new()
             .name("infermux-engine".into())
-            .spawn(move || run(backend, Scheduler::new(config, thread_info), rx))
+            .spawn(move || run(backend, scheduler, rx))
             .map_err(|e| {
                 ValidationError::field("engine", format!("cannot spawn the engine thread: {e}"))
             })?;
-        Ok(Self { tx, info, config })
+        Ok(Self {
+            tx,
+            info,
+            config,
+            tools,
+        })
     }
 
     /// The served model's facts.
@@ -101,16 +140,73 @@ impl Engine {
         self.config
     }
 
-    /// Samples continuations of a prompt. Invalid requests resolve at once to a typed error.
+    /// The tokenizer the engine detokenizes with, if any.
+    pub fn codec(&self) -> Option<&Arc<dyn TextCodec>> {
+        self.tools.codec.as_ref()
+    }
+
+    /// Samples continuations of a prompt; resolves once all are done. Invalid requests resolve
+    /// at once to a typed error.
     pub fn generate(&self, request: GenerateRequest) -> Pending<GenerateOutput> {
-        match self.validate(request) {
-            Ok(job) => self.submit(job),
+        let (tx, rx) = flume::bounded(1);
+        match self.prepare(request, Replier::Final(tx)) {
+            Ok(job) => self.submit(job, Pending::new(rx)),
+            Err(err) => Pending::ready(Err(err.into())),
+        }
+    }
+
+    /// Samples continuations of a prompt as a stream of updates (`output_kind` decides what
+    /// each carries). Dropping the stream cancels the request and frees its KV slots.
+    pub fn generate_stream(&self, request: GenerateRequest) -> GenerateStream {
+        let (tx, rx) = flume::unbounded();
+        let params = &request.params;
+        if params.samples_drawn() > params.n {
+            return GenerateStream::failed(
+                ValidationError::field("best_of", "streaming needs best_of == n").into(),
+            );
+        }
+        match self.prepare(request, Replier::Stream(tx)) {
+            Ok(job) => self.submit(job, GenerateStream::new(rx)),
+            Err(err) => GenerateStream::failed(err.into()),
+        }
+    }
+
+    /// Beam search: the `beam_width` best sequences, best first.
+    pub fn beam_search(&self, request: BeamSearchRequest) -> Pending<GenerateOutput> {
+        let (tx, rx) = flume::bounded(1);
+        let job = request.params.validate().and_then(|()| {
+            let params = SamplingParams {
+                n: request.params.beam_width,
+                temperature: 0.0,
+                max_tokens: Some(request.params.max_tokens),
+                ignore_eos: request.params.ignore_eos,
+                ..SamplingParams::default()
+            };
+            let mut job = self.prepare(
+                GenerateRequest::new(request.prompt, params),
+                Replier::Final(tx),
+            )?;
+            if job.slots_needed() > self.config.max_num_seqs {
+                return Err(ValidationError::field(
+                    "beam_width",
+                    format!(
+                        "needs 2 × beam_width KV slots, at most max_num_seqs ({})",
+                        self.config.max_num_seqs
+                    ),
+                ));
+            }
+            job.kind = JobKind::Beam(request.params);
+            Ok(job)
+        });
+        match job {
+            Ok(job) => self.submit(job, Pending::new(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
     }
 
     /// Scores a prompt: the output's `prompt_logprobs` has one entry per token, the first `None`.
     pub fn score(&self, prompt: &ModelInput) -> Pending<GenerateOutput> {
+        let (tx, rx) = flume::bounded(1);
         let job = self.validate_prompt(prompt).and_then(|tokens| {
             if tokens.len() > self.info.max_context {
                 return Err(ValidationError::ContextOverflow {
@@ -122,18 +218,21 @@ impl Engine {
             Ok(Job {
                 prompt: tokens,
                 params: SamplingParams::greedy(1),
-                num_samples: 1,
+                kind: JobKind::Score,
                 prompt_logprobs: PromptLogprobs {
                     include: true,
                     top_k: 0,
                 },
                 max_new_tokens: 0,
                 seed: 0,
-                reply: flume::bounded(1).0,
+                processors: Arc::default(),
+                stop: None,
+                constraint: None,
+                reply: Replier::Final(tx),
             })
         });
         match job {
-            Ok(job) => self.submit(job),
+            Ok(job) => self.submit(job, Pending::new(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
     }
@@ -147,12 +246,10 @@ impl Engine {
         rx.recv().map_err(|_| EngineError::Shutdown)
     }
 
-    fn submit(&self, mut job: Job) -> Pending<GenerateOutput> {
-        let (tx, rx) = flume::bounded(1);
-        job.reply = tx;
-        match self.tx.send(Command::Submit(job)) {
-            Ok(()) => Pending::new(rx),
-            Err(_) => Pending::ready(Err(EngineError::Shutdown)),
+    fn submit<R: Failed>(&self, job: Job, reply: R) -> R {
+        match self.tx.send(Command::Submit(Box::new(job))) {
+            Ok(()) => reply,
+            Err(_) => R::failed(EngineError::Shutdown),
         }
     }
 
@@ -176,31 +273,43 @@ impl Engine {
         Ok(tokens)
     }
 
-    fn validate(&self, request: GenerateRequest) -> Result<Job, ValidationError> {
+    /// Validates a request on the caller's thread and compiles what it needs (stops, bad
+    /// words, guided-decoding constraint), so the engine thread only schedules.
+    fn prepare(&self, request: GenerateRequest, reply: Replier) -> Result<Job, ValidationError> {
         let GenerateRequest {
             prompt,
-            num_samples,
             params,
             prompt_logprobs,
         } = request;
         params.validate()?;
         params.validate_for_vocab(self.info.vocab_size)?;
-        if num_samples == 0 || num_samples > self.config.max_num_seqs {
+        let samples = params.samples_drawn();
+        if samples > self.config.max_num_seqs {
             return Err(ValidationError::field(
-                "num_samples",
+                if params.best_of.is_some() {
+                    "best_of"
+                } else {
+                    "n"
+                },
                 format!(
-                    "must be in 1..={} (max_num_seqs), got {num_samples}",
+                    "at most {} sequences (max_num_seqs), got {samples}",
                     self.config.max_num_seqs
                 ),
             ));
         }
+        let prompt_logprobs = prompt_logprobs.merged_with(&params);
         if prompt_logprobs.top_k > MAX_TOP_LOGPROBS {
             return Err(ValidationError::field(
                 "topk_prompt_logprobs",
                 format!("at most {MAX_TOP_LOGPROBS}, got {}", prompt_logprobs.top_k),
             ));
         }
-        let tokens = self.validate_prompt(&prompt)?;
+        let mut tokens = self.validate_prompt(&prompt)?;
+        if let Some(keep) = params.truncate_prompt_tokens
+            && tokens.len() > keep
+        {
+            tokens.drain(..tokens.len() - keep);
+        }
         let max_context = self.info.max_context;
         let room = max_context.saturating_sub(tokens.len());
         let wanted = params.max_tokens.unwrap_or(room.max(1));
@@ -211,22 +320,102 @@ impl Engine {
                 max_context,
             });
         }
+        let codec = self.tools.codec.as_deref();
+        let needs_codec = |field: &'static str| {
+            codec.ok_or_else(|| {
+                ValidationError::field(field, "needs a tokenizer, and this engine has none")
+            })
+        };
+        let stop = StopMatcher::new(&params)?;
+        if stop.is_some() {
+            needs_codec(if params.stop.is_empty() {
+                "stop_pattern"
+            } else {
+                "stop"
+            })?;
+        }
+        let bad_words = if params.bad_words.is_empty() {
+            Vec::new()
+        } else {
+            tokenize_bad_words(needs_codec("bad_words")?, &params.bad_words)?
+        };
+        let constraint = match &params.guided_decoding {
+            None => None,
+            Some(guided) => {
+                let engine = self.tools.guided.as_deref().ok_or_else(|| {
+                    ValidationError::field(
+                        "guided_decoding",
+                        "this engine has no guided-decoding backend",
+                    )
+                })?;
+                Some(
+                    engine
+                        .compile(guided, self.info.vocab_size)
+                        .map_err(|e| ValidationError::field("guided_decoding", e.to_string()))?,
+                )
+            }
+        };
+        let processors = Processors::new(
+            &params,
+            bad_words,
+            &self.info.eos_token_ids,
+            self.info.vocab_size,
+        );
         Ok(Job {
             prompt: tokens,
             seed: params.seed.unwrap_or_else(fresh_seed),
+            kind: JobKind::Sample { samples },
             params,
-            num_samples,
             prompt_logprobs,
             max_new_tokens: wanted,
-            reply: flume::bounded(1).0,
+            processors: Arc::new(processors),
+            stop,
+            constraint,
+            reply,
         })
+    }
+}
+
+/// Token sequences of `words`, each also with a leading space (as vLLM does).
+fn tokenize_bad_words(
+    codec: &dyn TextCodec,
+    words: &[String],
+) -> Result<Vec<Vec<TokenId>>, ValidationError> {
+    let mut out: Vec<Vec<TokenId>> = Vec::new();
+    for word in words {
+        for variant in [word.clone(), format!(" {}", word.trim_start())] {
+            let ids = codec
+                .encode(&variant)
+                .map_err(|e| ValidationError::field("bad_words", e.to_string()))?;
+            if !ids.is_empty() && !out.contains(&ids) {
+                out.push(ids);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A reply handle that can carry an error instead of a result.
+trait Failed {
+    fn failed(err: EngineError) -> Self;
+}
+
+impl Failed for Pending<GenerateOutput> {
+    fn failed(err: EngineError) -> Self {
+        Pending::ready(Err(err))
+    }
+}
+
+impl Failed for GenerateStream {
+    fn failed(err: EngineError) -> Self {
+        GenerateStream::failed(err)
     }
 }
 
 /// The engine thread: block while idle, otherwise drain commands and step.
 fn run<B: Backend>(mut backend: B, mut scheduler: Scheduler, rx: flume::Receiver<Command>) {
     let handle = |cmd: Command, scheduler: &mut Scheduler| match cmd {
-        Command::Submit(job) => scheduler.enqueue(job),
+        Command::Submit(job) => scheduler.enqueue(*job),
         Command::Stats(reply) => {
             let _ = reply.send(scheduler.stats());
         }

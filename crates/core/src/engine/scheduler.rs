@@ -1,52 +1,42 @@
 //! The engine's state and one step of it: admit → build a batch under the token budget →
-//! forward → process logits (prompt logprobs, sampling, stops) → reply to finished requests.
+//! forward (guided masks computed alongside) → process logits (prompt logprobs, sampling,
+//! stops) → stream updates → reply to finished requests.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 
-use crate::TokenId;
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
-use crate::engine::request::{
-    FinishReason, GenerateOutput, GeneratedSequence, PromptLogprobs, TopLogprobs,
-};
+use crate::engine::beam::BeamState;
+use crate::engine::job::{Job, JobKind, Replier};
+use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
+use crate::engine::sequence::{Seq, SeqCtx};
 use crate::error::{BackendError, EngineError};
-use crate::params::{LogprobsMode, SamplingParams};
-use crate::sampling::{SeqRng, sample_token, token_logprob, top_logprobs};
+use crate::guided::TokenMask;
+use crate::params::OutputKind;
+use crate::sampling::batch::BatchRow;
+use crate::sampling::{
+    History, Knobs, SamplingBatch, SeqRng, SlotSampling, token_logprob, top_logprobs,
+};
+use crate::text::TextCodec;
 
-pub(crate) type ReplyTx = flume::Sender<Result<GenerateOutput, EngineError>>;
-
-/// A validated request, as the scheduler keeps it until it finishes.
-pub(crate) struct Job {
-    pub prompt: Vec<TokenId>,
-    pub params: SamplingParams,
-    pub num_samples: usize,
-    pub prompt_logprobs: PromptLogprobs,
-    /// Tokens to generate per sample; 0 for scoring.
-    pub max_new_tokens: usize,
-    pub seed: u64,
-    pub reply: ReplyTx,
-}
-
-/// One request in flight: a shared prompt and, after prefill, its sampled continuations.
-struct Group {
-    job: Job,
+/// One request in flight: a shared prompt and, after prefill, its continuations.
+pub(super) struct Group {
+    pub job: Job,
     /// One slot per sample; `slots[0]` holds the prefill that the others fork from.
-    slots: Vec<SlotId>,
-    prefilled: usize,
+    pub slots: Vec<SlotId>,
+    pub prefilled: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     topk_prompt_lp: Option<Vec<Option<TopLogprobs>>>,
-    seqs: Vec<Seq>,
+    pub seqs: Vec<Seq>,
+    /// The guided mask for the first sampled token.
+    first_mask: Option<TokenMask>,
+    pub beam: Option<BeamState>,
+    /// Prompt logprobs were streamed already.
+    prompt_sent: bool,
     /// Failed or cancelled: remove without a (further) reply.
-    ended: bool,
-}
-
-/// One continuation being decoded.
-struct Seq {
-    slot: SlotId,
-    rng: SeqRng,
-    out: GeneratedSequence,
-    done: bool,
+    pub ended: bool,
 }
 
 /// What each chunk of the current batch belongs to.
@@ -56,13 +46,24 @@ enum ChunkOwner {
     Decode { group: usize, seq: usize },
 }
 
-/// Waiting queue, running set and slot pool.
+/// Waiting queue, running set, slot pool and per-slot sampling state.
 pub(crate) struct Scheduler {
     config: EngineConfig,
-    info: ModelInfo,
+    pub(super) info: ModelInfo,
+    pub(super) codec: Option<Arc<dyn TextCodec>>,
     waiting: VecDeque<Job>,
-    running: Vec<Group>,
+    pub(super) running: Vec<Group>,
     free_slots: Vec<SlotId>,
+    pub(super) sampling: SamplingBatch,
+    totals: Totals,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    prompt_tokens: u64,
+    generated_tokens: u64,
+    finished_requests: u64,
+    failed_requests: u64,
 }
 
 /// A point-in-time view of the scheduler, for metrics and tests.
@@ -78,17 +79,28 @@ pub struct EngineStats {
     pub free_slots: usize,
     /// Size of the slot pool (`max_num_seqs`).
     pub total_slots: usize,
+    /// Prompt tokens prefilled since start.
+    pub prompt_tokens_total: u64,
+    /// Tokens generated since start.
+    pub generated_tokens_total: u64,
+    /// Requests that completed since start.
+    pub finished_requests_total: u64,
+    /// Requests that failed (backend or guided-decoding errors) since start.
+    pub failed_requests_total: u64,
 }
 
 impl Scheduler {
-    pub fn new(config: EngineConfig, info: ModelInfo) -> Self {
+    pub fn new(config: EngineConfig, info: ModelInfo, codec: Option<Arc<dyn TextCodec>>) -> Self {
         let free_slots = (0..config.max_num_seqs as u32).rev().map(SlotId).collect();
         Self {
+            sampling: SamplingBatch::new(config.max_num_seqs),
             config,
             info,
+            codec,
             waiting: VecDeque::new(),
             running: Vec::new(),
             free_slots,
+            totals: Totals::default(),
         }
     }
 
@@ -111,6 +123,10 @@ impl Scheduler {
                 .sum(),
             free_slots: self.free_slots.len(),
             total_slots: self.config.max_num_seqs,
+            prompt_tokens_total: self.totals.prompt_tokens,
+            generated_tokens_total: self.totals.generated_tokens,
+            finished_requests_total: self.totals.finished_requests,
+            failed_requests_total: self.totals.failed_requests,
         }
     }
 
@@ -122,34 +138,51 @@ impl Scheduler {
         if batch.chunks.is_empty() {
             return;
         }
-        let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&batch)))
-            .unwrap_or_else(|panic| Err(BackendError::Panicked(panic_message(panic))));
+        let vocab = self.info.vocab_size;
+        let running = &mut self.running;
+        let result = std::thread::scope(|scope| {
+            // Guided masks only depend on committed tokens: compute them while the forward runs.
+            let masks = running
+                .iter()
+                .any(Group::needs_masks)
+                .then(|| scope.spawn(move || compute_masks(running, vocab)));
+            let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&batch)))
+                .unwrap_or_else(|panic| Err(BackendError::Panicked(panic_message(panic))));
+            if let Some(handle) = masks {
+                handle.join().expect("mask computation does not panic");
+            }
+            result
+        });
         match result {
             Ok(logits) => self.process(backend, &batch, &owners, &logits),
             Err(err) => self.fail_batch(backend, &owners, err),
         }
+        self.stream_updates();
         self.finish_groups(backend);
     }
 
     /// Strict FCFS: the head of the queue is admitted once enough slots are free.
     fn admit(&mut self) {
         while let Some(job) = self.waiting.front() {
-            if job.num_samples > self.free_slots.len() {
+            if job.slots_needed() > self.free_slots.len() {
                 break;
             }
             let job = self.waiting.pop_front().expect("front exists");
             let slots = self
                 .free_slots
-                .split_off(self.free_slots.len() - job.num_samples);
+                .split_off(self.free_slots.len() - job.slots_needed());
             let n = job.prompt.len();
             let pl = job.prompt_logprobs;
             self.running.push(Group {
                 prompt_lp: pl.include.then(|| vec![None; n]),
                 topk_prompt_lp: (pl.top_k > 0).then(|| vec![None; n]),
+                beam: None,
                 job,
                 slots,
                 prefilled: 0,
                 seqs: Vec::new(),
+                first_mask: None,
+                prompt_sent: false,
                 ended: false,
             });
         }
@@ -162,11 +195,10 @@ impl Scheduler {
         for (g, group) in self.running.iter().enumerate() {
             let prompt_len = group.job.prompt.len();
             for (s, seq) in group.seqs.iter().enumerate().filter(|(_, s)| !s.done) {
-                let generated = seq.out.tokens.len();
                 chunks.push(SeqChunk {
                     slot: seq.slot,
-                    start_pos: prompt_len + generated - 1,
-                    tokens: vec![seq.out.tokens[generated - 1]],
+                    start_pos: prompt_len + seq.out.tokens.len() - 1,
+                    tokens: vec![seq.last_token()],
                     logits: LogitsWanted::Last,
                 });
                 owners.push(ChunkOwner::Decode { group: g, seq: s });
@@ -209,9 +241,11 @@ impl Scheduler {
         owners: &[ChunkOwner],
         logits: &Logits,
     ) {
+        let mut decode_rows = Vec::new();
         for (i, (chunk, owner)) in batch.chunks.iter().zip(owners).enumerate() {
             match *owner {
                 ChunkOwner::Prefill { group } => {
+                    self.totals.prompt_tokens += chunk.tokens.len() as u64;
                     let g = &mut self.running[group];
                     g.record_prompt_logprobs(chunk, logits, i);
                     g.prefilled += chunk.tokens.len();
@@ -219,8 +253,8 @@ impl Scheduler {
                         let last = logits
                             .last_row(i)
                             .expect("the last prefill chunk asks for logits");
-                        if let Err(err) = g.start_sampling(backend, &self.info, last) {
-                            g.fail(err.into());
+                        if let Err(err) = self.start_decoding(backend, group, last) {
+                            self.running[group].fail(err);
                         }
                     }
                 }
@@ -228,12 +262,107 @@ impl Scheduler {
                     let row = logits
                         .last_row(i)
                         .expect("decode chunks ask for their last row");
-                    let g = &mut self.running[group];
-                    let job = &g.job;
-                    g.seqs[seq].push_sample(row, job, &self.info);
+                    decode_rows.push((group, seq, row));
                 }
             }
         }
+        // Beam groups consume all their rows at once; the rest sample in one batched call.
+        let (beam_rows, sample_rows): (Vec<_>, Vec<_>) = decode_rows
+            .into_iter()
+            .filter(|&(g, _, _)| !self.running[g].ended)
+            .partition(|&(g, _, _)| self.running[g].beam.is_some());
+        self.sample_rows(&sample_rows);
+        self.advance_beams(backend, &beam_rows);
+    }
+
+    /// Samples the next token of each `(group, seq, row)` and records it.
+    fn sample_rows(&mut self, rows: &[(usize, usize, &[f32])]) {
+        let batch_rows: Vec<BatchRow<'_>> = rows
+            .iter()
+            .map(|&(g, s, row)| {
+                let seq = &self.running[g].seqs[s];
+                BatchRow {
+                    slot: seq.slot.0 as usize,
+                    logits: row,
+                    mask: seq.mask.as_ref(),
+                }
+            })
+            .collect();
+        let sampled = self.sampling.sample(&batch_rows);
+        self.totals.generated_tokens += sampled.len() as u64;
+        let codec = self.codec.as_deref();
+        for (&(g, s, row), token) in rows.iter().zip(sampled) {
+            let group = &mut self.running[g];
+            let top = group.job.params.logprobs.map(|k| top_logprobs(row, k));
+            let ctx = SeqCtx {
+                job: &group.job,
+                info: &self.info,
+                codec,
+            };
+            let seq = &mut group.seqs[s];
+            seq.mask = None;
+            if let Err(err) = seq.accept(token, top, &ctx) {
+                group.fail(err);
+            }
+        }
+    }
+
+    /// After the prompt is prefilled: fork its KV to every sample's slot and draw first tokens.
+    fn start_decoding<B: Backend + ?Sized>(
+        &mut self,
+        backend: &mut B,
+        group: usize,
+        last_row: &[f32],
+    ) -> Result<(), EngineError> {
+        if matches!(self.running[group].job.kind, JobKind::Beam(_)) {
+            return self.start_beams(backend, group, last_row);
+        }
+        let g = &mut self.running[group];
+        for &dst in &g.slots[1..] {
+            backend.fork(g.slots[0], dst)?;
+        }
+        let job = &g.job;
+        let codec = self.codec.as_deref();
+        let ctx = SeqCtx {
+            job,
+            info: &self.info,
+            codec,
+        };
+        let mut seqs: Vec<Seq> = g
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, &slot)| {
+                self.sampling.insert(
+                    slot.0 as usize,
+                    SlotSampling {
+                        knobs: Knobs::of(&job.params),
+                        processors: job.processors.clone(),
+                        history: History::new(&job.prompt),
+                        rng: SeqRng::new(job.seed, i as u64),
+                    },
+                );
+                let mut seq = Seq::new(i, slot, &ctx);
+                seq.constraint = job.constraint.as_ref().map(|c| c.fork());
+                seq.mask = g.first_mask.clone();
+                seq
+            })
+            .collect();
+        if job.constraint.is_some() && g.first_mask.is_none() {
+            // The prompt fit in one step that also computed nothing: compute the mask now.
+            let mut mask = TokenMask::none(self.info.vocab_size);
+            seqs[0]
+                .constraint
+                .as_mut()
+                .expect("constrained")
+                .compute_mask(&mut mask)?;
+            seqs.iter_mut().for_each(|s| s.mask = Some(mask.clone()));
+        }
+        g.seqs = seqs;
+        let rows: Vec<(usize, usize, &[f32])> =
+            (0..g.seqs.len()).map(|s| (group, s, last_row)).collect();
+        self.sample_rows(&rows);
+        Ok(())
     }
 
     fn fail_batch<B: Backend + ?Sized>(
@@ -262,6 +391,35 @@ impl Scheduler {
         self.finish_groups(backend);
     }
 
+    /// Sends what is new to streaming requests (not `FINAL_ONLY`).
+    fn stream_updates(&mut self) {
+        for g in &mut self.running {
+            let Replier::Stream(tx) = &g.job.reply else {
+                continue;
+            };
+            if g.ended || g.job.params.output_kind == OutputKind::FinalOnly || g.is_finished() {
+                continue;
+            }
+            let job = &g.job;
+            let sequences: Vec<_> = g.seqs.iter_mut().filter_map(|s| s.update(job)).collect();
+            if sequences.is_empty() {
+                continue;
+            }
+            let first = !std::mem::replace(&mut g.prompt_sent, true);
+            let _ = tx.send(Ok(StreamUpdate {
+                prompt_len: job.prompt.len(),
+                sequences,
+                finished: false,
+                prompt_logprobs: if first { g.prompt_lp.clone() } else { None },
+                topk_prompt_logprobs: if first {
+                    g.topk_prompt_lp.clone()
+                } else {
+                    None
+                },
+            }));
+        }
+    }
+
     /// Replies to and removes groups whose sequences are all done, returning their slots.
     fn finish_groups<B: Backend + ?Sized>(&mut self, backend: &mut B) {
         let mut i = 0;
@@ -273,21 +431,32 @@ impl Scheduler {
             let g = self.running.swap_remove(i);
             for &slot in &g.slots {
                 backend.release(slot);
+                self.sampling.remove(slot.0 as usize);
             }
             self.free_slots.extend(g.slots.iter().copied());
-            if !g.ended {
-                let _ = g.job.reply.send(Ok(GenerateOutput {
-                    prompt_len: g.job.prompt.len(),
-                    sequences: g.seqs.into_iter().map(|s| s.out).collect(),
-                    prompt_logprobs: g.prompt_lp,
-                    topk_prompt_logprobs: g.topk_prompt_lp,
-                }));
+            if g.ended {
+                self.totals.failed_requests += 1;
+                continue;
             }
+            self.totals.finished_requests += 1;
+            g.reply_final();
         }
     }
 }
 
 impl Group {
+    /// Whether a mask must be computed during this step's forward.
+    fn needs_masks(&self) -> bool {
+        if self.ended || self.job.constraint.is_none() {
+            return false;
+        }
+        (self.seqs.is_empty() && self.first_mask.is_none())
+            || self
+                .seqs
+                .iter()
+                .any(|s| !s.done && s.constraint.is_some() && s.mask.is_none())
+    }
+
     /// Fills prompt logprobs from a prefill chunk's rows: row at position p predicts p + 1.
     fn record_prompt_logprobs(&mut self, chunk: &SeqChunk, logits: &Logits, chunk_index: usize) {
         if chunk.logits != LogitsWanted::All {
@@ -308,32 +477,8 @@ impl Group {
         }
     }
 
-    /// After the prompt is prefilled: fork its KV to every sample's slot and draw first tokens.
-    fn start_sampling<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        info: &ModelInfo,
-        last_row: &[f32],
-    ) -> Result<(), BackendError> {
-        for &dst in &self.slots[1..] {
-            backend.fork(self.slots[0], dst)?;
-        }
-        let job = &self.job;
-        self.seqs = self
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, &slot)| {
-                let mut seq = Seq::new(slot, SeqRng::new(job.seed, i as u64), &job.params);
-                seq.push_sample(last_row, job, info);
-                seq
-            })
-            .collect();
-        Ok(())
-    }
-
     /// Whether every sequence is done (or the prompt is scored), or the group ended early.
-    fn is_finished(&self) -> bool {
+    pub fn is_finished(&self) -> bool {
         if self.ended {
             return true;
         }
@@ -344,57 +489,80 @@ impl Group {
     }
 
     /// Replies with `err` and ends the group.
-    fn fail(&mut self, err: EngineError) {
+    pub fn fail(&mut self, err: EngineError) {
         if !self.ended {
-            let _ = self.job.reply.send(Err(err));
+            self.job.reply.fail(err);
         }
         self.ended = true;
     }
-}
 
-impl Seq {
-    fn new(slot: SlotId, rng: SeqRng, params: &SamplingParams) -> Self {
-        let out = GeneratedSequence {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            processed_logprobs: (params.logprobs_mode == LogprobsMode::RawAndProcessed)
-                .then(Vec::new),
-            top_logprobs: params.logprobs.map(|_| Vec::new()),
-            finish_reason: FinishReason::Length,
-        };
-        Self {
-            slot,
-            rng,
-            out,
-            done: false,
+    /// Sends the final output: the best `n` sequences (by cumulative logprob) of those drawn.
+    fn reply_final(mut self) {
+        let n = self.job.params.n;
+        if self.seqs.len() > n && self.beam.is_none() {
+            self.seqs.sort_by(|a, b| {
+                b.out
+                    .cumulative_logprob
+                    .total_cmp(&a.out.cumulative_logprob)
+            });
+            self.seqs.truncate(n);
+            for (i, s) in self.seqs.iter_mut().enumerate() {
+                s.out.index = i;
+            }
+        }
+        match &self.job.reply {
+            Replier::Final(tx) => {
+                let _ = tx.send(Ok(GenerateOutput {
+                    prompt_len: self.job.prompt.len(),
+                    sequences: self.seqs.into_iter().map(|s| s.out).collect(),
+                    prompt_logprobs: self.prompt_lp,
+                    topk_prompt_logprobs: self.topk_prompt_lp,
+                }));
+            }
+            Replier::Stream(tx) => {
+                let job = &self.job;
+                let sequences = self.seqs.iter_mut().filter_map(|s| s.update(job)).collect();
+                let first = !self.prompt_sent;
+                let _ = tx.send(Ok(StreamUpdate {
+                    prompt_len: job.prompt.len(),
+                    sequences,
+                    finished: true,
+                    prompt_logprobs: if first { self.prompt_lp } else { None },
+                    topk_prompt_logprobs: if first { self.topk_prompt_lp } else { None },
+                }));
+            }
         }
     }
+}
 
-    /// Samples the next token from `row`, records it and checks the stop conditions.
-    fn push_sample(&mut self, row: &[f32], job: &Job, info: &ModelInfo) {
-        let params = &job.params;
-        let sampled = sample_token(row, params, &mut self.rng);
-        let out = &mut self.out;
-        out.tokens.push(sampled.token);
-        out.logprobs.push(sampled.logprob);
-        if let Some(p) = &mut out.processed_logprobs {
-            p.push(sampled.processed_logprob);
-        }
-        if let (Some(top), Some(k)) = (&mut out.top_logprobs, params.logprobs) {
-            top.push(top_logprobs(row, k));
-        }
-        let finish = if !params.ignore_eos && info.eos_token_ids.contains(&sampled.token) {
-            Some(FinishReason::Eos)
-        } else if params.stop_token_ids.contains(&sampled.token) {
-            Some(FinishReason::StopToken)
-        } else if out.tokens.len() >= job.max_new_tokens {
-            Some(FinishReason::Length)
+/// Computes every pending guided mask; a failure ends only its own request.
+fn compute_masks(running: &mut [Group], vocab: usize) {
+    for g in running.iter_mut().filter(|g| g.needs_masks()) {
+        let result = if g.seqs.is_empty() {
+            let mut mask = TokenMask::none(vocab);
+            let r = g
+                .job
+                .constraint
+                .as_mut()
+                .expect("needs_masks checked")
+                .compute_mask(&mut mask);
+            g.first_mask = Some(mask);
+            r
         } else {
-            None
+            g.seqs
+                .iter_mut()
+                .filter(|s| !s.done && s.mask.is_none())
+                .filter_map(|s| {
+                    let c = s.constraint.as_mut()?;
+                    let mut mask = TokenMask::none(vocab);
+                    let r = c.compute_mask(&mut mask);
+                    s.mask = Some(mask);
+                    Some(r)
+                })
+                .collect()
         };
-        if let Some(reason) = finish {
-            out.finish_reason = reason;
-            self.done = true;
+        if let Err(err) = result {
+            g.fail(EngineError::Guided(err));
         }
     }
 }

@@ -170,10 +170,13 @@ fn greedy_follows_the_model() {
 
 #[test]
 fn seeded_samples_do_not_depend_on_the_batch() {
-    let request = GenerateRequest {
-        num_samples: 4,
-        ..GenerateRequest::new(vec![5, 6, 7], sampled(0.8, 7, 12))
-    };
+    let request = GenerateRequest::new(
+        vec![5, 6, 7],
+        SamplingParams {
+            n: 4,
+            ..sampled(0.8, 7, 12)
+        },
+    );
     let (alone, _) = engine(EngineConfig::default());
     let expected = alone.generate(request.clone()).wait().unwrap();
     let (busy, _) = engine(EngineConfig {
@@ -203,10 +206,13 @@ fn samples_share_one_prefill_via_fork() {
     let (e, counters) = engine(EngineConfig::default());
     let prompt: Vec<TokenId> = (0..20).collect();
     let out = e
-        .generate(GenerateRequest {
-            num_samples: 4,
-            ..GenerateRequest::new(prompt, sampled(1.0, 1, 3))
-        })
+        .generate(GenerateRequest::new(
+            prompt,
+            SamplingParams {
+                n: 4,
+                ..sampled(1.0, 1, 3)
+            },
+        ))
         .wait()
         .unwrap();
     assert_eq!(out.sequences.len(), 4);
@@ -399,12 +405,12 @@ fn bad_requests_get_typed_errors_and_the_engine_keeps_serving() {
         EngineError::Invalid(ValidationError::UnsupportedChunk { index: 1, .. })
     ));
     let too_many = e
-        .generate(GenerateRequest {
-            num_samples: 9,
-            ..GenerateRequest::new(vec![1], ok.clone())
-        })
+        .generate(GenerateRequest::new(
+            vec![1],
+            SamplingParams { n: 9, ..ok.clone() },
+        ))
         .wait();
-    assert_eq!(field(too_many), "num_samples");
+    assert_eq!(field(too_many), "n");
     // A request that makes the backend fail gets the backend's error; a concurrent one is served.
     let poisoned = e.generate(GenerateRequest::new(vec![1, POISON], ok.clone()));
     let healthy = e.generate(GenerateRequest::new(vec![1, 2], ok.clone()));
@@ -439,17 +445,23 @@ fn dropping_a_pending_request_frees_its_slots() {
         max_num_seqs: 4,
         max_num_batched_tokens: 8,
     });
-    let long = e.generate(GenerateRequest {
-        num_samples: 4,
-        ..GenerateRequest::new(vec![1, 2], sampled(1.0, 3, 60))
-    });
+    let long = e.generate(GenerateRequest::new(
+        vec![1, 2],
+        SamplingParams {
+            n: 4,
+            ..sampled(1.0, 3, 60)
+        },
+    ));
     drop(long);
     // The next request needs all four slots, so it only completes once the dropped one is gone.
     let out = e
-        .generate(GenerateRequest {
-            num_samples: 4,
-            ..GenerateRequest::new(vec![3], sampled(1.0, 4, 2))
-        })
+        .generate(GenerateRequest::new(
+            vec![3],
+            SamplingParams {
+                n: 4,
+                ..sampled(1.0, 4, 2)
+            },
+        ))
         .wait()
         .unwrap();
     assert_eq!(out.sequences.len(), 4);

@@ -113,10 +113,10 @@ impl Processors {
         let out = history.output();
         for word in &self.bad_words {
             let (last, prefix) = word.split_last().expect("bad words are non-empty");
-            if out.ends_with(prefix) {
-                if let Some(x) = row.get_mut(*last as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
+            if out.ends_with(prefix)
+                && let Some(x) = row.get_mut(*last as usize)
+            {
+                *x = f32::NEG_INFINITY;
             }
         }
         if out.len() < self.min_tokens {

@@ -90,9 +90,38 @@ pub struct SampleArgs {
     /// Keep generating past EOS.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Stop when the text contains this string (repeatable); it is left out of the text.
+    #[arg(long, value_name = "STR")]
+    pub stop: Vec<String>,
+    /// Also return the K most likely alternatives per generated token.
+    #[arg(long, value_name = "K")]
+    pub logprobs: Option<usize>,
+    #[command(flatten)]
+    pub guided: GuidedArgs,
+    /// Beam search with W beams instead of sampling (prints W sequences, best first).
+    #[arg(long, value_name = "W", conflicts_with_all = ["num_samples", "json_schema", "regex", "choice", "grammar"])]
+    pub beam_width: Option<usize>,
     /// Print JSON: per sample its tokens, text, logprobs and finish reason.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Guided decoding: at most one constraint.
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct GuidedArgs {
+    /// The output must be JSON valid under the JSON schema in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// The output must match this regular expression.
+    #[arg(long, value_name = "RE")]
+    pub regex: Option<String>,
+    /// The output is exactly one of these comma-separated strings.
+    #[arg(long, value_delimiter = ',', value_name = "A,B,C")]
+    pub choice: Option<Vec<String>>,
+    /// The output must follow the Lark grammar in FILE.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

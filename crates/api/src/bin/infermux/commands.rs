@@ -2,11 +2,14 @@
 
 use anyhow::{Context, Result};
 use infermux::{
-    ChatMessage, LoadOptions, ModelInput, SamplingClient, SamplingParams, ServiceClient, TokenId,
+    BeamSearchParams, ChatMessage, GuidedDecodingParams, LoadOptions, ModelInput, SamplingClient,
+    SamplingParams, ServiceClient, TokenId,
 };
 use serde_json::json;
 
-use crate::args::{ChatArgs, Cli, Command, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs};
+use crate::args::{
+    ChatArgs, Cli, Command, GuidedArgs, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs,
+};
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -48,38 +51,59 @@ fn prompt_tokens(
 fn sample(args: SampleArgs) -> Result<()> {
     let client = client(&args.model)?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        min_p: args.min_p,
-        seed: args.seed,
-        max_tokens: Some(args.max_tokens),
-        ignore_eos: args.ignore_eos,
-        ..SamplingParams::default()
+    let prompt = ModelInput::from_ints(tokens.clone());
+    let response = match args.beam_width {
+        Some(width) => {
+            let params = BeamSearchParams {
+                temperature: args.temperature,
+                ignore_eos: args.ignore_eos,
+                ..BeamSearchParams::new(width, args.max_tokens)
+            };
+            client.beam_search(prompt, params).wait()?
+        }
+        None => {
+            let params = SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                min_p: args.min_p,
+                seed: args.seed,
+                max_tokens: Some(args.max_tokens),
+                ignore_eos: args.ignore_eos,
+                stop: args.stop.clone(),
+                logprobs: args.logprobs,
+                guided_decoding: guided_params(&args.guided)?,
+                ..SamplingParams::default()
+            };
+            client
+                .sample(prompt, args.num_samples, params, false, 0)
+                .wait()?
+        }
     };
-    let response = client
-        .sample(
-            ModelInput::from_ints(tokens.clone()),
-            args.num_samples,
-            params,
-            false,
-            0,
-        )
-        .wait()?;
     let tokenizer = client.get_tokenizer();
+    let text_of = |s: &infermux::SampledSequence| match &s.text {
+        Some(text) => Ok(text.clone()),
+        None => tokenizer.decode(&s.tokens, true),
+    };
     if args.json {
         let samples = response
             .sequences
             .iter()
             .map(|s| {
-                Ok(json!({
+                let mut sample = json!({
                     "tokens": s.tokens,
-                    "text": tokenizer.decode(&s.tokens, true)?,
+                    "text": text_of(s)?,
                     "logprobs": s.logprobs,
                     "finish_reason": s.stop_reason,
                     "finish_detail": s.finish_reason,
-                }))
+                });
+                if let Some(top) = &s.top_logprobs {
+                    sample["top_logprobs"] = json!(top);
+                }
+                if let Some(by) = &s.stopped_by {
+                    sample["stopped_by"] = json!(by);
+                }
+                Ok(sample)
             })
             .collect::<Result<Vec<_>>>()?;
         println!("{}", json!({ "prompt_tokens": tokens, "samples": samples }));
@@ -90,9 +114,29 @@ fn sample(args: SampleArgs) -> Result<()> {
         if many {
             println!("--- sample {i} ({}) ---", s.finish_reason.as_openai_str());
         }
-        println!("{}", tokenizer.decode(&s.tokens, true)?);
+        println!("{}", text_of(s)?);
     }
     Ok(())
+}
+
+/// The guided-decoding constraint the flags ask for, files read.
+fn guided_params(args: &GuidedArgs) -> Result<Option<GuidedDecodingParams>> {
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(if let Some(path) = &args.json_schema {
+        let schema: serde_json::Value = serde_json::from_str(&read(path)?)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        Some(GuidedDecodingParams::json_schema(schema))
+    } else if let Some(re) = &args.regex {
+        Some(GuidedDecodingParams::regex(re.clone()))
+    } else if let Some(choice) = &args.choice {
+        Some(GuidedDecodingParams::choice(choice.clone()))
+    } else if let Some(path) = &args.grammar {
+        Some(GuidedDecodingParams::grammar(read(path)?))
+    } else {
+        None
+    })
 }
 
 fn logprobs(args: LogprobsArgs) -> Result<()> {
