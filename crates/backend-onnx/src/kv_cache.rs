@@ -171,19 +171,26 @@ impl KvCache {
             .iter()
             .map(|b| b.host_tensors())
             .collect::<Result<Vec<_>, _>>()?;
-        let block_index = |v: &SlotKv| {
-            blocks
-                .iter()
-                .position(|b| Arc::ptr_eq(b, &v.block))
-                .expect("every view's block was collected")
-        };
+        // Per view: its row's tensors (host-readable), by layer.
+        let sources: Vec<Option<(&SlotKv, &[DynTensor])>> = views
+            .iter()
+            .map(|view| {
+                view.map(|v| {
+                    let at = blocks
+                        .iter()
+                        .position(|b| Arc::ptr_eq(b, &v.block))
+                        .expect("every view's block was collected");
+                    (v, &hosts[at][..])
+                })
+            })
+            .collect();
         let mut out = Vec::with_capacity(2 * num_layers);
         for k in 0..2 * num_layers {
             let mut data = vec![T::default(); b * nkv * past * hd];
-            for (i, view) in views.iter().enumerate() {
-                let Some(v) = view else { continue };
+            for (i, source) in sources.iter().enumerate() {
+                let Some((v, tensors)) = source else { continue };
                 let src_total = v.block.total;
-                let (_, src) = hosts[block_index(v)][k]
+                let (_, src) = tensors[k]
                     .try_extract_tensor::<T>()
                     .map_err(runtime_error)?;
                 for h in 0..nkv {
