@@ -582,12 +582,19 @@ impl Report {
             ("pairwise_logprobs", "pairwise max |Δ|"),
         ];
         // row -> check -> (worst value, all pass, better)
-        let mut rows: BTreeMap<(usize, String), BTreeMap<&str, (f64, bool, usize)>> =
-            BTreeMap::new();
+        // Rows in run order, single backends before pairs.
+        let mut order: Vec<&str> = Vec::new();
         for o in &self.outcomes {
-            let order = if o.backend.contains('~') { 1 } else { 0 };
+            if !order.contains(&o.backend.as_str()) {
+                order.push(&o.backend);
+            }
+        }
+        order.sort_by_key(|b| b.contains('~'));
+        let mut rows: BTreeMap<usize, BTreeMap<&str, (f64, bool, usize)>> = BTreeMap::new();
+        for o in &self.outcomes {
+            let row = order.iter().position(|b| *b == o.backend).unwrap_or(0);
             let cell = rows
-                .entry((order, o.backend.clone()))
+                .entry(row)
                 .or_default()
                 .entry(
                     COLUMNS
@@ -630,8 +637,8 @@ impl Report {
         s.push_str("\n|---|");
         s.push_str(&"---|".repeat(COLUMNS.len()));
         s.push('\n');
-        for ((_, backend), cells) in &rows {
-            s.push_str(&format!("| {backend} |"));
+        for (row, cells) in &rows {
+            s.push_str(&format!("| {} |", order[*row]));
             for (check, _) in COLUMNS {
                 let text = match cells.get(check) {
                     None => "".to_string(),

@@ -113,7 +113,7 @@ pub fn run(root: &Path, args: &ConformanceArgs) -> Result<()> {
         .cloned()
         .unwrap_or_default();
     let cmp = compare(&previous, &current, &measured);
-    print!("{}", cmp.summary(&config));
+    print!("{}", cmp.summary(&config, args.update_baseline));
     report["baseline"] = cmp.to_json(&config);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
@@ -163,12 +163,15 @@ pub(crate) fn normalize_backends(names: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// `infermux-tests` features for `backends` (candle is always built).
+/// `infermux-tests` features for its report binaries on `backends` (candle is always built).
 pub fn backend_features(backends: &[String]) -> Vec<String> {
-    backends
-        .iter()
-        .filter(|b| *b != "candle")
-        .map(|b| format!("infermux-tests/{b}"))
+    std::iter::once("infermux-tests/bins".to_string())
+        .chain(
+            backends
+                .iter()
+                .filter(|b| *b != "candle")
+                .map(|b| format!("infermux-tests/{b}")),
+        )
         .collect()
 }
 
@@ -334,7 +337,12 @@ fn compare(
 }
 
 impl Comparison {
-    fn summary(&self, config: &str) -> String {
+    fn summary(&self, config: &str, updating: bool) -> String {
+        let hint = if updating {
+            "recorded now"
+        } else {
+            "run with --update-baseline to record"
+        };
         let mut s = format!(
             "\nbaseline {BASELINE} [{config}]: {} unchanged, {} improved, {} regressed, {} new, {} no longer measured\n",
             self.unchanged,
@@ -343,12 +351,10 @@ impl Comparison {
             self.new.len(),
             self.missing.len()
         );
+        let improved = format!("improved ({hint})");
         for (title, lines) in [
             ("regressed", &self.regressions),
-            (
-                "improved (run with --update-baseline to record)",
-                &self.improvements,
-            ),
+            (improved.as_str(), &self.improvements),
             ("no longer measured", &self.missing),
         ] {
             if !lines.is_empty() {
@@ -360,7 +366,7 @@ impl Comparison {
         }
         if !self.new.is_empty() {
             s.push_str(&format!(
-                "{} outcome(s) not in the baseline yet (run with --update-baseline to record)\n",
+                "{} outcome(s) not in the baseline yet ({hint})\n",
                 self.new.len()
             ));
         }
@@ -487,7 +493,7 @@ mod tests {
         assert!(normalize_backends(&["tpu".into()]).is_err());
         assert_eq!(
             backend_features(&normalize_backends(&["Candle".into(), "onnx".into()]).unwrap()),
-            ["infermux-tests/onnx"]
+            ["infermux-tests/bins", "infermux-tests/onnx"]
         );
     }
 }
