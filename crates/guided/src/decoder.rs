@@ -3,7 +3,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use infermux_core::{GuidedDecoder, GuidedDecodingParams, GuidedError, TokenConstraint, TokenId};
 use llguidance::api::ParserLimits;
@@ -36,6 +37,10 @@ pub struct LimitsConfig {
     pub max_items_in_row: usize,
     /// Lexer DFA states, roughly 1–2 kB each (`ParserLimits::max_lexer_states`).
     pub max_lexer_states: usize,
+    /// Wall-clock budget for compiling a constraint and computing its first mask (where the
+    /// lexer builds its initial states, the step that blows up on pathological regexes such as
+    /// nested counted repetitions); past it the work is cancelled and the request rejected.
+    pub max_compile_time: Duration,
     /// Compiled grammars kept for reuse by identical requests (0 disables the cache).
     pub grammar_cache_entries: usize,
 }
@@ -51,6 +56,7 @@ impl Default for LimitsConfig {
             step_max_items: llg.step_max_items,
             max_items_in_row: llg.max_items_in_row,
             max_lexer_states: llg.max_lexer_states,
+            max_compile_time: Duration::from_secs(2),
             grammar_cache_entries: 64,
         }
     }
@@ -230,10 +236,7 @@ impl LlgDecoder {
                     .factory
                     .create_parser(grammar)
                     .map_err(|e| invalid(e.to_string()))?;
-                let matcher = Matcher::new(Ok(parser));
-                if let Some(e) = matcher.get_error() {
-                    return Err(invalid(e));
-                }
+                let matcher = self.warm_up(Matcher::new(Ok(parser))).map_err(invalid)?;
                 self.store(key, &matcher);
                 matcher
             }
@@ -243,6 +246,36 @@ impl LlgDecoder {
             self.eos.clone(),
             self.factory.tok_env().tok_trie().vocab_size(),
         ))
+    }
+
+    /// Computes the first mask of a fresh matcher under the `max_compile_time` watchdog, so
+    /// that a grammar whose lexer blows up is rejected here rather than stalling the engine.
+    fn warm_up(&self, matcher: Matcher) -> Result<Matcher, String> {
+        if let Some(e) = matcher.get_error() {
+            return Err(e);
+        }
+        let mut matcher = matcher.into_cancellable();
+        let handle = matcher
+            .cancellation_handle()
+            .ok_or("llguidance gave no cancellation handle")?;
+        let limit = self.limits.max_compile_time;
+        let (done, finished) = mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if finished.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout) {
+                handle.cancel();
+            }
+        });
+        let first = matcher.compute_mask();
+        let _ = done.send(());
+        let _ = watchdog.join();
+        match first {
+            Ok(_) if !matcher.is_cancelled() => Ok(matcher),
+            Ok(_) => Err(format!("compiling took longer than the limit of {limit:?}")),
+            Err(_) if matcher.is_cancelled() => {
+                Err(format!("compiling took longer than the limit of {limit:?}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// A copy of a cached compiled grammar. The copy shares only the lexer's lazily built
