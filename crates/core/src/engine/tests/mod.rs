@@ -495,3 +495,5 @@ fn pending_block_on<F: std::future::Future>(fut: F) -> F::Output {
         std::thread::park();
     }
 }
+
+mod fields;
