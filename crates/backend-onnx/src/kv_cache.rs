@@ -134,6 +134,23 @@ impl KvCache {
         all.then(|| Arc::clone(block))
     }
 
+    /// If `slots` are the rows of one block in some order, the order of `slots`' indices that
+    /// puts them in row order (so that the run can take the block as its past).
+    pub fn block_order(&self, slots: &[SlotId]) -> Option<Vec<usize>> {
+        let block = &self.slots.get(slots.first()?)?.block;
+        if block.rows != slots.len() {
+            return None;
+        }
+        let mut order: Vec<Option<usize>> = vec![None; slots.len()];
+        for (i, s) in slots.iter().enumerate() {
+            let v = self.slots.get(s)?;
+            if !Arc::ptr_eq(&v.block, block) || order[v.row].replace(i).is_some() {
+                return None;
+            }
+        }
+        order.into_iter().collect()
+    }
+
     /// Assembles `slots`' states as a past of `past` positions (`>=` every slot's length), left
     /// padded with zeros: `2 * num_layers` host tensors `[slots, kv_heads, past, head_dim]`.
     pub fn assemble(

@@ -51,6 +51,16 @@ pub struct OnnxBackend {
     io: GraphIo,
     kv: KvCache,
     placement: session::OutputPlacement,
+    stats: KvStats,
+}
+
+/// How runs got their past, counted since load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvStats {
+    /// Runs whose past was the previous run's `present.*`, bound where it was computed.
+    pub resident_runs: usize,
+    /// Runs whose past was assembled (left-padded) after the batch's composition changed.
+    pub assembled_runs: usize,
 }
 
 impl OnnxBackend {
@@ -97,7 +107,13 @@ impl OnnxBackend {
             io,
             kv: KvCache::new(shape),
             placement: session::OutputPlacement::new(device)?,
+            stats: KvStats::default(),
         })
+    }
+
+    /// How runs got their past so far: reused in place or assembled.
+    pub fn kv_stats(&self) -> KvStats {
+        self.stats
     }
 }
 
@@ -125,7 +141,13 @@ impl Backend for OnnxBackend {
         batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
         let vocab = self.info.vocab_size;
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.chunks.len()];
-        for group in groups(batch) {
+        for mut group in groups(batch) {
+            // A reordering of the previous run's rows runs in that run's order, so that its
+            // output can be this run's past as it is.
+            let slots: Vec<SlotId> = group.iter().map(|&i| batch.chunks[i].slot).collect();
+            if let Some(order) = self.kv.block_order(&slots) {
+                group = order.into_iter().map(|k| group[k]).collect();
+            }
             let chunks: Vec<&SeqChunk> = group.iter().map(|&i| &batch.chunks[i]).collect();
             let out = session::run_group(
                 &mut self.session,
@@ -135,7 +157,12 @@ impl Backend for OnnxBackend {
                 vocab,
                 &chunks,
             )?;
-            for (&i, r) in group.iter().zip(out) {
+            if out.resident {
+                self.stats.resident_runs += 1;
+            } else {
+                self.stats.assembled_runs += 1;
+            }
+            for (&i, r) in group.iter().zip(out.rows) {
                 rows[i] = r;
             }
         }

@@ -138,8 +138,14 @@ impl OutputPlacement {
     }
 }
 
-/// Runs `chunks` (equal token counts) as one batch, appending their KV to `kv`; returns the
-/// logits rows each chunk asked for, in chunk order.
+/// What one run returned: the logits rows each chunk asked for, in chunk order, and whether the
+/// past was the previous run's output bound as it was.
+pub(crate) struct GroupOutput {
+    pub rows: Vec<Vec<f32>>,
+    pub resident: bool,
+}
+
+/// Runs `chunks` (equal token counts) as one batch, appending their KV to `kv`.
 ///
 /// When the chunks' slots are exactly the rows of the block the previous run left (the steady
 /// state of continuous decoding), that block's `present.*` tensors are bound as this run's
@@ -153,7 +159,7 @@ pub(crate) fn run_group(
     placement: &OutputPlacement,
     vocab: usize,
     chunks: &[&SeqChunk],
-) -> Result<Vec<Vec<f32>>, BackendError> {
+) -> Result<GroupOutput, BackendError> {
     let b = chunks.len();
     let t = chunks[0].tokens.len();
     let slots: Vec<SlotId> = chunks.iter().map(|c| c.slot).collect();
@@ -243,7 +249,8 @@ pub(crate) fn run_group(
     let lens: Vec<usize> = chunks.iter().map(|c| c.start_pos + t).collect();
     kv.store(io.kv_type, KvBlock::new(present, b, total), &slots, &lens)?;
     let logits = extract_f32(&logits, io.logits_type)?;
-    Ok(chunks
+    let resident = resident.is_some();
+    let rows = chunks
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -254,7 +261,8 @@ pub(crate) fn run_group(
             };
             logits[(i * t + rows.start) * vocab..(i * t + rows.end) * vocab].to_vec()
         })
-        .collect())
+        .collect();
+    Ok(GroupOutput { rows, resident })
 }
 
 fn tensor_i64(shape: Vec<usize>, data: Vec<i64>) -> Result<DynValue, BackendError> {
