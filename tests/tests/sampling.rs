@@ -77,7 +77,10 @@ fn stop_strings_across_token_boundaries_are_cut() {
         .expect("a boundary with two chars on both sides");
     let stop = text[cut - 2..cut + 2].to_string();
     let first = text.find(&stop).unwrap();
-    assert!(first <= cut - 2, "stop {stop:?} first found after token {i}");
+    assert!(
+        first <= cut - 2,
+        "stop {stop:?} first found after token {i}"
+    );
     let stopped = client()
         .sample(
             prompt("The capital of France is"),
@@ -123,7 +126,11 @@ fn streamed_deltas_add_up_to_the_final_text() {
     let mut tokens = Vec::new();
     for update in stream {
         for s in update.unwrap().sequences {
-            assert!(!s.text.contains('\u{FFFD}'), "split character in {:?}", s.text);
+            assert!(
+                !s.text.contains('\u{FFFD}'),
+                "split character in {:?}",
+                s.text
+            );
             joined.push_str(&s.text);
             tokens.extend(s.tokens);
         }
