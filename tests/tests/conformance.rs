@@ -70,6 +70,7 @@ fn prompt_logprobs_match_reference(backend: BackendKind) {
     }
 }
 
+#[cfg_attr(not(any(feature = "torch", feature = "onnx")), allow(dead_code))]
 fn agrees_with_candle(backend: BackendKind) {
     let (ours, reference) = (shared(backend), shared(BackendKind::Candle));
     for case in goldens().cases {

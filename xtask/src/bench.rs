@@ -432,7 +432,7 @@ fn markdown(report: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "{} on {} ({} CPUs), {} on {}. Workload (`cargo xtask bench`): greedy decode of {} tokens after a {}-token prompt per request at 1, 8 and 32 concurrent requests; prefill = scoring one {}-token prompt; scoring = `compute_logprobs` of {} sequences submitted together; best of {}; peak RSS = VmHWM of a process per backend.",
+        "{} on {} ({} CPUs), {} on {}. Workload (`cargo xtask bench`): greedy decode of {} tokens after a {}-token prompt per request at 1, 8 and 32 concurrent requests; prefill = scoring one {}-token prompt; scoring = `compute_logprobs` of {} tokens (sequences × length, submitted together); best of {}; peak RSS = VmHWM of a process per backend.",
         if report["quick"] == true {
             "Quick run"
         } else {
@@ -645,7 +645,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| decode, 1 stream (tok/s) | 10.00 (×0.50) | 20.0 |"),
+            md.contains("| decode, 1 stream (tok/s) | 10.0 (×0.50) | 20.0 |"),
             "{md}"
         );
         assert!(
