@@ -6,10 +6,13 @@
 //! row, and its length (the last `len` positions of the row; the ones before are padding).
 //!
 //! Blocks are immutable once produced, so a fork is a clone of the view and a release drops it.
-//! When the next run covers exactly the rows of one block, in order, the block's tensors are
-//! bound as that run's `past_key_values.*` as they are ([`KvCache::resident`]): no copy, no host
-//! round trip. Only when the composition changes is a new left-padded past assembled from the
-//! views ([`KvCache::assemble`]), reading device blocks through one host copy each.
+//! When the next run covers exactly the rows of one block (put in row order first by
+//! [`KvCache::block_order`]), the block's tensors are bound as that run's `past_key_values.*` as
+//! they are ([`KvCache::resident`]): no copy, no host round trip. Left padding stays valid: every
+//! row grows by the same number of positions per run, and the mask keeps zeros over the pad.
+//! Only when the composition changes is a new past assembled from the views, left-padded to the
+//! longest ([`KvCache::assemble`]), reading device blocks through one host copy each; slots left
+//! behind on a mostly unused block are then compacted ([`KvCache::store`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;

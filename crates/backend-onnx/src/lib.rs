@@ -6,8 +6,9 @@
 //! [`ort`](https://docs.rs/ort) loaded at run time. Decode steps of several sequences share one
 //! run: their pasts are left-padded and masked. The `present.*` outputs stay where ONNX Runtime
 //! put them (host memory on CPU, device memory with CUDA) and are bound as the next run's past
-//! as they are while the batch keeps the same sequences in the same order; only a change of
-//! composition assembles a new past (see `kv_cache`). Export a graph with
+//! as they are while the batch keeps the same sequences (in any order: the group runs in the
+//! previous run's row order); only a change of composition assembles a new past (see
+//! `kv_cache`); [`OnnxBackend::kv_stats`] counts both kinds of run. Export a graph with
 //! `cargo xtask export-onnx`.
 //!
 //! ```no_run
