@@ -104,6 +104,23 @@ fn bench(c: &mut Criterion) {
     group.bench_function("json_schema_compile", |b| {
         b.iter(|| black_box(uncached.constraint(&params).expect("compiles")))
     });
+    // Per token with a cold lexer: a freshly compiled grammar each pass (compile not timed).
+    group.bench_function("json_schema_mask_commit_per_token_cold", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut mask = TokenMask::none(VOCAB);
+            for _ in 0..iters {
+                let mut con = uncached.constraint(&params).expect("compiles");
+                let t = Instant::now();
+                for &id in &ids {
+                    con.compute_mask(&mut mask).expect("mask");
+                    con.commit(black_box(id)).expect("commit");
+                }
+                total += t.elapsed() / ids.len() as u32;
+            }
+            total
+        })
+    });
     group.finish();
 }
 

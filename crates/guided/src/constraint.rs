@@ -62,7 +62,7 @@ impl TokenConstraint for LlgConstraint {
         words[..n].copy_from_slice(&src[..n]);
         words[n..].fill(0);
         // Ids past the mask's length (a mask narrower than the trie) stay unset.
-        if len % 32 != 0 && n == words.len() {
+        if !len.is_multiple_of(32) && n == words.len() {
             words[len / 32] &= (1u32 << (len % 32)) - 1;
         }
         if words.iter().all(|&w| w == 0) {
