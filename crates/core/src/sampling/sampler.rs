@@ -6,7 +6,7 @@
 
 use crate::TokenId;
 use crate::params::SamplingParams;
-use crate::sampling::logprobs::{argmax, logsumexp};
+use crate::sampling::logprobs::{argmax, exp_nonpositive, logsumexp, max_of};
 use crate::sampling::rng::SeqRng;
 
 /// The token a draw chose and its log-probabilities.
@@ -58,113 +58,198 @@ pub fn sample_processed(
     knobs: Knobs,
     rng: &mut SeqRng,
 ) -> SampledToken {
+    let raw_lse = logsumexp(raw);
     let row = processed.unwrap_or(raw);
-    let raw_lp = |token: TokenId| raw[token as usize] - logsumexp(raw);
     if knobs.temperature <= 0.0 {
         let token = argmax(row);
+        let row_lse = if processed.is_some() {
+            logsumexp(row)
+        } else {
+            raw_lse
+        };
         return SampledToken {
             token,
-            logprob: raw_lp(token),
-            processed_logprob: row[token as usize] - logsumexp(row),
+            logprob: raw[token as usize] - raw_lse,
+            processed_logprob: row[token as usize] - row_lse,
         };
     }
     let dist = Candidates::new(row, knobs);
     let token = dist.draw(rng.next_f64()).unwrap_or_else(|| argmax(row));
     SampledToken {
         token,
-        logprob: raw_lp(token),
+        logprob: raw[token as usize] - raw_lse,
         processed_logprob: dist.logprob(token),
     }
 }
 
-/// The tokens that survive the filters, with unnormalized weights, in a fixed order.
+/// Candidates the nucleus search sorts first; more are sorted only if their mass falls short.
+const NUCLEUS_HEAD: usize = 1024;
+
+/// The tokens that survive the filters with unnormalized weights (`exp((x - max) / T)`, so the
+/// top token weighs 1), either over the whole vocabulary or as a short id-sorted list.
+enum Weights {
+    /// One weight per id; filtered ids weigh 0.
+    Dense(Vec<f32>),
+    /// `(id, weight)` of the kept ids, in id order.
+    Sparse(Vec<(TokenId, f32)>),
+}
+
 struct Candidates {
-    ids: Vec<TokenId>,
-    weights: Vec<f64>,
+    weights: Weights,
     total: f64,
 }
 
 impl Candidates {
     fn new(row: &[f32], knobs: Knobs) -> Self {
-        let inv_t = 1.0 / knobs.temperature as f64;
-        let mut ids: Vec<TokenId> = match knobs.top_k {
-            k if k > 0 && k < row.len() => {
-                let mut ids: Vec<TokenId> = (0..row.len() as TokenId).collect();
-                ids.select_nth_unstable_by(k - 1, |a, b| {
-                    row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b))
-                });
-                ids.truncate(k);
-                ids.sort_unstable();
-                ids
-            }
-            _ => (0..row.len() as TokenId)
-                .filter(|&i| row[i as usize] > f32::NEG_INFINITY)
-                .collect(),
-        };
-        let max = ids
+        let inv_t = 1.0 / knobs.temperature;
+        let max = max_of(row);
+        let mut dense: Vec<f32> = row
             .iter()
-            .map(|&i| row[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max) as f64;
-        let weight = |i: TokenId| ((row[i as usize] as f64 - max) * inv_t).exp();
+            .map(|&x| exp_nonpositive((x - max) * inv_t))
+            .collect();
+        if knobs.top_k > 0 && knobs.top_k < row.len() {
+            // Keep every token at least as likely as the k-th (ties kept, as Hugging Face).
+            let mut values = row.to_vec();
+            let (_, kth, _) = values.select_nth_unstable_by(knobs.top_k - 1, |a, b| b.total_cmp(a));
+            let kth = *kth;
+            for (w, &x) in dense.iter_mut().zip(row) {
+                if x < kth {
+                    *w = 0.0;
+                }
+            }
+        }
+        let mut weights = Weights::Dense(dense);
         if knobs.top_p < 1.0 {
-            ids = nucleus(ids, knobs.top_p as f64, weight);
+            weights = Weights::Sparse(nucleus(&weights, knobs.top_p as f64));
         }
         if knobs.min_p > 0.0 {
-            // The top token has weight 1, so the threshold is min_p itself.
-            let threshold = knobs.min_p as f64;
-            ids.retain(|&i| weight(i) >= threshold);
+            // The top token weighs 1, so the threshold is min_p itself.
+            let threshold = knobs.min_p;
+            match &mut weights {
+                Weights::Dense(w) => w.iter_mut().for_each(|w| {
+                    if *w < threshold {
+                        *w = 0.0
+                    }
+                }),
+                Weights::Sparse(kept) => kept.retain(|&(_, w)| w >= threshold),
+            }
         }
-        let weights: Vec<f64> = ids.iter().map(|&i| weight(i)).collect();
-        let total = weights.iter().sum();
-        Self {
-            ids,
-            weights,
-            total,
-        }
+        let total = match &weights {
+            Weights::Dense(w) => w.iter().map(|&x| x as f64).sum(),
+            Weights::Sparse(kept) => kept.iter().map(|&(_, w)| w as f64).sum(),
+        };
+        Self { weights, total }
     }
 
-    /// The token whose cumulative weight first exceeds `u * total`.
+    /// The token whose cumulative weight (in id order) first exceeds `u * total`.
     fn draw(&self, u: f64) -> Option<TokenId> {
         if !(self.total.is_finite() && self.total > 0.0) {
             return None;
         }
         let target = u * self.total;
         let mut acc = 0.0;
-        for (&id, &w) in self.ids.iter().zip(&self.weights) {
-            acc += w;
+        let mut last = None;
+        let pairs: Box<dyn Iterator<Item = (TokenId, f32)>> = match &self.weights {
+            Weights::Dense(w) => Box::new(w.iter().enumerate().map(|(i, &w)| (i as TokenId, w))),
+            Weights::Sparse(kept) => Box::new(kept.iter().copied()),
+        };
+        for (id, w) in pairs.filter(|&(_, w)| w > 0.0) {
+            acc += w as f64;
+            last = Some(id);
             if acc > target {
-                return Some(id);
+                return last;
             }
         }
-        self.ids.last().copied()
+        last
     }
 
     fn logprob(&self, token: TokenId) -> f32 {
-        match self.ids.iter().position(|&i| i == token) {
-            Some(p) => (self.weights[p] / self.total).ln() as f32,
-            None => f32::NEG_INFINITY,
-        }
+        let w = match &self.weights {
+            Weights::Dense(w) => w.get(token as usize).copied().unwrap_or(0.0),
+            Weights::Sparse(kept) => kept
+                .binary_search_by_key(&token, |&(id, _)| id)
+                .map_or(0.0, |i| kept[i].1),
+        };
+        (w as f64 / self.total).ln() as f32
     }
 }
 
 /// Keeps the most likely tokens until their mass reaches `top_p` (at least one), in id order.
-fn nucleus(mut ids: Vec<TokenId>, top_p: f64, weight: impl Fn(TokenId) -> f64) -> Vec<TokenId> {
-    let mut scored: Vec<(TokenId, f64)> = ids.iter().map(|&i| (i, weight(i))).collect();
-    let total: f64 = scored.iter().map(|s| s.1).sum();
-    scored.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+/// A peaked distribution's head is sorted directly; a flat one is cut by bisecting on the
+/// weight threshold (linear passes, no full sort).
+fn nucleus(weights: &Weights, top_p: f64) -> Vec<(TokenId, f32)> {
+    let mut live: Vec<(TokenId, f32)> = match weights {
+        Weights::Dense(w) => w
+            .iter()
+            .enumerate()
+            .filter(|&(_, &w)| w > 0.0)
+            .map(|(i, &w)| (i as TokenId, w))
+            .collect(),
+        Weights::Sparse(kept) => kept.clone(),
+    };
+    let total: f64 = live.iter().map(|&(_, w)| w as f64).sum();
+    let target = top_p * total;
+    let better = |a: &(TokenId, f32), b: &(TokenId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if live.len() > NUCLEUS_HEAD {
+        live.select_nth_unstable_by(NUCLEUS_HEAD - 1, better);
+        let head: f64 = live[..NUCLEUS_HEAD].iter().map(|&(_, w)| w as f64).sum();
+        if head < target {
+            let tau = mass_threshold(&live, target);
+            live.retain(|&(_, w)| w >= tau);
+            live.sort_unstable_by_key(|&(id, _)| id);
+            return live;
+        }
+        live.truncate(NUCLEUS_HEAD);
+    }
+    live.sort_unstable_by(better);
     let mut acc = 0.0;
     let mut keep = 0;
-    for &(_, w) in &scored {
+    for &(_, w) in &live {
         keep += 1;
-        acc += w / total;
-        if acc >= top_p {
+        acc += w as f64;
+        if acc >= target {
             break;
         }
     }
-    ids.clear();
-    ids.extend(scored[..keep].iter().map(|s| s.0));
-    ids.sort_unstable();
-    ids
+    live.truncate(keep);
+    live.sort_unstable_by_key(|&(id, _)| id);
+    live
+}
+
+/// The weight of the token at which the descending cumulative mass first reaches `target`.
+/// Weights lie in (0, 1], where the bits of an f32 order like its value: one pass fills a
+/// histogram over the top bits, and only the bucket holding the crossing is sorted.
+fn mass_threshold(live: &[(TokenId, f32)], target: f64) -> f32 {
+    const SHIFT: u32 = 18;
+    let bucket = |w: f32| (w.to_bits() >> SHIFT) as usize;
+    let mut mass = vec![0.0f64; (1.0f32.to_bits() >> SHIFT) as usize + 1];
+    for &(_, w) in live {
+        mass[bucket(w)] += w as f64;
+    }
+    let mut above = 0.0;
+    let mut crossing = 0;
+    for (b, &m) in mass.iter().enumerate().rev() {
+        if above + m >= target {
+            crossing = b;
+            break;
+        }
+        above += m;
+    }
+    let mut edge: Vec<f32> = live
+        .iter()
+        .map(|&(_, w)| w)
+        .filter(|&w| bucket(w) == crossing)
+        .collect();
+    edge.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut tau = edge.first().copied().unwrap_or(f32::MIN_POSITIVE);
+    for w in edge {
+        tau = w;
+        above += w as f64;
+        if above >= target {
+            break;
+        }
+    }
+    tau
 }
 
 #[cfg(test)]
@@ -240,6 +325,29 @@ mod tests {
         let raw = crate::sampling::logprobs::token_logprob(&ROW, 0);
         assert!((s.logprob - raw).abs() < 1e-7);
         assert!(s.processed_logprob > raw, "renormalized without token 3");
+    }
+
+    #[test]
+    fn flat_nucleus_matches_a_full_sort() {
+        let mut rng = SeqRng::new(8, 0);
+        let w: Vec<f32> = (0..5000).map(|_| rng.next_f64() as f32 + 1e-3).collect();
+        for p in [0.3, 0.9, 0.999] {
+            let got = nucleus(&Weights::Dense(w.clone()), p);
+            let mut order: Vec<usize> = (0..w.len()).collect();
+            order.sort_by(|&a, &b| w[b].total_cmp(&w[a]).then(a.cmp(&b)));
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            let (mut acc, mut want) = (0.0, Vec::new());
+            for i in order {
+                want.push(i as TokenId);
+                acc += w[i] as f64;
+                if acc >= p * total {
+                    break;
+                }
+            }
+            want.sort_unstable();
+            let ids: Vec<TokenId> = got.iter().map(|&(id, _)| id).collect();
+            assert_eq!(ids, want, "top_p {p}");
+        }
     }
 
     #[test]
