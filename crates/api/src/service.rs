@@ -54,7 +54,7 @@ impl ServiceClient {
         let tokenizer = Tokenizer::from_model_dir(path)?;
         let tools = EngineTools {
             codec: Some(Arc::new(tokenizer.clone())),
-            guided: crate::guided::decoder(&tokenizer, backend.info())?,
+            guided: crate::guided::decoder(&tokenizer, backend.info()),
         };
         let engine = Engine::start_with(backend, self.options.engine, tools)
             .map_err(|e| Error::Engine(e.into()))?;
