@@ -24,6 +24,7 @@ mod sampling_client;
 mod service;
 mod tokenizer;
 mod types;
+pub mod wire;
 
 pub use backend_kind::{BackendKind, LoadOptions};
 pub use chat::{ChatMessage, ChatTemplate};
