@@ -26,6 +26,9 @@ const IMPORT_CHECK: &str = "import accelerate, gguf, numpy, safetensors, torch, 
 const SCRIPT: &str = "tests/data/make_goldens.py";
 /// Output file, relative to the repository root.
 const OUTPUT: &str = "tests/data/goldens/smollm2-135m-instruct.json";
+/// Beam-search golden generator and its output, relative to the repository root.
+const BEAM_SCRIPT: &str = "tests/data/make_beam_goldens.py";
+const BEAM_OUTPUT: &str = "tests/data/goldens/smollm2-135m-instruct-beams.json";
 
 /// Prepares the model, ensures the Python stack (unless `python` is given) and runs the script.
 pub fn run(root: &Path, python: Option<&Path>) -> Result<()> {
@@ -44,7 +47,16 @@ pub fn run(root: &Path, python: Option<&Path>) -> Result<()> {
         .arg(&gguf)
         .arg("--out")
         .arg(root.join(OUTPUT));
-    run_status(&mut cmd).context("golden generation failed")
+    run_status(&mut cmd).context("golden generation failed")?;
+    let mut beams = Command::new(&python);
+    beams
+        .current_dir(root)
+        .arg(BEAM_SCRIPT)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(root.join(BEAM_OUTPUT));
+    run_status(&mut beams).context("beam golden generation failed")
 }
 
 /// Creates `runtimes/py` and installs the pinned packages unless they already import.
