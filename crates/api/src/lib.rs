@@ -43,3 +43,8 @@ pub use infermux_core::{
 
 /// The core crate, for backend implementers and advanced use.
 pub use infermux_core as core;
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
