@@ -129,3 +129,75 @@ fn bad_input_exits_nonzero_with_a_message() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
 }
+
+#[test]
+fn stop_logprobs_guided_and_beam_flags() {
+    let out = infermux(&[
+        "sample",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--stop",
+        "Paris",
+        "--stop",
+        "never-matches",
+        "--logprobs",
+        "3",
+        "--json",
+    ]);
+    let v = json_stdout(&out);
+    let s = &v["samples"][0];
+    assert_eq!(s["finish_detail"], "stop_string", "{s}");
+    assert_eq!(s["stopped_by"], "Paris");
+    assert!(!s["text"].as_str().unwrap().contains("Paris"), "{s}");
+    let top = s["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), s["tokens"].as_array().unwrap().len());
+    assert!(top.iter().all(|t| t.as_array().unwrap().len() == 3));
+
+    let out = infermux(&[
+        "sample",
+        "--prompt",
+        "My favourite fruit is",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "1",
+        "--num-samples",
+        "4",
+        "--choice",
+        "apple,kiwi,fig",
+        "--json",
+    ]);
+    for s in json_stdout(&out)["samples"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        assert!(["apple", "kiwi", "fig"].contains(&text), "{s}");
+    }
+
+    let out = infermux(&[
+        "sample",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+        "--beam-width",
+        "3",
+        "--json",
+    ]);
+    let beams = json_stdout(&out);
+    let beams = beams["samples"].as_array().unwrap();
+    assert_eq!(beams.len(), 3);
+    let score = |s: &Value| -> f64 {
+        s["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum()
+    };
+    assert!(score(&beams[0]) >= score(&beams[2]));
+}
