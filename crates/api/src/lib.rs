@@ -21,6 +21,8 @@ mod chat;
 mod error;
 mod guided;
 mod sampling_client;
+#[cfg(feature = "server")]
+pub mod server;
 mod service;
 mod tokenizer;
 mod types;

@@ -19,6 +19,9 @@ pub enum Command {
     Sample(SampleArgs),
     /// Print the logprob of each prompt token given the ones before it.
     Logprobs(LogprobsArgs),
+    /// Serve the model over HTTP: OpenAI-compatible completions and chat, native sample and
+    /// compute_logprobs, /v1/models, /health and Prometheus /metrics.
+    Serve(ServeArgs),
 }
 
 /// Which model, on which backend, where.
@@ -135,4 +138,37 @@ pub struct LogprobsArgs {
     /// Print `{"logprobs": [null, ...]}` (the default output is one line per token).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the line `listening on http://HOST:PORT` tells).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients give as `model` (default: the model folder's name).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Generation requests served at once; more wait in the queue.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent_requests: usize,
+    /// Requests that may wait for a slot; past that the server answers 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Wall-clock limit per request in seconds, queueing included (504 beyond; 0: none).
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout_secs: u64,
+    /// Most sequences (KV slots) the engine decodes at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
 }

@@ -8,22 +8,27 @@ use infermux::{
 use serde_json::json;
 
 use crate::args::{
-    ChatArgs, Cli, Command, GuidedArgs, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs,
+    ChatArgs, Cli, Command, GuidedArgs, LogprobsArgs, ModelArgs, PromptArgs, SampleArgs, ServeArgs,
 };
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(args) => sample(args),
         Command::Logprobs(args) => logprobs(args),
+        Command::Serve(args) => serve(args),
     }
 }
 
 fn client(args: &ModelArgs) -> Result<SamplingClient> {
+    client_with(args, infermux::EngineConfig::default())
+}
+
+fn client_with(args: &ModelArgs, engine: infermux::EngineConfig) -> Result<SamplingClient> {
     let options = LoadOptions {
         backend: args.backend,
         device: args.device,
         dtype: args.dtype,
-        ..LoadOptions::default()
+        engine,
     };
     ServiceClient::with_options(options)
         .create_sampling_client(&args.model)
@@ -158,4 +163,46 @@ fn logprobs(args: LogprobsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use infermux::server::{self, Limits, ServerConfig};
+    use std::io::Write;
+
+    let engine = infermux::EngineConfig {
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+    };
+    let client = client_with(&args.model, engine)?;
+    let config = ServerConfig {
+        limits: Limits {
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_queue: args.max_queue,
+            max_body_bytes: args.max_body_bytes,
+            request_timeout: (args.request_timeout_secs > 0)
+                .then(|| std::time::Duration::from_secs(args.request_timeout_secs)),
+        },
+        served_model_name: args.served_model_name.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let local = listener.local_addr()?;
+        let app = server::router(client, &config);
+        let host = match local {
+            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            std::net::SocketAddr::V4(a) => a.ip().to_string(),
+        };
+        println!("listening on http://{host}:{}", local.port());
+        std::io::stdout().flush()?;
+        server::serve(listener, app, server::shutdown_signal())
+            .await
+            .context("serving")
+    })
 }

@@ -1,0 +1,427 @@
+//! From OpenAI requests to engine calls and back: sampling parameters, prompts, collected
+//! generations and logprob objects.
+
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use infermux_core::{
+    FinishReason, GuidedDecodingParams, ModelInput, OutputKind, SamplingParams, TokenId,
+    TopLogprobs,
+};
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use super::openai::{
+    ChatLogprobs, ChatMessageIn, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, Knobs,
+    MessageContent, PromptInput, TopMap,
+};
+use crate::{ChatMessage, SamplingClient, Tokenizer};
+
+/// Most top alternatives chat `top_logprobs` may ask for (OpenAI's limit).
+const MAX_CHAT_TOP_LOGPROBS: usize = 20;
+
+/// The engine parameters of a request's shared fields; `max_tokens` as resolved by the caller.
+pub(crate) fn sampling_params(
+    k: &Knobs,
+    max_tokens: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
+    let d = SamplingParams::default();
+    let logit_bias = match &k.logit_bias {
+        None => None,
+        Some(map) => Some(
+            map.iter()
+                .map(|(id, bias)| {
+                    id.trim()
+                        .parse::<TokenId>()
+                        .map(|id| (id, *bias))
+                        .map_err(|_| {
+                            ApiError::invalid(
+                                "logit_bias",
+                                format!("invalid `logit_bias`: key {id:?} is not a token id"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Ok(SamplingParams {
+        n: k.n.unwrap_or(1),
+        temperature: k.temperature.unwrap_or(d.temperature),
+        top_p: k.top_p.unwrap_or(d.top_p),
+        top_k: k.top_k.unwrap_or(d.top_k),
+        min_p: k.min_p.unwrap_or(d.min_p),
+        repetition_penalty: k.repetition_penalty.unwrap_or(d.repetition_penalty),
+        presence_penalty: k.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: k.frequency_penalty.unwrap_or(d.frequency_penalty),
+        logit_bias,
+        seed: k.seed,
+        stop: k.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        stop_token_ids: k.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: k.ignore_eos.unwrap_or(false),
+        min_tokens: k.min_tokens.unwrap_or(0),
+        max_tokens,
+        skip_special_tokens: k.skip_special_tokens.unwrap_or(true),
+        include_stop_str_in_output: k.include_stop_str_in_output.unwrap_or(false),
+        truncate_prompt_tokens: k.truncate_prompt_tokens,
+        guided_decoding: guided(k)?,
+        ..d
+    })
+}
+
+/// The guided-decoding constraint of `response_format` or vLLM's `guided_*` fields.
+fn guided(k: &Knobs) -> Result<Option<GuidedDecodingParams>, ApiError> {
+    let mut g = GuidedDecodingParams::default();
+    if let Some(format) = &k.response_format {
+        match format.kind.as_str() {
+            "text" => {}
+            "json_object" => g.json_object = Some(true),
+            "json_schema" => {
+                let schema = format
+                    .json_schema
+                    .as_ref()
+                    .and_then(|j| j.schema.clone())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "response_format.json_schema.schema",
+                            "`response_format` of type json_schema needs `json_schema.schema`",
+                        )
+                    })?;
+                g.json = Some(schema);
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!(
+                        "unsupported `response_format.type` {other:?} (text, json_object or json_schema)"
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(schema) = &k.guided_json {
+        g.json = Some(schema.clone());
+    }
+    g.regex.clone_from(&k.guided_regex);
+    g.choice.clone_from(&k.guided_choice);
+    g.grammar.clone_from(&k.guided_grammar);
+    let any = g.json.is_some()
+        || g.json_object.is_some()
+        || g.regex.is_some()
+        || g.choice.is_some()
+        || g.grammar.is_some();
+    Ok(any.then_some(g))
+}
+
+/// A prompt: its token ids and, when it came as text, that text.
+pub(crate) struct Prompt {
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) text: Option<String>,
+}
+
+/// The prompts of a completions request, tokenized.
+pub(crate) fn completion_prompts(
+    tokenizer: &Tokenizer,
+    input: PromptInput,
+) -> Result<Vec<Prompt>, ApiError> {
+    let encode = |text: String| -> Result<Prompt, ApiError> {
+        let tokens = tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        Ok(Prompt {
+            tokens,
+            text: Some(text),
+        })
+    };
+    let ids = |tokens: Vec<TokenId>| Prompt { tokens, text: None };
+    let prompts = match input {
+        PromptInput::Text(t) => vec![encode(t)?],
+        PromptInput::Tokens(t) => vec![ids(t)],
+        PromptInput::Texts(ts) => ts.into_iter().map(encode).collect::<Result<_, _>>()?,
+        PromptInput::TokenLists(ls) => ls.into_iter().map(ids).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must hold at least one prompt",
+        ));
+    }
+    Ok(prompts)
+}
+
+/// The chat template applied to `messages`, tokenized.
+pub(crate) fn chat_prompt(
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessageIn],
+    add_generation_prompt: bool,
+) -> Result<Vec<TokenId>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    let mut conversation = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let content = match &m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t.clone(),
+            Some(MessageContent::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), &part.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content"),
+                                format!(
+                                    "unsupported content part {kind:?}: only text parts are supported"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        conversation.push(ChatMessage::new(m.role.clone(), content));
+    }
+    let rendered = tokenizer
+        .apply_chat_template(&conversation, add_generation_prompt)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    tokenizer
+        .encode(&rendered, false)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+/// Chat `logprobs`/`top_logprobs` as the engine's `logprobs` count.
+pub(crate) fn chat_logprobs_count(
+    logprobs: Option<bool>,
+    top: Option<usize>,
+) -> Result<Option<usize>, ApiError> {
+    match (logprobs.unwrap_or(false), top) {
+        (_, Some(k)) if k > MAX_CHAT_TOP_LOGPROBS => Err(ApiError::invalid(
+            "top_logprobs",
+            format!("`top_logprobs` must be at most {MAX_CHAT_TOP_LOGPROBS}, got {k}"),
+        )),
+        (false, Some(k)) if k > 0 => Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
+        )),
+        (true, k) => Ok(Some(k.unwrap_or(0))),
+        (false, _) => Ok(None),
+    }
+}
+
+/// One finished choice.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChoiceOut {
+    pub(crate) tokens: Vec<TokenId>,
+    pub(crate) logprobs: Vec<f32>,
+    pub(crate) top: Option<Vec<TopLogprobs>>,
+    pub(crate) text: String,
+    pub(crate) finish: Option<FinishReason>,
+}
+
+/// The finished generation of one prompt.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Generation {
+    pub(crate) prompt_len: usize,
+    pub(crate) choices: Vec<ChoiceOut>,
+    pub(crate) prompt_logprobs: Option<Vec<Option<f32>>>,
+    pub(crate) topk_prompt: Option<Vec<Option<TopLogprobs>>>,
+}
+
+impl Generation {
+    /// Tokens generated over all choices.
+    pub(crate) fn completion_tokens(&self) -> usize {
+        self.choices.iter().map(|c| c.tokens.len()).sum()
+    }
+}
+
+/// Runs one prompt to completion. Streams deltas from the engine (so the time to the first
+/// token is measured), or, with `best_of > n`, waits for the final output.
+pub(crate) async fn generate(
+    client: &SamplingClient,
+    prompt: Vec<TokenId>,
+    mut params: SamplingParams,
+    arrived: Instant,
+    metrics: &Metrics,
+) -> Result<Generation, ApiError> {
+    let n = params.n;
+    let prompt_len = params
+        .truncate_prompt_tokens
+        .map_or(prompt.len(), |k| k.min(prompt.len()));
+    if params.samples_drawn() > n {
+        let r = client
+            .sample(ModelInput::from_ints(prompt), n, params, false, 0)
+            .await?;
+        metrics.ttft.observe(arrived.elapsed());
+        return Ok(Generation {
+            prompt_len,
+            choices: r
+                .sequences
+                .into_iter()
+                .map(|s| ChoiceOut {
+                    tokens: s.tokens,
+                    logprobs: s.logprobs.unwrap_or_default(),
+                    top: s.top_logprobs,
+                    text: s.text.unwrap_or_default(),
+                    finish: Some(s.finish_reason),
+                })
+                .collect(),
+            prompt_logprobs: r.prompt_logprobs,
+            topk_prompt: r.topk_prompt_logprobs,
+        });
+    }
+    params.output_kind = OutputKind::Delta;
+    let mut stream = client.sample_stream(ModelInput::from_ints(prompt), params);
+    let mut out = Generation {
+        prompt_len,
+        choices: vec![ChoiceOut::default(); n],
+        ..Generation::default()
+    };
+    let mut first = true;
+    while let Some(update) = StreamExt::next(&mut stream).await {
+        let update = update?;
+        out.prompt_len = update.prompt_len;
+        if update.prompt_logprobs.is_some() {
+            out.prompt_logprobs = update.prompt_logprobs;
+        }
+        if update.topk_prompt_logprobs.is_some() {
+            out.topk_prompt = update.topk_prompt_logprobs;
+        }
+        for s in update.sequences {
+            if first && !s.tokens.is_empty() {
+                first = false;
+                metrics.ttft.observe(arrived.elapsed());
+            }
+            let Some(c) = out.choices.get_mut(s.index) else {
+                continue;
+            };
+            c.tokens.extend(s.tokens);
+            c.logprobs.extend(s.logprobs);
+            if let Some(top) = s.top_logprobs {
+                c.top.get_or_insert_with(Vec::new).extend(top);
+            }
+            c.text.push_str(&s.text);
+            if s.finish_reason.is_some() {
+                c.finish = s.finish_reason;
+            }
+        }
+        if update.finished {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The text of one token (special tokens spelled out).
+pub(crate) fn token_text(tokenizer: &Tokenizer, id: TokenId) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn top_map(tokenizer: &Tokenizer, top: &TopLogprobs) -> TopMap {
+    TopMap(
+        top.iter()
+            .map(|(id, lp)| (token_text(tokenizer, *id), *lp))
+            .collect(),
+    )
+}
+
+/// Completions `logprobs` of `tokens`, offsets starting at `offset` characters.
+pub(crate) fn completion_logprobs(
+    tokenizer: &Tokenizer,
+    tokens: &[TokenId],
+    logprobs: &[Option<f32>],
+    top: Option<&[Option<TopLogprobs>]>,
+    offset: usize,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut at = offset;
+    for (i, &id) in tokens.iter().enumerate() {
+        let text = token_text(tokenizer, id);
+        out.text_offset.push(at);
+        at += text.chars().count();
+        out.tokens.push(text);
+        out.token_logprobs.push(logprobs.get(i).copied().flatten());
+        out.top_logprobs.push(
+            top.and_then(|t| t.get(i))
+                .and_then(Option::as_ref)
+                .map(|t| top_map(tokenizer, t)),
+        );
+    }
+    out
+}
+
+/// Completions `logprobs` of generated tokens.
+pub(crate) fn generated_logprobs(
+    tokenizer: &Tokenizer,
+    tokens: &[TokenId],
+    logprobs: &[f32],
+    top: Option<&[TopLogprobs]>,
+    offset: usize,
+) -> CompletionLogprobs {
+    let lps: Vec<Option<f32>> = logprobs.iter().copied().map(Some).collect();
+    let top: Option<Vec<Option<TopLogprobs>>> = top.map(|t| t.iter().cloned().map(Some).collect());
+    completion_logprobs(tokenizer, tokens, &lps, top.as_deref(), offset)
+}
+
+/// Chat `logprobs` of generated tokens.
+pub(crate) fn chat_logprobs(
+    tokenizer: &Tokenizer,
+    tokens: &[TokenId],
+    logprobs: &[f32],
+    top: Option<&[TopLogprobs]>,
+) -> ChatLogprobs {
+    let content = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let token = token_text(tokenizer, id);
+            ChatTokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: logprobs.get(i).copied().unwrap_or(f32::NAN),
+                top_logprobs: top
+                    .and_then(|t| t.get(i))
+                    .map(|alts| {
+                        alts.iter()
+                            .map(|(alt, lp)| {
+                                let token = token_text(tokenizer, *alt);
+                                ChatTopLogprob {
+                                    bytes: token.as_bytes().to_vec(),
+                                    token,
+                                    logprob: *lp,
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+/// OpenAI's `finish_reason`.
+pub(crate) fn finish_str(f: Option<FinishReason>) -> Option<&'static str> {
+    f.map(FinishReason::as_openai_str)
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A fresh request id with `prefix` (`cmpl`, `chatcmpl`).
+pub(crate) fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}-{:08x}{n:06x}", nanos ^ (std::process::id() << 8))
+}

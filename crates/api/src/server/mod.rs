@@ -1,0 +1,256 @@
+//! The HTTP server behind `infermux serve` (feature `server`): OpenAI-compatible
+//! `/v1/completions` and `/v1/chat/completions` (streaming as server-sent events), the native
+//! `/v1/sample` and `/v1/compute_logprobs` ([`crate::wire`] shapes), `/v1/models`, `/health`
+//! and Prometheus `/metrics`, with admission control (bounded concurrency and queue, 429 with
+//! `Retry-After`), body-size and time limits. Every error is a [`crate::wire::ErrorBody`].
+//!
+//! Embed it in your own tokio service with [`router`], or run it with [`serve`] / [`spawn`]:
+//!
+//! ```no_run
+//! use infermux::ServiceClient;
+//! use infermux::server::{self, ServerConfig};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = ServiceClient::new().create_sampling_client("models/SmolLM2-135M-Instruct")?;
+//! let app = server::router(client, &ServerConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//! server::serve(listener, app, server::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Dropping a request — the client closing its connection or an SSE stream — drops the engine
+//! future or stream, which cancels the request and frees its KV slots.
+
+mod convert;
+mod error;
+mod limits;
+mod metrics;
+pub mod openai;
+mod routes;
+mod sse;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use infermux_core::EngineStats;
+
+pub use error::{ApiError, parse_json};
+pub use limits::Limits;
+
+use crate::SamplingClient;
+use limits::Admission;
+
+/// How a server is set up.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// Request limits.
+    pub limits: Limits,
+    /// The name clients use in `model` (default: the client's base model, its folder name).
+    pub served_model_name: Option<String>,
+}
+
+/// One model a server answers for.
+#[derive(Debug)]
+pub(crate) struct ServedModel {
+    pub(crate) name: String,
+    pub(crate) client: SamplingClient,
+    pub(crate) created: u64,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) models: Vec<ServedModel>,
+    pub(crate) admission: Admission,
+    pub(crate) metrics: metrics::Metrics,
+    pub(crate) limits: Limits,
+}
+
+impl AppState {
+    /// The model named `name`; without a name, the first one (404 for an unknown name).
+    pub(crate) fn model(&self, name: Option<&str>) -> Result<&ServedModel, ApiError> {
+        match name {
+            None => Ok(self.default_model()),
+            Some(name) => self.models.iter().find(|m| m.name == name).ok_or_else(|| {
+                let served: Vec<String> = self.models.iter().map(|m| m.name.clone()).collect();
+                ApiError::unknown_model(name, &served)
+            }),
+        }
+    }
+
+    /// The first served model (the native endpoints use it).
+    pub(crate) fn default_model(&self) -> &ServedModel {
+        &self.models[0]
+    }
+
+    /// Each model's engine stats (`None` where the engine is gone), read off the async threads.
+    pub(crate) async fn engine_stats(&self) -> Vec<(String, Option<EngineStats>)> {
+        let engines: Vec<(String, infermux_core::Engine)> = self
+            .models
+            .iter()
+            .map(|m| (m.name.clone(), m.client.engine().clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            engines
+                .into_iter()
+                .map(|(name, engine)| (name, engine.stats().ok()))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
+
+/// The server's routes over one model, ready to serve or to nest in a larger axum app.
+pub fn router(client: SamplingClient, config: &ServerConfig) -> Router {
+    let name = config
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| client.get_base_model());
+    router_for_models(vec![(name, client)], &config.limits)
+}
+
+/// The server's routes over several models, chosen by the requests' `model` field (the native
+/// endpoints use the first). Panics if `models` is empty.
+pub fn router_for_models(models: Vec<(String, SamplingClient)>, limits: &Limits) -> Router {
+    assert!(!models.is_empty(), "a server needs at least one model");
+    let created = convert::unix_now();
+    let state = Arc::new(AppState {
+        models: models
+            .into_iter()
+            .map(|(name, client)| ServedModel {
+                name,
+                client,
+                created,
+            })
+            .collect(),
+        admission: Admission::new(limits),
+        metrics: metrics::Metrics::default(),
+        limits: *limits,
+    });
+    Router::new()
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/sample", post(routes::sample))
+        .route("/v1/compute_logprobs", post(routes::compute_logprobs))
+        .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::count_replies,
+        ))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves (then finishes open requests).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// A server running on its own thread and tokio runtime (for synchronous programs and tests).
+/// Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ServerHandle {
+    /// The address it listens on (the real port when bound to port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://HOST:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, finishes open requests and waits for the thread.
+    pub fn shutdown(mut self) -> std::io::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> std::io::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the server thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+/// Binds `addr` (e.g. `127.0.0.1:0`) and serves `client` on a new thread with its own runtime.
+pub fn spawn(
+    client: SamplingClient,
+    config: &ServerConfig,
+    addr: &str,
+) -> std::io::Result<ServerHandle> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("infermux-http")
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
+    let local = listener.local_addr()?;
+    let app = router(client, config);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("infermux-server".into())
+        .spawn(move || {
+            runtime.block_on(serve(listener, app, async {
+                let _ = stopped.await;
+            }))
+        })?;
+    Ok(ServerHandle {
+        addr: local,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
