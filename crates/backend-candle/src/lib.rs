@@ -12,6 +12,7 @@
 
 mod device;
 mod error;
+mod host;
 mod kv_cache;
 mod model;
 mod weights;
@@ -40,11 +41,25 @@ pub struct CandleOptions {
 }
 
 /// A loaded model on candle.
+///
+/// f32 on the CPU runs on host kernels ([`host`]: multi-threaded small-batch matmuls, fused
+/// attention over all chunks); other devices and precisions run as candle tensor ops. Setting
+/// `INFERMUX_CANDLE_OPS=1` forces the tensor-op path everywhere (for comparisons).
 pub struct CandleBackend {
     info: ModelInfo,
-    model: Llama,
-    kv: KvCache,
-    device: candle_core::Device,
+    engine: Engine,
+}
+
+enum Engine {
+    Tensors {
+        model: Llama,
+        kv: KvCache,
+        device: candle_core::Device,
+    },
+    Host {
+        model: host::HostLlama,
+        kv: host::HostKv,
+    },
 }
 
 impl CandleBackend {
@@ -63,23 +78,34 @@ impl CandleBackend {
         let dtype = candle_dtype(options.dtype);
         let weights = Weights::open(&dir.weight_files, &device, dtype)?;
         let cfg = &dir.config;
-        let model = Llama::load(cfg, &weights, &device, dtype)?;
-        let shape = KvShape {
-            num_layers: cfg.num_layers,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-        };
         let info = ModelInfo::from_config(
             cfg,
             dir.eos_token_ids.clone(),
             options.dtype,
             options.device,
         );
+        let tensor_ops = std::env::var_os("INFERMUX_CANDLE_OPS").is_some_and(|v| v != "0");
+        if options.device == Device::Cpu && options.dtype == DType::F32 && !tensor_ops {
+            let model = host::HostLlama::load(cfg, &weights)?;
+            let kv = host::HostKv::new(model.kv_shape());
+            return Ok(Self {
+                info,
+                engine: Engine::Host { model, kv },
+            });
+        }
+        let model = Llama::load(cfg, &weights, &device, dtype)?;
+        let shape = KvShape {
+            num_layers: cfg.num_layers,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         Ok(Self {
             info,
-            model,
-            kv: KvCache::new(shape, dtype, device.clone()),
-            device,
+            engine: Engine::Tensors {
+                model,
+                kv: KvCache::new(shape, dtype, device.clone()),
+                device,
+            },
         })
     }
 }
@@ -90,33 +116,43 @@ impl Backend for CandleBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
-        batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
+        batch.check_positions(|slot| self.cached_len(slot), self.info.max_context)?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }
-        let logits = self
-            .model
-            .forward(batch, &mut self.kv, &self.device)
-            .map_err(runtime_error)?;
-        let data = logits
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(runtime_error)?;
+        let data = match &mut self.engine {
+            Engine::Tensors { model, kv, device } => model
+                .forward(batch, kv, device)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(runtime_error)?,
+            Engine::Host { model, kv } => model.forward(batch, kv)?,
+        };
         Logits::new(batch, self.info.vocab_size, data)
     }
 
     fn release(&mut self, slot: SlotId) {
-        self.kv.release(slot);
+        match &mut self.engine {
+            Engine::Tensors { kv, .. } => kv.release(slot),
+            Engine::Host { kv, .. } => kv.release(slot),
+        }
     }
 
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
-        match self.kv.fork(src, dst).map_err(runtime_error)? {
+        let found = match &mut self.engine {
+            Engine::Tensors { kv, .. } => kv.fork(src, dst).map_err(runtime_error)?,
+            Engine::Host { kv, .. } => kv.fork(src, dst),
+        };
+        match found {
             true => Ok(()),
             false => Err(BackendError::UnknownSlot(src)),
         }
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {
-        self.kv.len(slot)
+        match &self.engine {
+            Engine::Tensors { kv, .. } => kv.len(slot),
+            Engine::Host { kv, .. } => kv.len(slot),
+        }
     }
 }
