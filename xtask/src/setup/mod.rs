@@ -2,6 +2,7 @@
 
 pub mod install;
 pub mod model;
+pub mod py_openai;
 pub mod runtimes;
 pub mod tokenizer;
 
@@ -70,8 +71,10 @@ impl Components {
     };
 }
 
-/// Installs the selected runtimes, then prepares the model; returns the model folder.
+/// Installs the selected runtimes and the `openai` Python client (for the server's client
+/// test), then prepares the model; returns the model folder.
 pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
+    py_openai::ensure(root)?;
     if components.torch {
         install::ensure(root, &runtimes::LIBTORCH)?;
     }

@@ -416,10 +416,7 @@ pub(crate) async fn health(State(state): Shared) -> Response {
 pub(crate) async fn metrics(State(state): Shared) -> Response {
     let stats = state.engine_stats().await;
     let snapshot = super::metrics::Snapshot {
-        engines: stats
-            .iter()
-            .map(|(name, s)| (name.as_str(), s.clone()))
-            .collect(),
+        engines: stats.iter().map(|(name, s)| (name.as_str(), *s)).collect(),
         in_flight: state.admission.in_flight(),
         queued: state.admission.queued(),
         capacity: state.admission.capacity(),
