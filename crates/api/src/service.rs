@@ -1,12 +1,13 @@
 //! `ServiceClient`: the entry point that loads models and hands out sampling clients.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use infermux_core::{Backend, Engine, EngineTools, ModelError};
 
 use crate::backend_kind::{LoadOptions, load_backend};
 use crate::error::{Error, Result};
+use crate::registry::ModelRegistry;
 use crate::sampling_client::SamplingClient;
 use crate::tokenizer::Tokenizer;
 
@@ -14,6 +15,29 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug, Clone, Default)]
 pub struct ServiceClient {
     options: LoadOptions,
+    registry: ModelRegistry,
+}
+
+/// Which model a sampling client serves: Tinker's `create_sampling_client(base_model=...)` or
+/// `create_sampling_client(model_path=...)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A model name resolved through the [`ModelRegistry`] (`NAME` or `ORG/NAME`).
+    BaseModel(String),
+    /// A model folder.
+    ModelPath(PathBuf),
+}
+
+impl ModelSource {
+    /// [`ModelSource::BaseModel`].
+    pub fn base_model(name: impl Into<String>) -> Self {
+        Self::BaseModel(name.into())
+    }
+
+    /// [`ModelSource::ModelPath`].
+    pub fn model_path(path: impl Into<PathBuf>) -> Self {
+        Self::ModelPath(path.into())
+    }
 }
 
 impl ServiceClient {
@@ -24,7 +48,40 @@ impl ServiceClient {
 
     /// A client that loads models with `options`.
     pub fn with_options(options: LoadOptions) -> Self {
-        Self { options }
+        Self {
+            options,
+            registry: ModelRegistry::default(),
+        }
+    }
+
+    /// Resolves base model names through `registry` (default: [`ModelRegistry::from_env`]).
+    pub fn with_registry(mut self, registry: ModelRegistry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// The registry base model names are resolved through.
+    pub fn registry(&self) -> &ModelRegistry {
+        &self.registry
+    }
+
+    /// Starts a sampling client for the model `base_model` names (`SmolLM2-135M-Instruct` or
+    /// `HuggingFaceTB/SmolLM2-135M-Instruct`), found offline by the registry; an unknown name
+    /// is an error listing the available ones. `get_base_model` reports the name as given.
+    pub fn create_sampling_client_from_base_model(
+        &self,
+        base_model: &str,
+    ) -> Result<SamplingClient> {
+        let path = self.registry.resolve(base_model)?;
+        self.load(&path, base_model.trim().to_string())
+    }
+
+    /// Starts a sampling client for `source`: a registry name or a model folder.
+    pub fn create_sampling_client_from(&self, source: ModelSource) -> Result<SamplingClient> {
+        match source {
+            ModelSource::BaseModel(name) => self.create_sampling_client_from_base_model(&name),
+            ModelSource::ModelPath(path) => self.create_sampling_client(path),
+        }
     }
 
     /// The options models are loaded with.
@@ -36,6 +93,14 @@ impl ServiceClient {
     /// weights or graph the backend needs) and starts an engine for it.
     pub fn create_sampling_client(&self, model: impl AsRef<Path>) -> Result<SamplingClient> {
         let path = model.as_ref();
+        let base_model = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        self.load(path, base_model)
+    }
+
+    fn load(&self, path: &Path, base_model: String) -> Result<SamplingClient> {
         if !path.is_dir() {
             return Err(ModelError::MissingFile {
                 dir: path.to_path_buf(),
@@ -58,10 +123,6 @@ impl ServiceClient {
         };
         let engine = Engine::start_with(backend, self.options.engine, tools)
             .map_err(|e| Error::Engine(e.into()))?;
-        let base_model = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
         Ok(SamplingClient::new(engine, tokenizer, base_model))
     }
 }
