@@ -74,6 +74,16 @@ impl CandleBackend {
         dir: &ModelDir,
         options: CandleOptions,
     ) -> Result<Self, CandleBackendError> {
+        let tensor_ops = std::env::var_os("INFERMUX_CANDLE_OPS").is_some_and(|v| v != "0");
+        Self::with_engine(dir, options, tensor_ops)
+    }
+
+    /// Loads with the host kernels where they apply (CPU f32), unless `tensor_ops`.
+    fn with_engine(
+        dir: &ModelDir,
+        options: CandleOptions,
+        tensor_ops: bool,
+    ) -> Result<Self, CandleBackendError> {
         let device = candle_device(options.device)?;
         let dtype = candle_dtype(options.dtype);
         let weights = Weights::open(&dir.weight_files, &device, dtype)?;
@@ -84,7 +94,6 @@ impl CandleBackend {
             options.dtype,
             options.device,
         );
-        let tensor_ops = std::env::var_os("INFERMUX_CANDLE_OPS").is_some_and(|v| v != "0");
         if options.device == Device::Cpu && options.dtype == DType::F32 && !tensor_ops {
             let model = host::HostLlama::load(cfg, &weights)?;
             let kv = host::HostKv::new(model.kv_shape());
@@ -153,6 +162,154 @@ impl Backend for CandleBackend {
         match &self.engine {
             Engine::Tensors { kv, .. } => kv.len(slot),
             Engine::Host { kv, .. } => kv.len(slot),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Tensor;
+    use infermux_core::{LogitsWanted, SeqChunk};
+
+    use super::*;
+
+    /// A random model folder of architecture `arch` with GQA (4 heads over 2 KV heads).
+    fn tiny_model(dir: &Path, arch: &str, tied: bool) {
+        let (h, inter, vocab, heads, kv_heads, hd, layers) = (32, 48, 97, 4, 2, 8, 2);
+        let config = format!(
+            r#"{{"architectures": ["{arch}"], "hidden_size": {h}, "intermediate_size": {inter},
+            "num_hidden_layers": {layers}, "num_attention_heads": {heads},
+            "num_key_value_heads": {kv_heads}, "head_dim": {hd}, "vocab_size": {vocab},
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+            "tie_word_embeddings": {tied}, "eos_token_id": 2}}"#
+        );
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let mut t = HashMap::new();
+        let mut put = |name: String, shape: &[usize], scale: f64| {
+            let v = (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap();
+            t.insert(name, v);
+        };
+        put("model.embed_tokens.weight".into(), &[vocab, h], 1.0);
+        put("model.norm.weight".into(), &[h], 1.0);
+        if !tied {
+            put("lm_head.weight".into(), &[vocab, h], 0.3);
+        }
+        for l in 0..layers {
+            let p = format!("model.layers.{l}");
+            let s = 0.3;
+            put(format!("{p}.input_layernorm.weight"), &[h], 1.0);
+            put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
+            put(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, h], s);
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                &[kv_heads * hd, h],
+                s,
+            );
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                &[kv_heads * hd, h],
+                s,
+            );
+            put(format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd], s);
+            put(format!("{p}.mlp.gate_proj.weight"), &[inter, h], s);
+            put(format!("{p}.mlp.up_proj.weight"), &[inter, h], s);
+            put(format!("{p}.mlp.down_proj.weight"), &[h, inter], s);
+            if arch.starts_with("Qwen2") {
+                put(format!("{p}.self_attn.q_proj.bias"), &[heads * hd], s);
+                put(format!("{p}.self_attn.k_proj.bias"), &[kv_heads * hd], s);
+                put(format!("{p}.self_attn.v_proj.bias"), &[kv_heads * hd], s);
+            }
+            if arch.starts_with("Qwen3") {
+                put(format!("{p}.self_attn.q_norm.weight"), &[hd], 1.0);
+                put(format!("{p}.self_attn.k_norm.weight"), &[hd], 1.0);
+            }
+        }
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    }
+
+    fn chunk(slot: u32, start_pos: usize, tokens: &[u32], logits: LogitsWanted) -> SeqChunk {
+        SeqChunk {
+            slot: SlotId(slot),
+            start_pos,
+            tokens: tokens.to_vec(),
+            logits,
+        }
+    }
+
+    #[test]
+    fn host_kernels_match_tensor_ops() {
+        for (arch, tied) in [
+            ("LlamaForCausalLM", true),
+            ("Qwen2ForCausalLM", false),
+            ("Qwen3ForCausalLM", false),
+        ] {
+            let dir = std::env::temp_dir().join(format!(
+                "infermux-candle-host-{arch}-{}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            tiny_model(&dir, arch, tied);
+            let md = ModelDir::open(&dir).unwrap();
+            let opts = CandleOptions::default();
+            let mut host = CandleBackend::with_engine(&md, opts, false).unwrap();
+            let mut ops = CandleBackend::with_engine(&md, opts, true).unwrap();
+            assert!(matches!(host.engine, Engine::Host { .. }));
+            assert!(matches!(ops.engine, Engine::Tensors { .. }));
+            let prompt: Vec<u32> = (0..70).map(|i| (i * 13 + 5) % 97).collect();
+            let steps = [
+                // A long prefill (crosses the 64-slot initial capacity) and a short one.
+                ForwardBatch {
+                    chunks: vec![
+                        chunk(0, 0, &prompt, LogitsWanted::All),
+                        chunk(1, 0, &prompt[..5], LogitsWanted::Last),
+                    ],
+                },
+                // Decode steps mixed with a prefill continuation.
+                ForwardBatch {
+                    chunks: vec![
+                        chunk(1, 5, &prompt[5..9], LogitsWanted::All),
+                        chunk(0, 70, &[7], LogitsWanted::Last),
+                        chunk(2, 0, &[3], LogitsWanted::Last),
+                    ],
+                },
+            ];
+            for b in [&mut host, &mut ops] {
+                b.forward(&steps[0]).unwrap();
+                b.fork(SlotId(0), SlotId(3)).unwrap();
+            }
+            let fork_step = ForwardBatch {
+                chunks: vec![chunk(3, 70, &[11, 12], LogitsWanted::All)],
+            };
+            for batch in [&steps[0], &steps[1], &fork_step] {
+                let batch = if std::ptr::eq(batch, &steps[0]) {
+                    // Re-run the first batch on fresh slots.
+                    for b in [&mut host, &mut ops] {
+                        b.release(SlotId(0));
+                        b.release(SlotId(1));
+                    }
+                    batch
+                } else {
+                    batch
+                };
+                let (a, b) = (host.forward(batch).unwrap(), ops.forward(batch).unwrap());
+                for c in 0..batch.chunks.len() {
+                    for (ra, rb) in a.chunk(c).zip(b.chunk(c)) {
+                        let worst = ra
+                            .iter()
+                            .zip(rb)
+                            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                            .fold(0f32, f32::max);
+                        assert!(worst < 1e-4, "{arch}: chunk {c} differs by {worst}");
+                    }
+                }
+            }
+            for s in 0..4 {
+                assert_eq!(host.cached_len(SlotId(s)), ops.cached_len(SlotId(s)));
+            }
+            std::fs::remove_dir_all(&dir).ok();
         }
     }
 }

@@ -534,3 +534,46 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use std::time::Instant;
+
+    /// `cargo test --release -p infermux-backend-candle bandwidth -- --ignored --nocapture`:
+    /// the m = 1 matmul's read rate next to a plain streaming sum over the same bytes.
+    #[test]
+    #[ignore]
+    fn bandwidth() {
+        let (k, n) = (576, 49152 * 2);
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32).collect();
+        let x = vec![0.5f32; 16 * k];
+        let gb = (n * k * 4) as f64 / 1e9;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let s: f32 = w
+                .chunks_exact(8)
+                .fold([0f32; 8], |mut a, c| {
+                    for l in 0..8 {
+                        a[l] += c[l];
+                    }
+                    a
+                })
+                .iter()
+                .sum();
+            std::hint::black_box(s);
+            let sum = t.elapsed().as_secs_f64();
+            for m in [1, 4, 16] {
+                let mut out = vec![0f32; m * n];
+                let t = Instant::now();
+                super::matmul(&x, m, k, &w, n, None, &mut out, false);
+                let mm = t.elapsed().as_secs_f64();
+                println!(
+                    "sum {:.1} GB/s; matmul m={m} {:.1} GB/s ({:.1} GFLOP/s)",
+                    gb / sum,
+                    gb / mm,
+                    (2 * m * n * k) as f64 / mm / 1e9
+                );
+            }
+        }
+    }
+}

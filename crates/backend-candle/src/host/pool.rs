@@ -18,8 +18,10 @@ const OPEN: u64 = 1 << 32;
 const ACTIVE: u64 = OPEN - 1;
 const GEN_SHIFT: u32 = 33;
 
-/// Spins of an idle worker before it parks (~tens of microseconds).
-const SPINS: u32 = 20_000;
+/// Spins of an idle worker before it parks: enough to bridge the serial gaps between the
+/// parallel loops of one forward pass (microseconds), short enough not to burn a core that other
+/// processes on a shared machine could use.
+const SPINS: u32 = 4_000;
 
 struct Job {
     /// Calls `f(range)` for a type-erased `&(dyn Fn(Range<usize>) + Sync)`.
