@@ -321,7 +321,7 @@ pub struct CompletionLogprobs {
 }
 
 impl CompletionLogprobs {
-    /// Appends `other`, shifting its offsets to follow this one's text of `len` characters.
+    /// Appends `other` (whose offsets already count the text before it).
     pub fn extend(&mut self, other: CompletionLogprobs) {
         self.tokens.extend(other.tokens);
         self.token_logprobs.extend(other.token_logprobs);
