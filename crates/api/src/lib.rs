@@ -18,8 +18,13 @@
 
 mod backend_kind;
 mod chat;
+mod deployment;
 mod error;
 mod guided;
+mod registry;
+mod remote;
+mod retry;
+mod sampler;
 mod sampling_client;
 #[cfg(feature = "server")]
 pub mod server;
@@ -30,9 +35,14 @@ pub mod wire;
 
 pub use backend_kind::{BackendKind, LoadOptions};
 pub use chat::{ChatMessage, ChatTemplate};
+pub use deployment::{DeploymentSampler, PromptInput, SampleWithTokensParams, SampledCompletion};
 pub use error::{Error, Result};
+pub use registry::{MODELS_DIR_ENV, ModelLocation, ModelRegistry, RegisteredModel, RegistryError};
+pub use remote::{RemoteError, RemoteSamplingClient};
+pub use retry::{RetryConfig, parse_retry_after};
+pub use sampler::{Sampler, SamplerFuture};
 pub use sampling_client::{ApiFuture, SamplingClient};
-pub use service::ServiceClient;
+pub use service::{ModelSource, ServiceClient};
 pub use tokenizer::Tokenizer;
 pub use types::{SampleResponse, SampledSequence, StopReason};
 
