@@ -131,7 +131,7 @@ fn cargo() -> Command {
 
 /// Candle-only fast path: prepares the model (no native runtimes) and samples twice.
 fn quickstart(root: &Path) -> Result<()> {
-    let model = setup::all(root, Components::MODEL_ONLY)?;
+    let model = setup::run(root)?;
     let model = model.strip_prefix(root).unwrap_or(&model).to_path_buf();
     // A plain completion, then the same question through the model's chat template.
     let runs: [&[&str]; 2] = [

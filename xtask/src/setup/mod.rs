@@ -63,13 +63,6 @@ pub struct Components {
     pub onnx: bool,
 }
 
-impl Components {
-    /// No native runtime: only the model (the candle-only path).
-    pub const MODEL_ONLY: Self = Self {
-        torch: false,
-        onnx: false,
-    };
-}
 
 /// Installs the selected runtimes and the `openai` Python client (for the server's client
 /// test), then prepares the model; returns the model folder.
