@@ -93,6 +93,48 @@ pub(crate) fn matmul(
     });
 }
 
+/// `out[m, n] = x[m, k] @ w[n, k]ᵀ` on the calling thread only (inside a parallel unit).
+pub(crate) fn matmul_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
+    // SAFETY: `out` holds `m * n` floats and is exclusively borrowed.
+    unsafe { matmul_cols(x, m, k, w, n, None, out.as_mut_ptr(), false, 0..n) }
+}
+
+/// `out[d] = Σⱼ p[j] · v[j, d]` for `v` of `p.len()` rows of `out.len()` values.
+pub(crate) fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    assert!(v.len() >= p.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && hd.is_multiple_of(8) {
+        let mut d0 = 0;
+        while d0 < hd {
+            let nv = ((hd - d0) / 8).min(8);
+            // SAFETY: AVX2 and FMA were detected; the block lies inside every row and `out`.
+            unsafe {
+                match nv {
+                    8 => avx::weighted_sum::<8>(p, v, hd, d0, out),
+                    4..=7 => avx::weighted_sum::<4>(p, v, hd, d0, out),
+                    2 | 3 => avx::weighted_sum::<2>(p, v, hd, d0, out),
+                    _ => avx::weighted_sum::<1>(p, v, hd, d0, out),
+                }
+            }
+            d0 += match nv {
+                8 => 64,
+                4..=7 => 32,
+                2 | 3 => 16,
+                _ => 8,
+            };
+        }
+        return;
+    }
+    out.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+            *o = pj.mul_add(x, *o);
+        }
+    }
+}
+
 /// The columns `cols` of the product, written through `dst` (row stride `n`).
 ///
 /// # Safety
@@ -218,19 +260,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `y += p * v` over equally long slices.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], p: f32, v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 and FMA were detected.
-        return unsafe { avx::axpy(y, p, v) };
-    }
-    for (a, b) in y.iter_mut().zip(v) {
-        *a = p.mul_add(*b, *a);
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
@@ -291,6 +320,33 @@ mod avx {
         }
     }
 
+    /// Columns `d0..d0 + 8 * NV` of `Σⱼ p[j] · v[j, ..]`, accumulated in registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sum<const NV: usize>(
+        p: &[f32],
+        v: &[f32],
+        hd: usize,
+        d0: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); NV];
+        for (j, &pj) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pj);
+            // SAFETY: the caller checked v holds p.len() rows of hd >= d0 + 8 * NV values.
+            unsafe {
+                let row = v.as_ptr().add(j * hd + d0);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * i)), *a);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: d0 + 8 * NV <= out.len().
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * i), *a) };
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -315,28 +371,6 @@ mod avx {
             s += a[t] * b[t];
         }
         s
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn axpy(y: &mut [f32], p: f32, v: &[f32]) {
-        let k = y.len().min(v.len());
-        let k8 = k / 8 * 8;
-        let pv = _mm256_set1_ps(p);
-        let mut t = 0;
-        while t < k8 {
-            // SAFETY: t + 8 <= k.
-            unsafe {
-                let yp = y.as_mut_ptr().add(t);
-                let r =
-                    _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.as_ptr().add(t)), _mm256_loadu_ps(yp));
-                _mm256_storeu_ps(yp, r);
-            }
-            t += 8;
-        }
-        for t in k8..k {
-            y[t] = p.mul_add(v[t], y[t]);
-        }
     }
 
     /// `exp` over a slice, in place (see [`super::exp_approx`]).

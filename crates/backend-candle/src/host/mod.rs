@@ -339,28 +339,36 @@ impl HostLlama {
         let slots: Vec<&kv::HostSlot> = batch.chunks.iter().map(|c| &kv.slots[&c.slot]).collect();
         let dst = SyncPtr(out.as_mut_ptr());
         par_ranges(units.len(), 1, |range| {
-            let mut scores = Vec::new();
+            let (mut qs, mut scores) = (Vec::new(), Vec::new());
             for (ci, g, queries) in units[range].iter().cloned() {
                 let c = &batch.chunks[ci];
                 let s = slots[ci];
                 let (kc, vc) = &s.layers[li];
                 let keys = &kc[g * s.capacity * hd..];
                 let values = &vc[g * s.capacity * hd..];
-                for i in queries {
+                // The block's queries of this KV head's `groups` heads, as contiguous rows.
+                let rows = queries.len() * groups;
+                qs.clear();
+                for i in queries.clone() {
+                    let row = &qkv[(offsets[ci] + i) * qkv_dim..];
+                    qs.extend_from_slice(&row[g * groups * hd..][..groups * hd]);
+                }
+                // Scores against every key any query of the block may see; each query then
+                // uses only its causal prefix.
+                let seen = c.start_pos + queries.end;
+                scores.clear();
+                scores.resize(rows * seen, 0.0);
+                kernels::matmul_serial(&qs, rows, hd, &keys[..seen * hd], seen, &mut scores);
+                for (bi, i) in queries.enumerate() {
                     let tok = offsets[ci] + i;
                     let total = c.start_pos + i + 1;
-                    scores.clear();
-                    scores.resize(groups * total, 0.0);
-                    let row = &qkv[tok * qkv_dim..];
-                    for (j, key) in keys[..total * hd].chunks_exact(hd).enumerate() {
-                        for q in 0..groups {
-                            let qh = &row[(g * groups + q) * hd..][..hd];
-                            scores[q * total + j] = kernels::dot(qh, key) * scale;
-                        }
-                    }
                     for q in 0..groups {
-                        let sc = &mut scores[q * total..][..total];
-                        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let sc = &mut scores[(bi * groups + q) * seen..][..total];
+                        let mut max = f32::NEG_INFINITY;
+                        for v in sc.iter_mut() {
+                            *v *= scale;
+                            max = max.max(*v);
+                        }
                         for v in sc.iter_mut() {
                             *v -= max;
                         }
@@ -369,20 +377,15 @@ impl HostLlama {
                         for v in sc.iter_mut() {
                             *v *= inv;
                         }
-                    }
-                    let head0 = g * groups;
-                    // SAFETY: heads head0..head0 + groups of token `tok` belong to this unit.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            dst.get().add(tok * q_out + head0 * hd),
-                            groups * hd,
-                        )
-                    };
-                    o.fill(0.0);
-                    for (j, value) in values[..total * hd].chunks_exact(hd).enumerate() {
-                        for q in 0..groups {
-                            kernels::axpy(&mut o[q * hd..][..hd], scores[q * total + j], value);
-                        }
+                        let head = g * groups + q;
+                        // SAFETY: head `head` of token `tok` belongs to this unit only.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add(tok * q_out + head * hd),
+                                hd,
+                            )
+                        };
+                        kernels::weighted_sum(sc, values, o);
                     }
                 }
             }
