@@ -16,6 +16,12 @@ pub enum Error {
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A `base_model` name did not resolve in the local model registry.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// A remote `infermux serve` could not be reached or answered with an error.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     /// The chosen backend could not be created.
     #[error("{backend} backend: {reason}")]
     Backend {

@@ -17,10 +17,6 @@
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 
-use infermux_core::ModelError;
-
-use crate::error::Error;
-
 /// The environment variable naming the models folders (a `PATH`-style list).
 pub const MODELS_DIR_ENV: &str = "INFERMUX_MODELS_DIR";
 
@@ -80,22 +76,6 @@ fn paths_text(paths: &[PathBuf]) -> String {
 }
 
 /// Carried by [`Error`] as a model error until the façade's error enum has a variant of its own.
-impl From<RegistryError> for Error {
-    fn from(e: RegistryError) -> Self {
-        let (file, reason) = match &e {
-            RegistryError::UnknownModel { name, .. }
-            | RegistryError::Ambiguous { name, .. }
-            | RegistryError::InvalidName { name } => {
-                (format!("base_model {name:?}"), e.to_string())
-            }
-        };
-        Error::Model(ModelError::InvalidConfig {
-            file: PathBuf::from(file),
-            reason,
-        })
-    }
-}
-
 /// Where a registered model was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ModelLocation {

@@ -87,15 +87,6 @@ impl RemoteError {
 
 /// Carried by [`Error`] as a runtime failure of the "remote" runtime until the façade's error
 /// enum has a variant of its own for it.
-impl From<RemoteError> for Error {
-    fn from(e: RemoteError) -> Self {
-        Error::Engine(EngineError::Backend(BackendError::Runtime {
-            runtime: "remote",
-            message: e.to_string(),
-        }))
-    }
-}
-
 /// Samples from and scores with a model served by `infermux serve`. Cheap to clone, `Send +
 /// Sync`: share one across threads and tasks (connections are pooled).
 #[derive(Clone)]

@@ -195,7 +195,7 @@ fn unknown_names_list_what_is_available() {
     let err = service
         .create_sampling_client_from_base_model("Llama-3-70B")
         .unwrap_err();
-    assert!(matches!(err, Error::Model(_)), "{err:?}");
+    assert!(matches!(err, Error::Registry(_)), "{err:?}");
     assert!(
         err.to_string().contains("available: SmolLM2-135M-Instruct"),
         "{err}"

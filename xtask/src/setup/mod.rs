@@ -63,7 +63,6 @@ pub struct Components {
     pub onnx: bool,
 }
 
-
 /// Installs the selected runtimes and the `openai` Python client (for the server's client
 /// test), then prepares the model; returns the model folder.
 pub fn all(root: &Path, components: Components) -> Result<PathBuf> {

@@ -134,7 +134,16 @@ impl ApiError {
         match err {
             Error::Engine(e) => Self::from_engine(e),
             Error::Tokenizer(msg) => Self::bad_request(format!("tokenizer: {msg}")),
-            Error::Model(_) | Error::Backend { .. } => Self::internal(err.to_string()),
+            Error::Registry(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                err.to_string(),
+                Some("model".into()),
+            )
+            .with_code("model_not_found"),
+            Error::Model(_) | Error::Backend { .. } | Error::Remote(_) => {
+                Self::internal(err.to_string())
+            }
         }
     }
 
