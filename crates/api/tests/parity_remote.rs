@@ -243,7 +243,13 @@ fn connection_failures_are_retried_then_reported() {
         .wait()
         .unwrap_err();
     assert!(err.to_string().contains("after 3 tries"), "{err}");
-    assert!(matches!(err, Error::Engine(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Remote(RemoteError::Transport { attempts: 3, .. })
+        ),
+        "{err:?}"
+    );
 
     assert!(matches!(
         RemoteSamplingClient::new("https://example.invalid"),
