@@ -54,3 +54,20 @@ fn libraries_do_not_use_anyhow() {
         );
     }
 }
+
+/// One `tokenizers` in the tree: the API, guided decoding and candle must agree on token ids,
+/// and two copies would double its build time. `Cargo.lock` lists every resolved version.
+#[test]
+fn one_tokenizers_version_in_the_lock_file() {
+    let lock = std::fs::read_to_string(repo_root().join("Cargo.lock")).unwrap();
+    let versions: Vec<&str> = lock
+        .split("[[package]]")
+        .filter(|pkg| pkg.contains("\nname = \"tokenizers\"\n"))
+        .filter_map(|pkg| pkg.lines().find_map(|l| l.strip_prefix("version = ")))
+        .collect();
+    assert_eq!(
+        versions.len(),
+        1,
+        "tokenizers versions in Cargo.lock: {versions:?}"
+    );
+}

@@ -10,7 +10,6 @@ use infermux_core::{GuidedDecoder, GuidedDecodingParams, GuidedError, TokenConst
 use llguidance::api::ParserLimits;
 use llguidance::{Matcher, ParserFactory};
 use tokenizers::Tokenizer;
-use toktrie_hf_tokenizers::ByteTokenizer;
 
 use crate::constraint::LlgConstraint;
 use crate::grammar::build_grammar;
@@ -149,9 +148,7 @@ impl LlgDecoder {
         vocab_size: usize,
         limits: LimitsConfig,
     ) -> Result<Self, LlgBuildError> {
-        let mut byte_tok = ByteTokenizer::from_tokenizer(tokenizer)
-            .map_err(|e| LlgBuildError::Tokenizer(e.to_string()))?;
-        let tokenizer_vocab = byte_tok.tokrx_info().vocab_size as usize;
+        let tokenizer_vocab = tokenizer.get_vocab_size(true);
         if eos_ids.is_empty() {
             return Err(LlgBuildError::NoEos);
         }
@@ -167,10 +164,7 @@ impl LlgDecoder {
                 tokenizer: tokenizer_vocab,
             });
         }
-        byte_tok.set_eos_tokens(eos_ids);
-        let tok_env = byte_tok
-            .into_tok_env(Some(vocab_size))
-            .map_err(|e| LlgBuildError::Tokenizer(e.to_string()))?;
+        let tok_env = crate::bridge::tok_env(tokenizer, eos_ids, vocab_size)?;
         let mut factory = ParserFactory::new_simple(&tok_env)
             .map_err(|e| LlgBuildError::Llguidance(e.to_string()))?;
         // A library prints nothing: warnings and errors reach the caller through results.

@@ -36,6 +36,7 @@
 //!
 //! [llguidance]: https://github.com/guidance-ai/llguidance
 
+mod bridge;
 mod constraint;
 mod decoder;
 mod grammar;

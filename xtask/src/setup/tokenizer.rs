@@ -146,8 +146,12 @@ pub fn build_tokenizer(vocab: &GgufVocab) -> Result<Tokenizer> {
             .map(|(_, tok, s)| AddedToken::from(tok, s))
             .collect()
     };
-    tokenizer.add_special_tokens(&as_added(special));
-    tokenizer.add_tokens(&as_added(plain));
+    tokenizer
+        .add_special_tokens(as_added(special))
+        .map_err(|e| anyhow!("adding special tokens: {e}"))?;
+    tokenizer
+        .add_tokens(as_added(plain))
+        .map_err(|e| anyhow!("adding tokens: {e}"))?;
     Ok(tokenizer)
 }
 
