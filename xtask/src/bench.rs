@@ -124,12 +124,14 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     let weight_bytes = weight_bytes(&model.join("model.safetensors"), &args.dtype)?;
     let ceiling = bandwidth.read_gbs * 1e9 / weight_bytes as f64;
 
-    // Build once with every requested backend, then one process per backend.
+    // Build once (release: no debug assertions) with every requested backend, then one
+    // process per backend.
     let features = backend_features(&backends);
     let mut build = cargo();
     build.current_dir(root).args([
         "build",
         "--quiet",
+        "--release",
         "-p",
         "infermux-tests",
         "--bin",
@@ -145,6 +147,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         cmd.current_dir(root).args([
             "run",
             "--quiet",
+            "--release",
             "-p",
             "infermux-tests",
             "--bin",
