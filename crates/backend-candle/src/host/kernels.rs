@@ -1,5 +1,5 @@
-//! f32 CPU kernels on plain slices: `x @ wᵀ` for weights stored `[n, k]` (as Hugging Face keeps
-//! them), RMS norm, RoPE, SwiGLU and a vectorizable `exp`.
+//! f32 CPU kernels on plain slices: `x @ wᵀ` for `w` stored `[n, k]` (attention scores against
+//! the key cache; weights use [`super::packed`]), RMS norm, RoPE, SwiGLU and a vectorizable `exp`.
 //!
 //! The matmul computes every output as one dot product over `k` in a single 8-lane accumulator,
 //! reduced by the same tree whatever the tile shape, so a row's result does not depend on how
@@ -59,39 +59,6 @@ pub(crate) fn threads() -> usize {
 const MR: usize = 3;
 /// Activation rows kept in L2 while a weight block is swept over them.
 const M_BLOCK: usize = 48;
-
-/// `out[m, n] (+)= x[m, k] @ w[n, k]ᵀ (+ bias)`; `accumulate` adds to `out` (a residual).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    accumulate: bool,
-) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    if let Some(b) = bias {
-        assert!(b.len() >= n);
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
-    let flops = m * n * k;
-    // Claimed in multiples of 4 weight rows; about 16 claims per thread, fewer for tiny calls.
-    let grain = if flops < 1 << 17 {
-        n
-    } else {
-        (n / (threads() * 16)).clamp(16, 512) / 4 * 4
-    };
-    let dst = SyncPtr(out.as_mut_ptr());
-    par_ranges(n, grain, |cols| {
-        // SAFETY: ranges are disjoint columns of `out`, and `out` outlives the pool call.
-        unsafe { matmul_cols(x, m, k, w, n, bias, dst.get(), accumulate, cols) }
-    });
-}
 
 /// `out[m, n] = x[m, k] @ w[n, k]ᵀ` on the calling thread only (inside a parallel unit).
 pub(crate) fn matmul_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
@@ -512,12 +479,10 @@ mod tests {
         ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let bias = data(n, 3);
             let mut out = vec![1.0; m * n];
-            matmul(&x, m, k, &w, n, Some(&bias), &mut out, true);
+            matmul_serial(&x, m, k, &w, n, &mut out);
             let want = naive(&x, m, k, &w, n);
             for (i, (&o, &e)) in out.iter().zip(&want).enumerate() {
-                let e = e + bias[i % n] + 1.0;
                 assert!(
                     (o - e).abs() < 1e-4 * (1.0 + e.abs()),
                     "m{m} k{k} n{n} [{i}]: {o} vs {e}"
@@ -532,10 +497,10 @@ mod tests {
         let x = data(17 * k, 5);
         let w = data(n * k, 6);
         let mut all = vec![0.0; 17 * n];
-        matmul(&x, 17, k, &w, n, None, &mut all, false);
+        matmul_serial(&x, 17, k, &w, n, &mut all);
         for r in [0, 4, 16] {
             let mut one = vec![0.0; n];
-            matmul(&x[r * k..(r + 1) * k], 1, k, &w, n, None, &mut one, false);
+            matmul_serial(&x[r * k..(r + 1) * k], 1, k, &w, n, &mut one);
             assert_eq!(one, all[r * n..(r + 1) * n]);
         }
     }
@@ -580,6 +545,7 @@ mod bench {
     fn bandwidth() {
         let (k, n) = (576, 49152 * 2);
         let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32).collect();
+        let packed = super::super::packed::PackedMatrix::pack(&w, n, k);
         let x = vec![0.5f32; 16 * k];
         let gb = (n * k * 4) as f64 / 1e9;
         for _ in 0..3 {
@@ -599,7 +565,7 @@ mod bench {
             for m in [1, 4, 16] {
                 let mut out = vec![0f32; m * n];
                 let t = Instant::now();
-                super::matmul(&x, m, k, &w, n, None, &mut out, false);
+                packed.matmul(&x, m, None, &mut out, false);
                 let mm = t.elapsed().as_secs_f64();
                 println!(
                     "sum {:.1} GB/s; matmul m={m} {:.1} GB/s ({:.1} GFLOP/s)",

@@ -4,12 +4,14 @@
 //! Decode steps are dominated by matmuls with few activation rows, which are memory-bound
 //! sweeps over the weights, and by per-sequence attention over short caches, where per-op tensor
 //! overhead outweighs the arithmetic. Here every projection is one multi-threaded sweep
-//! ([`kernels::matmul`], weights kept `[out, in]` as the checkpoint stores them), and attention
-//! for all chunks of a batch is one parallel loop that reads each slot's cache in place.
+//! ([`packed::PackedMatrix::matmul`], weights packed in panels of output columns at load),
+//! and attention for all chunks of a batch is one parallel loop that reads each slot's cache in
+//! place.
 //! Threads come from candle's persistent CPU pool, so no thread is spawned per call.
 
 mod kernels;
 mod kv;
+mod packed;
 mod pool;
 
 use infermux_core::{BackendError, ForwardBatch, ModelConfig};
@@ -19,27 +21,24 @@ use crate::kv_cache::KvShape;
 use crate::weights::Weights;
 use kernels::{SyncPtr, par_ranges};
 pub(crate) use kv::HostKv;
+use packed::PackedMatrix;
 
-/// `x @ wᵀ + b` with `w` stored `[out, in]`.
+/// `x @ wᵀ + b` with `w` (`[out, in]`) packed for the matmul kernel.
 struct HostLinear {
-    w: Vec<f32>,
+    w: PackedMatrix,
     b: Option<Vec<f32>>,
-    out: usize,
-    inp: usize,
 }
 
 impl HostLinear {
+    fn new(w: Vec<f32>, b: Option<Vec<f32>>, out: usize, inp: usize) -> Self {
+        Self {
+            w: PackedMatrix::pack(&w, out, inp),
+            b,
+        }
+    }
+
     fn forward(&self, x: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
-        kernels::matmul(
-            x,
-            m,
-            self.inp,
-            &self.w,
-            self.out,
-            self.b.as_deref(),
-            out,
-            accumulate,
-        );
+        self.w.matmul(x, m, self.b.as_deref(), out, accumulate);
     }
 }
 
@@ -57,11 +56,11 @@ struct HostLayer {
 /// The model with its weights as host `f32` vectors.
 pub(crate) struct HostLlama {
     cfg: ModelConfig,
-    embed: Vec<f32>,
+    /// `None` when tied to the output head: rows are then read from `lm_head`.
+    embed: Option<Vec<f32>>,
     layers: Vec<HostLayer>,
     norm: Vec<f32>,
-    /// `None` when tied to `embed`.
-    lm_head: Option<Vec<f32>>,
+    lm_head: PackedMatrix,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -120,45 +119,44 @@ impl HostLlama {
             };
             layers.push(HostLayer {
                 input_norm: get(&n("input_layernorm.weight"), &[h])?,
-                qkv: HostLinear {
-                    w: qkv_w,
-                    b: qkv_b,
-                    out: q_out + 2 * kv_out,
-                    inp: h,
-                },
+                qkv: HostLinear::new(qkv_w, qkv_b, q_out + 2 * kv_out, h),
                 q_norm: norm("self_attn.q_norm.weight")?,
                 k_norm: norm("self_attn.k_norm.weight")?,
-                o: HostLinear {
-                    w: get(&n("self_attn.o_proj.weight"), &[h, q_out])?,
-                    b: None,
-                    out: h,
-                    inp: q_out,
-                },
+                o: HostLinear::new(
+                    get(&n("self_attn.o_proj.weight"), &[h, q_out])?,
+                    None,
+                    h,
+                    q_out,
+                ),
                 post_norm: get(&n("post_attention_layernorm.weight"), &[h])?,
-                gate_up: HostLinear {
-                    w: cat(&[
+                gate_up: HostLinear::new(
+                    cat(&[
                         (&n("mlp.gate_proj.weight"), &[inter, h]),
                         (&n("mlp.up_proj.weight"), &[inter, h]),
                     ])?,
-                    b: None,
-                    out: 2 * inter,
-                    inp: h,
-                },
-                down: HostLinear {
-                    w: get(&n("mlp.down_proj.weight"), &[h, inter])?,
-                    b: None,
-                    out: h,
-                    inp: inter,
-                },
+                    None,
+                    2 * inter,
+                    h,
+                ),
+                down: HostLinear::new(
+                    get(&n("mlp.down_proj.weight"), &[h, inter])?,
+                    None,
+                    h,
+                    inter,
+                ),
             });
         }
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let untied = if cfg.tie_word_embeddings {
             None
         } else {
             w.get_opt("lm_head.weight", &[cfg.vocab_size, h])?
                 .map(host)
                 .transpose()?
+        };
+        let (embed, lm_head) = match untied {
+            Some(head) => (Some(embed), PackedMatrix::pack(&head, cfg.vocab_size, h)),
+            None => (None, PackedMatrix::pack(&embed, cfg.vocab_size, h)),
         };
         let (cos, sin) = cfg.rope_tables(cfg.max_position_embeddings);
         Ok(Self {
@@ -215,9 +213,17 @@ impl HostLlama {
             .flat_map(|c| c.start_pos..c.start_pos + c.tokens.len())
             .collect();
 
-        let mut x = Vec::with_capacity(n * h);
-        for &t in batch.chunks.iter().flat_map(|c| &c.tokens) {
-            x.extend_from_slice(&self.embed[t as usize * h..][..h]);
+        let mut x = vec![0f32; n * h];
+        for (&t, row) in batch
+            .chunks
+            .iter()
+            .flat_map(|c| &c.tokens)
+            .zip(x.chunks_exact_mut(h))
+        {
+            match &self.embed {
+                Some(embed) => row.copy_from_slice(&embed[t as usize * h..][..h]),
+                None => self.lm_head.row_into(t as usize, row),
+            }
         }
         let mut hbuf = vec![0f32; n * h];
         let mut qkv = vec![0f32; n * qkv_dim];
@@ -275,18 +281,9 @@ impl HostLlama {
         }
         let mut normed = vec![0f32; xs.len()];
         kernels::rms_norm(&xs, &self.norm, eps, &mut normed);
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; rows.len() * cfg.vocab_size];
-        kernels::matmul(
-            &normed,
-            rows.len(),
-            h,
-            head,
-            cfg.vocab_size,
-            None,
-            &mut logits,
-            false,
-        );
+        self.lm_head
+            .matmul(&normed, rows.len(), None, &mut logits, false);
         Ok(logits)
     }
 

@@ -1,0 +1,370 @@
+//! Weight matrices packed for `x @ wᵀ`: the projection and output-head matmuls.
+//!
+//! A checkpoint stores `w` as `[out, in]`. Packed, every group of [`NR`] output columns is one
+//! contiguous panel holding, for each input index `t`, the 32 weights `w[j..j + 32, t]`. The
+//! kernel then broadcasts one activation and multiplies it into whole vectors of weights (an
+//! outer product per `t`), so no horizontal sums are needed, a batch-1 step streams the weights
+//! in order, and a larger batch reuses each panel from cache for up to [`MR`] rows at a time.
+//!
+//! Every output is one fused multiply-add chain over `t` in order, whatever the kernel (AVX-512,
+//! AVX2 or portable) and whatever the number of rows in the call: a row's result does not depend
+//! on the batch it is in.
+
+use super::kernels::{SyncPtr, has_avx2, par_ranges, threads};
+
+/// Output columns per panel: two AVX-512 vectors, four AVX2 vectors.
+pub(crate) const NR: usize = 32;
+/// Activation rows per register tile (AVX-512: 2 × 12 accumulators).
+const MR: usize = 12;
+
+/// `w` (`[out, in]`) in panels of [`NR`] output columns, zero-padded past `out`.
+pub(crate) struct PackedMatrix {
+    data: Vec<f32>,
+    out: usize,
+    inp: usize,
+}
+
+impl PackedMatrix {
+    /// Packs `w`, an `[out, in]` row-major matrix.
+    pub(crate) fn pack(w: &[f32], out: usize, inp: usize) -> Self {
+        assert_eq!(w.len(), out * inp, "weight length");
+        let panels = out.div_ceil(NR);
+        let mut data = vec![0f32; panels * NR * inp];
+        for (p, panel) in data.chunks_exact_mut(NR * inp).enumerate() {
+            for c in 0..NR.min(out - p * NR) {
+                let row = &w[(p * NR + c) * inp..][..inp];
+                for (t, &v) in row.iter().enumerate() {
+                    panel[t * NR + c] = v;
+                }
+            }
+        }
+        Self { data, out, inp }
+    }
+
+    /// Row `j` of the unpacked matrix (an embedding lookup when this is a tied output head).
+    pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
+        let panel = &self.data[j / NR * NR * self.inp..][..NR * self.inp];
+        for (t, d) in dst[..self.inp].iter_mut().enumerate() {
+            *d = panel[t * NR + j % NR];
+        }
+    }
+
+    /// `out[m, self.out] (+)= x[m, self.inp] @ wᵀ (+ bias)`; `accumulate` adds to `out`
+    /// (a residual). Panels are shared out among the pool's threads.
+    pub(crate) fn matmul(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (n, k) = (self.out, self.inp);
+        assert!(x.len() >= m * k && out.len() >= m * n);
+        if let Some(b) = bias {
+            assert!(b.len() >= n);
+        }
+        if m == 0 || n == 0 {
+            return;
+        }
+        let panels = n.div_ceil(NR);
+        // About 8 claims per thread; a single claim for tiny calls.
+        let grain = if m * n * k < 1 << 17 {
+            panels
+        } else {
+            panels.div_ceil(threads() * 8).max(1)
+        };
+        let dst = SyncPtr(out.as_mut_ptr());
+        par_ranges(panels, grain, |range| {
+            let mut tile = [[0f32; NR]; MR];
+            // Panel outermost: each panel comes from memory once and stays in L1/L2 while
+            // every row passes over it; the rows (a few MiB at most) stay in L2/L3.
+            for p in range {
+                let panel = &self.data[p * NR * k..][..NR * k];
+                let cols = NR.min(n - p * NR);
+                let mut r = 0;
+                while r < m {
+                    let rows = (m - r).min(MR);
+                    panel_tile(&x[r * k..(r + rows) * k], rows, k, panel, &mut tile);
+                    for (i, acc) in tile.iter().enumerate().take(rows) {
+                        // SAFETY: columns p·NR.. of row r + i belong to panel p, which only
+                        // this range writes, and lie inside `m * n`.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dst.get().add((r + i) * n + p * NR),
+                                cols,
+                            )
+                        };
+                        store(
+                            o,
+                            &acc[..cols],
+                            bias.map(|b| &b[p * NR..][..cols]),
+                            accumulate,
+                        );
+                    }
+                    r += rows;
+                }
+            }
+        });
+    }
+}
+
+/// `out (+)= acc (+ bias)`, vectorizable.
+#[inline]
+fn store(out: &mut [f32], acc: &[f32], bias: Option<&[f32]>, accumulate: bool) {
+    match (bias, accumulate) {
+        (None, false) => out.copy_from_slice(acc),
+        (None, true) => out.iter_mut().zip(acc).for_each(|(o, a)| *o += a),
+        (Some(b), false) => {
+            for ((o, a), b) in out.iter_mut().zip(acc).zip(b) {
+                *o = a + b;
+            }
+        }
+        (Some(b), true) => {
+            for ((o, a), b) in out.iter_mut().zip(acc).zip(b) {
+                *o += a + b;
+            }
+        }
+    }
+}
+
+/// `tile[i][c] = Σₜ x[i, t] · panel[t, c]` for the `rows` (≤ [`MR`]) rows of `x`.
+fn panel_tile(x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: AVX-512F was detected; `x` holds `rows` rows of `k`, `panel` `k` × NR.
+            unsafe { avx512::tile(x, rows, k, panel, tile) };
+            return;
+        }
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected; shapes as above.
+            unsafe { avx2::tile(x, rows, k, panel, tile) };
+            return;
+        }
+    }
+    for (i, acc) in tile.iter_mut().enumerate().take(rows) {
+        *acc = [0.0; NR];
+        for (t, w) in panel.chunks_exact(NR).enumerate() {
+            let xv = x[i * k + t];
+            for (a, &wv) in acc.iter_mut().zip(w) {
+                *a = xv.mul_add(wv, *a);
+            }
+        }
+    }
+}
+
+/// Whether the AVX-512 kernel can run here (checked once; `INFERMUX_CANDLE_NO_AVX512` opts out).
+fn has_avx512() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && std::env::var_os("INFERMUX_CANDLE_NO_AVX512").is_none()
+                && is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Dispatches `rows` to a register tile of that many rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        panel: &[f32],
+        out: &mut [[f32; NR]; MR],
+    ) {
+        debug_assert!(x.len() >= rows * k && panel.len() >= k * NR);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match rows {
+                1 => tile_r::<1>(x, k, panel, out),
+                2 => tile_r::<2>(x, k, panel, out),
+                3 => tile_r::<3>(x, k, panel, out),
+                4 => tile_r::<4>(x, k, panel, out),
+                5 => tile_r::<5>(x, k, panel, out),
+                6 => tile_r::<6>(x, k, panel, out),
+                7 => tile_r::<7>(x, k, panel, out),
+                8 => tile_r::<8>(x, k, panel, out),
+                9 => tile_r::<9>(x, k, panel, out),
+                10 => tile_r::<10>(x, k, panel, out),
+                11 => tile_r::<11>(x, k, panel, out),
+                _ => tile_r::<12>(x, k, panel, out),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_r<const R: usize>(
+        x: &[f32],
+        k: usize,
+        panel: &[f32],
+        out: &mut [[f32; NR]; MR],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+        for t in 0..k {
+            // SAFETY: t < k; the panel holds k × NR floats and x holds R rows of k.
+            unsafe {
+                let w0 = _mm512_loadu_ps(wp.add(t * NR));
+                let w1 = _mm512_loadu_ps(wp.add(t * NR + 16));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*xp.add(i * k + t));
+                    a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                    a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: each row of `out` holds NR = 32 floats.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// Tiles of 3 rows (12 accumulators of 8 lanes) until `rows` are done.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile(
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        panel: &[f32],
+        out: &mut [[f32; NR]; MR],
+    ) {
+        let mut r = 0;
+        while r < rows {
+            let x = &x[r * k..];
+            let out = &mut out[r..];
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match rows - r {
+                    1 => tile_r::<1>(x, k, panel, out),
+                    2 => tile_r::<2>(x, k, panel, out),
+                    _ => tile_r::<3>(x, k, panel, out),
+                }
+            }
+            r += 3;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_r<const R: usize>(x: &[f32], k: usize, panel: &[f32], out: &mut [[f32; NR]]) {
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        let (xp, wp) = (x.as_ptr(), panel.as_ptr());
+        for t in 0..k {
+            // SAFETY: t < k; the panel holds k × NR floats and x holds R rows of k.
+            unsafe {
+                let w: [__m256; 4] =
+                    std::array::from_fn(|v| _mm256_loadu_ps(wp.add(t * NR + 8 * v)));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_ps(*xp.add(i * k + t));
+                    for v in 0..4 {
+                        a[v] = _mm256_fmadd_ps(xv, w[v], a[v]);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (v, &av) in a.iter().enumerate() {
+                // SAFETY: each row of `out` holds NR = 32 floats.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * v), av) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, salt: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(salt * 97);
+                ((h >> 8) % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_matmul_matches_naive_for_odd_shapes() {
+        for &(m, k, n) in &[
+            (1, 64, 4),
+            (1, 576, 963),
+            (2, 13, 7),
+            (5, 40, 9),
+            (13, 40, 33),
+            (50, 96, 70),
+            (3, 1536, 33),
+        ] {
+            let x = data(m * k, 1);
+            let w = data(n * k, 2);
+            let bias = data(n, 3);
+            let packed = PackedMatrix::pack(&w, n, k);
+            let mut out = vec![1.0; m * n];
+            packed.matmul(&x, m, Some(&bias), &mut out, true);
+            for r in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    let want = (dot + bias[j] as f64 + 1.0) as f32;
+                    let got = out[r * n + j];
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "m{m} k{k} n{n} [{r},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_is_the_same_in_any_batch() {
+        let (k, n) = (576, 300);
+        let x = data(61 * k, 5);
+        let packed = PackedMatrix::pack(&data(n * k, 6), n, k);
+        let mut all = vec![0.0; 61 * n];
+        packed.matmul(&x, 61, None, &mut all, false);
+        for r in [0, 4, 11, 12, 47, 48, 60] {
+            let mut one = vec![0.0; n];
+            packed.matmul(&x[r * k..(r + 1) * k], 1, None, &mut one, false);
+            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        }
+    }
+
+    #[test]
+    fn rows_unpack() {
+        let (n, k) = (70, 9);
+        let w = data(n * k, 7);
+        let packed = PackedMatrix::pack(&w, n, k);
+        let mut row = vec![0.0; k];
+        for j in [0, 31, 32, 69] {
+            packed.row_into(j, &mut row);
+            assert_eq!(row, w[j * k..(j + 1) * k]);
+        }
+    }
+}
