@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use infermux_core::text::ByteSpelling;
 use infermux_core::{TextError, TokenId};
 
 use crate::chat::{ChatMessage, ChatTemplate};
@@ -14,6 +15,8 @@ pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
     /// Ids of the added tokens marked special (sorted), for `skip_special_tokens`.
     special: Arc<Vec<TokenId>>,
+    /// How the vocabulary's pieces spell bytes (for [`Tokenizer::token_bytes`]).
+    spelling: ByteSpelling,
     chat_template: Option<Arc<ChatTemplate>>,
 }
 
@@ -39,6 +42,7 @@ impl Tokenizer {
             .collect();
         special.sort_unstable();
         Ok(Self {
+            spelling: byte_spelling(&inner),
             inner: Arc::new(inner),
             special: Arc::new(special),
             chat_template: None,
@@ -84,6 +88,19 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The raw bytes of one token: what it adds to the text, which need not be valid UTF-8 on
+    /// its own (half of a multi-byte character). Special and added tokens give their content.
+    pub fn token_bytes(&self, id: TokenId) -> Vec<u8> {
+        let added = self.inner.get_added_vocabulary().simple_id_to_token(id);
+        added
+            .map(String::into_bytes)
+            .or_else(|| {
+                let piece = self.inner.id_to_token(id)?;
+                self.spelling.piece_bytes(&piece)
+            })
+            .unwrap_or_else(|| self.decode(&[id], false).unwrap_or_default().into_bytes())
+    }
+
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -122,5 +139,23 @@ impl infermux_core::TextCodec for Tokenizer {
 
     fn is_special(&self, id: TokenId) -> bool {
         Tokenizer::is_special(self, id)
+    }
+}
+
+/// `ByteLevel` when the decoder maps GPT-2's byte alphabet back (alone or in a sequence), else
+/// SentencePiece pieces with `▁` for spaces and `<0xNN>` bytes.
+fn byte_spelling(tokenizer: &tokenizers::Tokenizer) -> ByteSpelling {
+    use tokenizers::DecoderWrapper;
+    fn byte_level(d: &DecoderWrapper) -> bool {
+        match d {
+            DecoderWrapper::ByteLevel(_) => true,
+            DecoderWrapper::Sequence(seq) => seq.get_decoders().iter().any(byte_level),
+            _ => false,
+        }
+    }
+    if tokenizer.get_decoder().is_some_and(byte_level) {
+        ByteSpelling::ByteLevel
+    } else {
+        ByteSpelling::ByteFallback { space: '▁' }
     }
 }

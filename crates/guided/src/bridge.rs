@@ -11,21 +11,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use infermux_core::text::ByteSpelling;
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use tokenizers::{
     DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, Tokenizer, normalizers, pre_tokenizers,
 };
 
 use crate::decoder::LlgBuildError;
-
-/// How the vocabulary spells bytes, read from the tokenizer's decoder.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Spelling {
-    /// GPT-2 byte-to-unicode mapping.
-    ByteLevel,
-    /// SentencePiece pieces with `<0xNN>` byte fallback; spaces spelled as `space`.
-    ByteFallback { space: char },
-}
 
 /// Builds llguidance's token environment for `tokenizer`: one byte string per id up to
 /// `vocab_size` (the model's logits width; ids past the tokenizer's vocabulary become unreachable
@@ -36,7 +28,7 @@ pub(crate) fn tok_env(
     vocab_size: usize,
 ) -> Result<TokEnv, LlgBuildError> {
     strip_prepended_space(&mut tokenizer)?;
-    let spelling = spelling(&tokenizer)?;
+    let spelling = byte_spelling(&tokenizer)?;
     let tokenizer_vocab = tokenizer.get_vocab_size(true);
     let mut info = TokRxInfo::new(vocab_size as u32, eos_ids[0]);
     let mut token_bytes = vec![Vec::new(); vocab_size];
@@ -58,7 +50,6 @@ pub(crate) fn tok_env(
         }
     }
 
-    let char_to_byte = byte_level_alphabet();
     for id in 0..tokenizer_vocab.min(vocab_size) as u32 {
         let Some(name) = tokenizer.id_to_token(id) else {
             continue;
@@ -68,19 +59,11 @@ pub(crate) fn tok_env(
             bytes.extend_from_slice(name.as_bytes());
             bytes
         } else {
-            match spelling {
-                Spelling::ByteFallback { space } => match fallback_byte(&name) {
-                    Some(byte) => vec![byte],
-                    None => name.replace(space, " ").into_bytes(),
-                },
-                // A piece outside the byte alphabet cannot be produced from text: leave it empty
-                // (never allowed), as llguidance does.
-                Spelling::ByteLevel => {
-                    match name.chars().map(&char_to_byte).collect::<Option<Vec<u8>>>() {
-                        Some(bytes) => bytes,
-                        None => continue,
-                    }
-                }
+            // A piece outside the byte alphabet cannot be produced from text: leave it as it
+            // is (empty, never allowed, unless an added token's content), as llguidance does.
+            match spelling.piece_bytes(&name) {
+                Some(bytes) => bytes,
+                None => continue,
             }
         };
         token_bytes[id as usize] = bytes;
@@ -184,7 +167,7 @@ fn strip_prepended_space(tokenizer: &mut Tokenizer) -> Result<(), LlgBuildError>
 
 /// Reads the byte spelling from the decoder: `ByteLevel`, or `ByteFallback` with an optional
 /// `Replace(▁ → " ")` naming the space character.
-fn spelling(tokenizer: &Tokenizer) -> Result<Spelling, LlgBuildError> {
+fn byte_spelling(tokenizer: &Tokenizer) -> Result<ByteSpelling, LlgBuildError> {
     #[derive(Default)]
     struct Found {
         byte_level: bool,
@@ -214,77 +197,16 @@ fn spelling(tokenizer: &Tokenizer) -> Result<Spelling, LlgBuildError> {
         visit(d, &mut found);
     }
     if found.byte_fallback {
-        Ok(Spelling::ByteFallback {
+        Ok(ByteSpelling::ByteFallback {
             space: found.space.unwrap_or(' '),
         })
     } else if found.byte_level {
-        Ok(Spelling::ByteLevel)
+        Ok(ByteSpelling::ByteLevel)
     } else {
         Err(LlgBuildError::Tokenizer(format!(
             "cannot tell how the vocabulary spells bytes: the decoder is neither ByteLevel nor \
              ByteFallback ({:?})",
             tokenizer.get_decoder()
         )))
-    }
-}
-
-/// `<0xNN>` → the byte NN.
-fn fallback_byte(piece: &str) -> Option<u8> {
-    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
-}
-
-/// GPT-2's byte-to-unicode table, inverted: printable Latin-1 bytes stand for themselves, the
-/// other bytes for U+0100 onwards in byte order.
-fn byte_level_alphabet() -> impl Fn(char) -> Option<u8> {
-    let self_mapped = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut table = [0u8; 256 + 68];
-    let mut next = 0x100usize;
-    for byte in 0..=255u8 {
-        if self_mapped(byte) {
-            table[byte as usize] = byte;
-        } else {
-            table[next] = byte;
-            next += 1;
-        }
-    }
-    move |c: char| {
-        let code = c as usize;
-        let byte_is_itself = code < 256 && self_mapped(code as u8);
-        if byte_is_itself || (256..next).contains(&code) {
-            Some(table[code])
-        } else {
-            None
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_level_alphabet_is_gpt2s() {
-        let to_byte = byte_level_alphabet();
-        assert_eq!(to_byte('A'), Some(b'A'));
-        assert_eq!(to_byte('Ġ'), Some(b' ')); // U+0120
-        assert_eq!(to_byte('Ċ'), Some(b'\n')); // U+010A
-        assert_eq!(to_byte('\u{0100}'), Some(0));
-        assert_eq!(to_byte(' '), None);
-        assert_eq!(to_byte('\u{0144}'), None);
-        let covered: HashSet<u8> = (0..0x144u32)
-            .filter_map(char::from_u32)
-            .filter_map(&to_byte)
-            .collect();
-        assert_eq!(covered.len(), 256);
-    }
-
-    #[test]
-    fn fallback_bytes_parse_only_their_form() {
-        assert_eq!(fallback_byte("<0x0A>"), Some(b'\n'));
-        assert_eq!(fallback_byte("<0xFF>"), Some(0xFF));
-        assert_eq!(fallback_byte("<0x0>"), None);
-        assert_eq!(fallback_byte("<0xZZ>"), None);
-        assert_eq!(fallback_byte("hello"), None);
     }
 }

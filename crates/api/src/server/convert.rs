@@ -376,28 +376,22 @@ pub(crate) fn chat_logprobs(
     let content = tokens
         .iter()
         .enumerate()
-        .map(|(i, &id)| {
-            let token = token_text(tokenizer, id);
-            ChatTokenLogprob {
-                bytes: token.as_bytes().to_vec(),
-                token,
-                logprob: logprobs.get(i).copied().unwrap_or(f32::NAN),
-                top_logprobs: top
-                    .and_then(|t| t.get(i))
-                    .map(|alts| {
-                        alts.iter()
-                            .map(|(alt, lp)| {
-                                let token = token_text(tokenizer, *alt);
-                                ChatTopLogprob {
-                                    bytes: token.as_bytes().to_vec(),
-                                    token,
-                                    logprob: *lp,
-                                }
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }
+        .map(|(i, &id)| ChatTokenLogprob {
+            bytes: tokenizer.token_bytes(id),
+            token: token_text(tokenizer, id),
+            logprob: logprobs.get(i).copied().unwrap_or(f32::NAN),
+            top_logprobs: top
+                .and_then(|t| t.get(i))
+                .map(|alts| {
+                    alts.iter()
+                        .map(|(alt, lp)| ChatTopLogprob {
+                            bytes: tokenizer.token_bytes(*alt),
+                            token: token_text(tokenizer, *alt),
+                            logprob: *lp,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     ChatLogprobs { content }

@@ -3,9 +3,11 @@
 //! ([`StopMatcher`]). The core stays tokenizer-agnostic; `infermux` implements the trait with
 //! Hugging Face `tokenizers`.
 
+mod bytes;
 mod detok;
 mod stop;
 
+pub use bytes::{ByteSpelling, byte_level_byte, fallback_byte};
 pub use detok::{DecodeOptions, IncrementalDetokenizer};
 pub use stop::{StopHit, StopMatcher};
 
