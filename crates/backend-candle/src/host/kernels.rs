@@ -441,10 +441,11 @@ pub(crate) fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn data(len: usize, salt: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) for kernel tests (also used by `packed`'s).
+    pub(in crate::host) fn data(len: usize, salt: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32)

@@ -297,17 +297,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, salt: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32)
-                    .wrapping_mul(2_654_435_761)
-                    .wrapping_add(salt * 97);
-                ((h >> 8) % 2000) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::host::kernels::tests::data;
 
     #[test]
     fn packed_matmul_matches_naive_for_odd_shapes() {
