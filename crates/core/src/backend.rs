@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TokenId;
 use crate::error::BackendError;
+use crate::kv::KvUsage;
 
 /// Names one sequence's KV state inside a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -53,6 +54,8 @@ pub struct ModelInfo {
     pub dtype: DType,
     /// Where it runs.
     pub device: Device,
+    /// Bytes one cached position takes across all layers (keys and values).
+    pub kv_bytes_per_token: u64,
 }
 
 impl ModelInfo {
@@ -69,6 +72,7 @@ impl ModelInfo {
             max_context: config.max_position_embeddings,
             dtype,
             device,
+            kv_bytes_per_token: config.kv_bytes_per_token(dtype),
         }
     }
 }
@@ -251,6 +255,18 @@ pub trait Backend: Send {
     /// Number of tokens cached in `slot` (0 if it holds nothing).
     fn cached_len(&self, slot: SlotId) -> usize;
 
+    /// KV memory allocated and its budget.
+    fn kv_usage(&self) -> KvUsage {
+        KvUsage {
+            bytes_per_token: self.info().kv_bytes_per_token,
+            ..KvUsage::default()
+        }
+    }
+
+    /// Limits the KV memory all slots may allocate (`None`: unlimited); an allocation past it
+    /// fails with [`BackendError::KvBudgetExceeded`].
+    fn set_kv_budget(&mut self, _bytes: Option<u64>) {}
+
     /// Prefills (a chunk of) one sequence: shorthand for a one-chunk [`Backend::forward`].
     fn prefill(
         &mut self,
@@ -300,6 +316,12 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn cached_len(&self, slot: SlotId) -> usize {
         (**self).cached_len(slot)
+    }
+    fn kv_usage(&self) -> KvUsage {
+        (**self).kv_usage()
+    }
+    fn set_kv_budget(&mut self, bytes: Option<u64>) {
+        (**self).set_kv_budget(bytes)
     }
 }
 

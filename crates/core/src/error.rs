@@ -81,6 +81,18 @@ pub enum BackendError {
         /// The model's maximum context.
         max_context: usize,
     },
+    /// Growing a slot's KV storage would pass the KV byte budget.
+    #[error(
+        "slot {slot:?}: KV cache needs {needed_bytes} bytes, over the KV budget of {budget_bytes} bytes"
+    )]
+    KvBudgetExceeded {
+        /// The slot that needed room.
+        slot: SlotId,
+        /// Bytes all slots would hold after the allocation.
+        needed_bytes: u64,
+        /// The budget.
+        budget_bytes: u64,
+    },
     /// A slot that holds no state was addressed where state was required.
     #[error("slot {0:?} holds no KV state")]
     UnknownSlot(SlotId),

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod guided;
 pub mod input;
+pub mod kv;
 pub mod model;
 pub mod params;
 pub mod sampling;
@@ -39,6 +40,7 @@ pub use guided::{
     GuidedDecoder, GuidedDecodingParams, GuidedError, GuidedMode, TokenConstraint, TokenMask,
 };
 pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};
-pub use model::{Architecture, ModelConfig, ModelDir};
+pub use kv::{KvStorage, KvTable, KvUsage};
+pub use model::{Architecture, Llama, LlamaOps, LoadOps, ModelConfig, ModelDir};
 pub use params::{BeamSearchParams, GenerationConfig, LogprobsMode, OutputKind, SamplingParams};
 pub use text::{TextCodec, TextError};

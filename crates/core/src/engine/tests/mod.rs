@@ -38,6 +38,7 @@ impl FakeBackend {
             max_context,
             dtype: DType::F32,
             device: Device::Cpu,
+            kv_bytes_per_token: 1024,
         };
         (
             Self {

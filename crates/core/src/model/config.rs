@@ -220,6 +220,15 @@ impl ModelConfig {
         })
     }
 
+    /// Bytes one cached position takes across all layers, keys and values, in `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: crate::DType) -> u64 {
+        let elem = match dtype {
+            crate::DType::F32 => 4,
+            crate::DType::Bf16 | crate::DType::F16 => 2,
+        };
+        (2 * self.num_layers * self.num_kv_heads * self.head_dim * elem) as u64
+    }
+
     /// RoPE inverse frequencies, one per pair of head dimensions, with scaling applied.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
