@@ -50,7 +50,11 @@ fn load_backend(kind: BackendKind) -> Option<Box<dyn Backend>> {
     let (device, dtype) = (device(), dtype());
     let loaded: Result<Box<dyn Backend>, String> = match kind {
         BackendKind::Candle => {
-            let opts = infermux_backend_candle::CandleOptions { device, dtype };
+            let opts = infermux_backend_candle::CandleOptions {
+                device,
+                dtype,
+                ..Default::default()
+            };
             infermux_backend_candle::CandleBackend::load(&dir, opts)
                 .map(|b| Box::new(b) as Box<dyn Backend>)
                 .map_err(|e| e.to_string())

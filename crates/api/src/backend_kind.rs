@@ -88,6 +88,7 @@ pub(crate) fn load_backend(path: &Path, options: &LoadOptions) -> Result<Box<dyn
             let opts = infermux_backend_candle::CandleOptions {
                 device: options.device,
                 dtype: options.dtype,
+                ..Default::default()
             };
             let backend = infermux_backend_candle::CandleBackend::from_model_dir(&dir, opts)
                 .map_err(|e| failed(e.to_string()))?;

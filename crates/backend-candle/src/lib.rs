@@ -1,8 +1,10 @@
 //! # infermux-backend-candle
 //!
 //! Llama-family models (Llama, Mistral, Qwen2/3, SmolLM) on [candle](https://docs.rs/candle-core),
-//! in pure Rust: f32 and bf16 on CPU, and CUDA behind the `cuda` feature. The backend computes
-//! logits and keeps the KV cache; everything after logits happens in `infermux-core`.
+//! in pure Rust: f32 and bf16 on CPU, and CUDA behind the `cuda` feature. The model is core's one
+//! definition (`infermux_core::model`) over candle tensors; on the CPU in f32 our kernels run as
+//! candle custom ops. KV bookkeeping is core's `KvTable`; everything after logits happens in
+//! `infermux-core`.
 //!
 //! ```no_run
 //! use infermux_backend_candle::{CandleBackend, CandleOptions};
@@ -10,56 +12,64 @@
 //! # Ok::<(), infermux_backend_candle::CandleBackendError>(())
 //! ```
 
+mod cpu;
 mod device;
 mod error;
-mod host;
-mod kv_cache;
-mod model;
+mod kv;
+mod ops;
 mod weights;
 
 use std::path::Path;
 
+use infermux_core::kv::{KvTable, KvUsage};
+use infermux_core::model::{Llama, LlamaWeights};
 use infermux_core::{
     Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId,
 };
 
+pub use cpu::Isa;
 pub use device::{candle_device, candle_dtype};
 pub use error::CandleBackendError;
 
 use device::runtime_error;
-use kv_cache::{KvCache, KvShape};
-use model::Llama;
+use kv::{KvStore, SlotKv};
+use ops::{CandleEmbedding, CandleLinear, Loader, Runtime, Step};
 use weights::Weights;
 
-/// Where and in which precision to run.
+/// Which ops run a CPU f32 model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum CpuKernels {
+    /// Our kernels as candle custom ops (packed matmuls, batched attention, norms, RoPE,
+    /// SwiGLU): the fast path for small batches.
+    #[default]
+    Custom,
+    /// candle's built-in tensor ops only (the path every other device and dtype takes).
+    Builtin,
+}
+
+/// Where and in which precision to run, and with which CPU kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CandleOptions {
     /// CPU or a CUDA ordinal.
     pub device: Device,
     /// Weights and activation precision.
     pub dtype: DType,
+    /// The ops of a CPU f32 model.
+    pub cpu_kernels: CpuKernels,
+    /// The instruction set of our CPU kernels (`None`: the best this CPU has); asking for one
+    /// the CPU lacks is an error.
+    pub isa: Option<Isa>,
 }
 
-/// A loaded model on candle.
-///
-/// f32 on the CPU runs on host kernels ([`host`]: multi-threaded small-batch matmuls, fused
-/// attention over all chunks); other devices and precisions run as candle tensor ops. Setting
-/// `INFERMUX_CANDLE_OPS=1` forces the tensor-op path everywhere (for comparisons).
+/// A loaded model on candle: the one Llama-family definition ([`Llama`]) over candle tensors,
+/// with our CPU kernels as custom ops where they apply (CPU, f32, [`CpuKernels::Custom`]).
 pub struct CandleBackend {
     info: ModelInfo,
-    engine: Engine,
-}
-
-enum Engine {
-    Tensors {
-        model: Llama,
-        kv: KvCache,
-        device: candle_core::Device,
-    },
-    Host {
-        model: host::HostLlama,
-        kv: host::HostKv,
-    },
+    llama: Llama,
+    weights: LlamaWeights<CandleLinear, candle_core::Tensor, CandleEmbedding>,
+    rt: Runtime,
+    kv: KvTable<SlotKv>,
+    store: KvStore,
 }
 
 impl CandleBackend {
@@ -74,48 +84,71 @@ impl CandleBackend {
         dir: &ModelDir,
         options: CandleOptions,
     ) -> Result<Self, CandleBackendError> {
-        let tensor_ops = std::env::var_os("INFERMUX_CANDLE_OPS").is_some_and(|v| v != "0");
-        Self::with_engine(dir, options, tensor_ops)
-    }
-
-    /// Loads with the host kernels where they apply (CPU f32), unless `tensor_ops`.
-    fn with_engine(
-        dir: &ModelDir,
-        options: CandleOptions,
-        tensor_ops: bool,
-    ) -> Result<Self, CandleBackendError> {
         let device = candle_device(options.device)?;
         let dtype = candle_dtype(options.dtype);
+        let isa = resolve_isa(options.isa, Isa::detect())?;
+        let cpu = (options.device == Device::Cpu
+            && options.dtype == DType::F32
+            && options.cpu_kernels == CpuKernels::Custom)
+            .then_some(isa);
         let weights = Weights::open(&dir.weight_files, &device, dtype)?;
         let cfg = &dir.config;
+        let llama = Llama::new(cfg.clone(), |name| weights.contains(name));
+        let (cos, sin) = cfg.rope_tables(cfg.max_position_embeddings);
+        let table = |v: &[f32]| {
+            candle_core::Tensor::from_slice(
+                v,
+                (cfg.max_position_embeddings, cfg.head_dim / 2),
+                &device,
+            )
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| CandleBackendError::Weights(e.to_string()))
+        };
+        let rt = Runtime {
+            cos_t: table(&cos)?,
+            sin_t: table(&sin)?,
+            cos,
+            sin,
+            device: device.clone(),
+            dtype,
+            cpu,
+        };
+        let loaded = llama.load(&mut Loader {
+            weights: &weights,
+            rt: &rt,
+        })?;
         let info = ModelInfo::from_config(
             cfg,
             dir.eos_token_ids.clone(),
             options.dtype,
             options.device,
         );
-        if options.device == Device::Cpu && options.dtype == DType::F32 && !tensor_ops {
-            let model = host::HostLlama::load(cfg, &weights)?;
-            let kv = host::HostKv::new(model.kv_shape());
-            return Ok(Self {
-                info,
-                engine: Engine::Host { model, kv },
-            });
-        }
-        let model = Llama::load(cfg, &weights, &device, dtype)?;
-        let shape = KvShape {
+        let store = KvStore {
             num_layers: cfg.num_layers,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            tensors: cpu.is_none().then_some((dtype, device)),
         };
         Ok(Self {
+            kv: KvTable::new(info.kv_bytes_per_token),
             info,
-            engine: Engine::Tensors {
-                model,
-                kv: KvCache::new(shape, dtype, device.clone()),
-                device,
-            },
+            llama,
+            weights: loaded,
+            rt,
+            store,
         })
+    }
+}
+
+/// The ISA to run: the requested one if the CPU (whose best is `best`) has it.
+fn resolve_isa(requested: Option<Isa>, best: Isa) -> Result<Isa, CandleBackendError> {
+    match requested {
+        Some(isa) if isa > best => Err(CandleBackendError::UnsupportedIsa {
+            requested: isa,
+            available: best,
+        }),
+        Some(isa) => Ok(isa),
+        None => Ok(best),
     }
 }
 
@@ -125,44 +158,61 @@ impl Backend for CandleBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
-        batch.check_positions(|slot| self.cached_len(slot), self.info.max_context)?;
-        if batch.num_tokens() == 0 {
-            return Logits::new(batch, self.info.vocab_size, Vec::new());
+        batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
+        let vocab = self.info.vocab_size;
+        if let Some(&t) = batch
+            .chunks
+            .iter()
+            .flat_map(|c| &c.tokens)
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(BackendError::Runtime {
+                runtime: "candle",
+                message: format!("token id {t} is outside the vocabulary ({vocab})"),
+            });
         }
-        let data = match &mut self.engine {
-            Engine::Tensors { model, kv, device } => model
-                .forward(batch, kv, device)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(runtime_error)?,
-            Engine::Host { model, kv } => model.forward(batch, kv)?,
-        };
-        Logits::new(batch, self.info.vocab_size, data)
+        if batch.num_tokens() == 0 {
+            return Logits::new(batch, vocab, Vec::new());
+        }
+        for c in &batch.chunks {
+            self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
+        }
+        let ids: Vec<SlotId> = batch.chunks.iter().map(|c| c.slot).collect();
+        let mut slots = self.kv.get_many_mut(&ids)?;
+        let mut step = Step::new(&self.rt, batch, &mut slots);
+        let data = self
+            .llama
+            .forward(&mut step, &self.weights)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(runtime_error)?;
+        drop(step);
+        drop(slots);
+        for c in &batch.chunks {
+            self.kv.advance(c.slot, c.tokens.len());
+        }
+        Logits::new(batch, vocab, data)
     }
 
     fn release(&mut self, slot: SlotId) {
-        match &mut self.engine {
-            Engine::Tensors { kv, .. } => kv.release(slot),
-            Engine::Host { kv, .. } => kv.release(slot),
-        }
+        self.kv.release(slot);
     }
 
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
-        let found = match &mut self.engine {
-            Engine::Tensors { kv, .. } => kv.fork(src, dst).map_err(runtime_error)?,
-            Engine::Host { kv, .. } => kv.fork(src, dst),
-        };
-        match found {
-            true => Ok(()),
-            false => Err(BackendError::UnknownSlot(src)),
-        }
+        self.kv.fork(&mut self.store, src, dst)
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {
-        match &self.engine {
-            Engine::Tensors { kv, .. } => kv.len(slot),
-            Engine::Host { kv, .. } => kv.len(slot),
-        }
+        self.kv.len(slot)
+    }
+
+    fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
+
+    fn set_kv_budget(&mut self, bytes: Option<u64>) {
+        self.kv.set_budget(bytes);
     }
 }
 
@@ -239,77 +289,98 @@ mod tests {
         }
     }
 
+    fn load(md: &ModelDir, cpu_kernels: CpuKernels, isa: Option<Isa>) -> CandleBackend {
+        let opts = CandleOptions {
+            cpu_kernels,
+            isa,
+            ..CandleOptions::default()
+        };
+        CandleBackend::from_model_dir(md, opts).unwrap()
+    }
+
     #[test]
-    fn host_kernels_match_tensor_ops() {
+    fn custom_kernels_match_builtin_ops_on_every_isa() {
         for (arch, tied) in [
             ("LlamaForCausalLM", true),
             ("Qwen2ForCausalLM", false),
             ("Qwen3ForCausalLM", false),
         ] {
-            let dir = std::env::temp_dir().join(format!(
-                "infermux-candle-host-{arch}-{}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir()
+                .join(format!("infermux-candle-ops-{arch}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             tiny_model(&dir, arch, tied);
             let md = ModelDir::open(&dir).unwrap();
-            let opts = CandleOptions::default();
-            let mut host = CandleBackend::with_engine(&md, opts, false).unwrap();
-            let mut ops = CandleBackend::with_engine(&md, opts, true).unwrap();
-            assert!(matches!(host.engine, Engine::Host { .. }));
-            assert!(matches!(ops.engine, Engine::Tensors { .. }));
-            let prompt: Vec<u32> = (0..70).map(|i| (i * 13 + 5) % 97).collect();
-            let steps = [
-                // A long prefill (crosses the 64-slot initial capacity) and a short one.
-                ForwardBatch {
-                    chunks: vec![
-                        chunk(0, 0, &prompt, LogitsWanted::All),
-                        chunk(1, 0, &prompt[..5], LogitsWanted::Last),
-                    ],
-                },
-                // Decode steps mixed with a prefill continuation.
-                ForwardBatch {
-                    chunks: vec![
-                        chunk(1, 5, &prompt[5..9], LogitsWanted::All),
-                        chunk(0, 70, &[7], LogitsWanted::Last),
-                        chunk(2, 0, &[3], LogitsWanted::Last),
-                    ],
-                },
-            ];
-            for b in [&mut host, &mut ops] {
-                b.forward(&steps[0]).unwrap();
-                b.fork(SlotId(0), SlotId(3)).unwrap();
-            }
-            let fork_step = ForwardBatch {
-                chunks: vec![chunk(3, 70, &[11, 12], LogitsWanted::All)],
-            };
-            for batch in [&steps[0], &steps[1], &fork_step] {
-                let batch = if std::ptr::eq(batch, &steps[0]) {
-                    // Re-run the first batch on fresh slots.
-                    for b in [&mut host, &mut ops] {
-                        b.release(SlotId(0));
-                        b.release(SlotId(1));
-                    }
-                    batch
-                } else {
-                    batch
-                };
-                let (a, b) = (host.forward(batch).unwrap(), ops.forward(batch).unwrap());
-                for c in 0..batch.chunks.len() {
-                    for (ra, rb) in a.chunk(c).zip(b.chunk(c)) {
-                        let worst = ra
-                            .iter()
-                            .zip(rb)
-                            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-                            .fold(0f32, f32::max);
-                        assert!(worst < 1e-4, "{arch}: chunk {c} differs by {worst}");
-                    }
-                }
-            }
-            for s in 0..4 {
-                assert_eq!(host.cached_len(SlotId(s)), ops.cached_len(SlotId(s)));
+            for isa in Isa::supported() {
+                let mut custom = load(&md, CpuKernels::Custom, Some(isa));
+                let mut builtin = load(&md, CpuKernels::Builtin, None);
+                assert!(custom.rt.cpu.is_some() && builtin.rt.cpu.is_none());
+                compare(arch, isa, &mut custom, &mut builtin);
             }
             std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+
+    #[test]
+    fn an_unsupported_isa_is_a_typed_error() {
+        assert_eq!(resolve_isa(None, Isa::Avx2).unwrap(), Isa::Avx2);
+        assert_eq!(
+            resolve_isa(Some(Isa::Portable), Isa::Avx2).unwrap(),
+            Isa::Portable
+        );
+        let err = resolve_isa(Some(Isa::Avx512), Isa::Avx2).unwrap_err();
+        assert!(
+            matches!(err, CandleBackendError::UnsupportedIsa { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Avx512"), "{err}");
+    }
+
+    /// Mixed prefill/decode batches, growth past the first KV granule, fork and release give
+    /// the same logits (to 1e-4) and cache lengths on both backends.
+    fn compare(arch: &str, isa: Isa, host: &mut CandleBackend, ops: &mut CandleBackend) {
+        let prompt: Vec<u32> = (0..70).map(|i| (i * 13 + 5) % 97).collect();
+        let steps = [
+            // A long prefill (crosses the 64-position KV granule) and a short one.
+            ForwardBatch {
+                chunks: vec![
+                    chunk(0, 0, &prompt, LogitsWanted::All),
+                    chunk(1, 0, &prompt[..5], LogitsWanted::Last),
+                ],
+            },
+            // Decode steps mixed with a prefill continuation.
+            ForwardBatch {
+                chunks: vec![
+                    chunk(1, 5, &prompt[5..9], LogitsWanted::All),
+                    chunk(0, 70, &[7], LogitsWanted::Last),
+                    chunk(2, 0, &[3], LogitsWanted::Last),
+                ],
+            },
+        ];
+        for b in [&mut *host, &mut *ops] {
+            b.forward(&steps[0]).unwrap();
+            b.fork(SlotId(0), SlotId(3)).unwrap();
+            // Re-run the first batch on fresh slots.
+            b.release(SlotId(0));
+            b.release(SlotId(1));
+        }
+        let fork_step = ForwardBatch {
+            chunks: vec![chunk(3, 70, &[11, 12], LogitsWanted::All)],
+        };
+        for batch in [&steps[0], &steps[1], &fork_step] {
+            let (a, b) = (host.forward(batch).unwrap(), ops.forward(batch).unwrap());
+            for c in 0..batch.chunks.len() {
+                for (ra, rb) in a.chunk(c).zip(b.chunk(c)) {
+                    let worst = ra
+                        .iter()
+                        .zip(rb)
+                        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "{arch} {isa:?}: chunk {c} differs by {worst}");
+                }
+            }
+        }
+        for s in 0..4 {
+            assert_eq!(host.cached_len(SlotId(s)), ops.cached_len(SlotId(s)));
         }
     }
 }

@@ -52,17 +52,4 @@ impl Weights {
         t.to_dtype(self.dtype)
             .map_err(|e| CandleBackendError::Weights(format!("tensor {name}: {e}")))
     }
-
-    /// The tensor `name` if present (biases, optional norms).
-    pub fn get_opt(
-        &self,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<Option<Tensor>, CandleBackendError> {
-        if self.contains(name) {
-            self.get(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }

@@ -111,6 +111,29 @@ impl<S> KvTable<S> {
         self.slots.get_mut(&slot)
     }
 
+    /// The states of `ids` (distinct slots, each holding state), in that order: one exclusive
+    /// borrow per slot, for a forward pass that writes several slots at once.
+    pub fn get_many_mut(&mut self, ids: &[SlotId]) -> Result<Vec<&mut KvSlot<S>>, BackendError> {
+        let index: HashMap<SlotId, usize> = ids.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+        if index.len() != ids.len() {
+            return Err(BackendError::Runtime {
+                runtime: "kv",
+                message: "a batch addresses the same slot twice".into(),
+            });
+        }
+        let mut found: Vec<Option<&mut KvSlot<S>>> = ids.iter().map(|_| None).collect();
+        for (id, slot) in self.slots.iter_mut() {
+            if let Some(&i) = index.get(id) {
+                found[i] = Some(slot);
+            }
+        }
+        found
+            .into_iter()
+            .zip(ids)
+            .map(|(s, &id)| s.ok_or(BackendError::UnknownSlot(id)))
+            .collect()
+    }
+
     /// Slots holding state.
     pub fn num_slots(&self) -> usize {
         self.slots.len()

@@ -10,7 +10,7 @@
 //! AVX2 or portable) and whatever the number of rows in the call: a row's result does not depend
 //! on the batch it is in.
 
-use super::kernels::{SyncPtr, has_avx2, par_ranges, threads};
+use super::kernels::{Isa, SyncPtr, par_ranges, threads};
 
 /// Output columns per panel: two AVX-512 vectors, four AVX2 vectors.
 pub(crate) const NR: usize = 32;
@@ -41,6 +41,16 @@ impl PackedMatrix {
         Self { data, out, inp }
     }
 
+    /// Output width.
+    pub(crate) fn out(&self) -> usize {
+        self.out
+    }
+
+    /// Input width.
+    pub(crate) fn inp(&self) -> usize {
+        self.inp
+    }
+
     /// Row `j` of the unpacked matrix (an embedding lookup when this is a tied output head).
     pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
         let panel = &self.data[j / NR * NR * self.inp..][..NR * self.inp];
@@ -53,6 +63,7 @@ impl PackedMatrix {
     /// (a residual). Panels are shared out among the pool's threads.
     pub(crate) fn matmul(
         &self,
+        isa: Isa,
         x: &[f32],
         m: usize,
         bias: Option<&[f32]>,
@@ -85,7 +96,7 @@ impl PackedMatrix {
                 let mut r = 0;
                 while r < m {
                     let rows = (m - r).min(MR);
-                    panel_tile(&x[r * k..(r + rows) * k], rows, k, panel, &mut tile);
+                    panel_tile(isa, &x[r * k..(r + rows) * k], rows, k, panel, &mut tile);
                     for (i, acc) in tile.iter().enumerate().take(rows) {
                         // SAFETY: columns p·NR.. of row r + i belong to panel p, which only
                         // this range writes, and lie inside `m * n`.
@@ -129,15 +140,22 @@ fn store(out: &mut [f32], acc: &[f32], bias: Option<&[f32]>, accumulate: bool) {
 }
 
 /// `tile[i][c] = Σₜ x[i, t] · panel[t, c]` for the `rows` (≤ [`MR`]) rows of `x`.
-fn panel_tile(x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [[f32; NR]; MR]) {
+fn panel_tile(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    panel: &[f32],
+    tile: &mut [[f32; NR]; MR],
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx512() {
+        if isa.avx512() {
             // SAFETY: AVX-512F was detected; `x` holds `rows` rows of `k`, `panel` `k` × NR.
             unsafe { avx512::tile(x, rows, k, panel, tile) };
             return;
         }
-        if has_avx2() {
+        if isa.avx2() {
             // SAFETY: AVX2 and FMA were detected; shapes as above.
             unsafe { avx2::tile(x, rows, k, panel, tile) };
             return;
@@ -152,23 +170,6 @@ fn panel_tile(x: &[f32], rows: usize, k: usize, panel: &[f32], tile: &mut [[f32;
             }
         }
     }
-}
-
-/// Whether the AVX-512 kernel can run here (checked once; `INFERMUX_CANDLE_NO_AVX512` opts out).
-fn has_avx512() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            has_avx2()
-                && std::env::var_os("INFERMUX_CANDLE_NO_AVX512").is_none()
-                && is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -297,7 +298,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::kernels::tests::data;
+    use crate::cpu::kernels::tests::data;
 
     #[test]
     fn packed_matmul_matches_naive_for_odd_shapes() {
@@ -314,19 +315,21 @@ mod tests {
             let w = data(n * k, 2);
             let bias = data(n, 3);
             let packed = PackedMatrix::pack(&w, n, k);
-            let mut out = vec![1.0; m * n];
-            packed.matmul(&x, m, Some(&bias), &mut out, true);
-            for r in 0..m {
-                for j in 0..n {
-                    let dot: f64 = (0..k)
-                        .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
-                        .sum();
-                    let want = (dot + bias[j] as f64 + 1.0) as f32;
-                    let got = out[r * n + j];
-                    assert!(
-                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                        "m{m} k{k} n{n} [{r},{j}]: {got} vs {want}"
-                    );
+            for isa in Isa::supported() {
+                let mut out = vec![1.0; m * n];
+                packed.matmul(isa, &x, m, Some(&bias), &mut out, true);
+                for r in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k)
+                            .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
+                            .sum();
+                        let want = (dot + bias[j] as f64 + 1.0) as f32;
+                        let got = out[r * n + j];
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{isa:?} m{m} k{k} n{n} [{r},{j}]: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -337,12 +340,14 @@ mod tests {
         let (k, n) = (576, 300);
         let x = data(61 * k, 5);
         let packed = PackedMatrix::pack(&data(n * k, 6), n, k);
-        let mut all = vec![0.0; 61 * n];
-        packed.matmul(&x, 61, None, &mut all, false);
-        for r in [0, 4, 11, 12, 47, 48, 60] {
-            let mut one = vec![0.0; n];
-            packed.matmul(&x[r * k..(r + 1) * k], 1, None, &mut one, false);
-            assert_eq!(one, all[r * n..(r + 1) * n], "row {r}");
+        for isa in Isa::supported() {
+            let mut all = vec![0.0; 61 * n];
+            packed.matmul(isa, &x, 61, None, &mut all, false);
+            for r in [0, 4, 11, 12, 47, 48, 60] {
+                let mut one = vec![0.0; n];
+                packed.matmul(isa, &x[r * k..(r + 1) * k], 1, None, &mut one, false);
+                assert_eq!(one, all[r * n..(r + 1) * n], "{isa:?} row {r}");
+            }
         }
     }
 

@@ -5,11 +5,11 @@
 //! reduced by the same tree whatever the tile shape, so a row's result does not depend on how
 //! many other rows share the call: batch invariance is exact, not approximate.
 //!
-//! On x86-64 with AVX2 and FMA (checked once at run time) the inner loops use `std::arch`
-//! intrinsics; elsewhere a portable version with the same structure runs.
+//! With [`Isa::Avx2`] or better (chosen by `CandleOptions::isa`, checked against the CPU at
+//! load) the inner loops use `std::arch` intrinsics; otherwise a portable version with the same
+//! structure runs.
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 /// A raw pointer that may cross threads: each worker writes a disjoint part of the buffer.
 #[derive(Clone, Copy)]
@@ -27,21 +27,55 @@ impl SyncPtr {
     }
 }
 
-/// Whether the AVX2+FMA kernels can run here (checked once).
-pub(crate) fn has_avx2() -> bool {
-    static FLAG: OnceLock<bool> = OnceLock::new();
-    *FLAG.get_or_init(|| {
+/// Which vector instructions the kernels use, resolved against the CPU at load.
+///
+/// Every kernel computes each output in the same order whatever the ISA (see the module docs),
+/// so the ISAs differ in speed only, up to the rounding of a fused multiply-add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Plain Rust loops.
+    Portable,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512F (with AVX2 and FMA for the kernels that have no AVX-512 version).
+    Avx512,
+}
+
+impl Isa {
+    /// The best ISA this CPU supports.
+    pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            std::env::var_os("INFERMUX_CANDLE_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if avx2 {
+                return Self::Avx2;
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+        Self::Portable
+    }
+
+    /// Every ISA this CPU can run, best last.
+    pub fn supported() -> Vec<Self> {
+        [Self::Portable, Self::Avx2, Self::Avx512]
+            .into_iter()
+            .filter(|&i| i <= Self::detect())
+            .collect()
+    }
+
+    /// Whether the AVX2+FMA kernels may run.
+    #[inline]
+    pub(crate) fn avx2(self) -> bool {
+        self >= Self::Avx2
+    }
+
+    /// Whether the AVX-512 kernels may run.
+    #[inline]
+    pub(crate) fn avx512(self) -> bool {
+        self >= Self::Avx512
+    }
 }
 
 /// Runs `f` over `0..n` split into ranges of `grain` items on the persistent pool
@@ -61,18 +95,26 @@ const MR: usize = 3;
 const M_BLOCK: usize = 48;
 
 /// `out[m, n] = x[m, k] @ w[n, k]ᵀ` on the calling thread only (inside a parallel unit).
-pub(crate) fn matmul_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+pub(crate) fn matmul_serial(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
     assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
     // SAFETY: `out` holds `m * n` floats and is exclusively borrowed.
-    unsafe { matmul_cols(x, m, k, w, n, None, out.as_mut_ptr(), false, 0..n) }
+    unsafe { matmul_cols(isa, x, m, k, w, n, None, out.as_mut_ptr(), false, 0..n) }
 }
 
 /// `out[d] = Σⱼ p[j] · v[j, d]` for `v` of `p.len()` rows of `out.len()` values.
-pub(crate) fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
+pub(crate) fn weighted_sum(isa: Isa, p: &[f32], v: &[f32], out: &mut [f32]) {
     let hd = out.len();
     assert!(v.len() >= p.len() * hd);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd.is_multiple_of(8) {
+    if isa.avx2() && hd.is_multiple_of(8) {
         let mut d0 = 0;
         while d0 < hd {
             let nv = ((hd - d0) / 8).min(8);
@@ -108,6 +150,7 @@ pub(crate) fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
 /// `dst` must point to an `m * n` buffer that no one else touches in columns `cols`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_cols(
+    isa: Isa,
     x: &[f32],
     m: usize,
     k: usize,
@@ -136,7 +179,7 @@ unsafe fn matmul_cols(
                     let row = r + i.min(nr - 1);
                     &x[row * k..(row + 1) * k]
                 });
-                tile(&xr, nr, &wr, k, &mut out4);
+                tile(isa, &xr, nr, &wr, k, &mut out4);
                 for (i, o) in out4.iter().enumerate().take(nr) {
                     for (c, &v) in o.iter().enumerate().take(nc) {
                         let v = v + bias.map_or(0.0, |b| b[j + c]);
@@ -160,9 +203,16 @@ unsafe fn matmul_cols(
 
 /// Dot products of `nr` (≤ [`MR`]) activation rows with 4 weight rows.
 #[inline]
-fn tile(x: &[&[f32]; MR], nr: usize, w: &[&[f32]; 4], k: usize, out: &mut [[f32; 4]; MR]) {
+fn tile(
+    isa: Isa,
+    x: &[&[f32]; MR],
+    nr: usize,
+    w: &[&[f32]; 4],
+    k: usize,
+    out: &mut [[f32; 4]; MR],
+) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa.avx2() {
         // SAFETY: AVX2 and FMA were detected; all rows are `k` long.
         unsafe {
             match nr {
@@ -207,9 +257,9 @@ fn reduce8(a: &[f32; 8]) -> f32 {
 
 /// Dot product of two equally long slices (8 lanes, same reduction as the matmul).
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa.avx2() {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { avx::dot(a, b) };
     }
@@ -392,9 +442,9 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 }
 
 /// `exp` of every element, in place.
-pub(crate) fn exp_inplace(xs: &mut [f32]) {
+pub(crate) fn exp_inplace(isa: Isa, xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa.avx2() {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { avx::exp_inplace(xs) };
     }
@@ -404,9 +454,9 @@ pub(crate) fn exp_inplace(xs: &mut [f32]) {
 }
 
 /// `out = silu(gate) * up`, elementwise.
-pub(crate) fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+pub(crate) fn swiglu(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa.avx2() {
         // SAFETY: AVX2 and FMA were detected.
         return unsafe { avx::swiglu(gate, up, out) };
     }
@@ -416,10 +466,10 @@ pub(crate) fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// RMS norm of each `dim`-long row of `x` into `out`, scaled by `weight`.
-pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+pub(crate) fn rms_norm(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
     for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let ss = dot(xr, xr);
+        let ss = dot(isa, xr, xr);
         let inv = 1.0 / (ss / dim as f32 + eps).sqrt();
         for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
             *o = v * inv * w;
@@ -445,7 +495,7 @@ pub(super) mod tests {
     use super::*;
 
     /// Deterministic values in [-1, 1) for kernel tests (also used by `packed`'s).
-    pub(in crate::host) fn data(len: usize, salt: u32) -> Vec<f32> {
+    pub(in crate::cpu) fn data(len: usize, salt: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32)
@@ -480,14 +530,16 @@ pub(super) mod tests {
         ] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
-            let mut out = vec![1.0; m * n];
-            matmul_serial(&x, m, k, &w, n, &mut out);
             let want = naive(&x, m, k, &w, n);
-            for (i, (&o, &e)) in out.iter().zip(&want).enumerate() {
-                assert!(
-                    (o - e).abs() < 1e-4 * (1.0 + e.abs()),
-                    "m{m} k{k} n{n} [{i}]: {o} vs {e}"
-                );
+            for isa in Isa::supported() {
+                let mut out = vec![1.0; m * n];
+                matmul_serial(isa, &x, m, k, &w, n, &mut out);
+                for (i, (&o, &e)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (o - e).abs() < 1e-4 * (1.0 + e.abs()),
+                        "{isa:?} m{m} k{k} n{n} [{i}]: {o} vs {e}"
+                    );
+                }
             }
         }
     }
@@ -497,12 +549,14 @@ pub(super) mod tests {
         let (k, n) = (576, 300);
         let x = data(17 * k, 5);
         let w = data(n * k, 6);
-        let mut all = vec![0.0; 17 * n];
-        matmul_serial(&x, 17, k, &w, n, &mut all);
-        for r in [0, 4, 16] {
-            let mut one = vec![0.0; n];
-            matmul_serial(&x[r * k..(r + 1) * k], 1, k, &w, n, &mut one);
-            assert_eq!(one, all[r * n..(r + 1) * n]);
+        for isa in Isa::supported() {
+            let mut all = vec![0.0; 17 * n];
+            matmul_serial(isa, &x, 17, k, &w, n, &mut all);
+            for r in [0, 4, 16] {
+                let mut one = vec![0.0; n];
+                matmul_serial(isa, &x[r * k..(r + 1) * k], 1, k, &w, n, &mut one);
+                assert_eq!(one, all[r * n..(r + 1) * n]);
+            }
         }
     }
 
@@ -518,19 +572,21 @@ pub(super) mod tests {
         }
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(-100.0), 0.0);
-        let mut v = vec![-1.0, 0.0, 2.5, -30.0, 7.0, 1.0, 3.0, -5.0, 0.5];
-        let want: Vec<f32> = v.iter().map(|x: &f32| x.exp()).collect();
-        exp_inplace(&mut v);
-        for (g, w) in v.iter().zip(&want) {
-            assert!((g - w).abs() <= 4e-7 * w);
-        }
-        let g = [-3.0f32, 0.0, 1.5, 20.0];
-        let u = [2.0f32, 1.0, -1.0, 0.5];
-        let mut o = [0.0f32; 4];
-        swiglu(&g, &u, &mut o);
-        for i in 0..4 {
-            let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
-            assert!((o[i] - want).abs() <= 1e-6 * (1.0 + want.abs()));
+        for isa in Isa::supported() {
+            let mut v = vec![-1.0, 0.0, 2.5, -30.0, 7.0, 1.0, 3.0, -5.0, 0.5];
+            let want: Vec<f32> = v.iter().map(|x: &f32| x.exp()).collect();
+            exp_inplace(isa, &mut v);
+            for (g, w) in v.iter().zip(&want) {
+                assert!((g - w).abs() <= 4e-7 * w);
+            }
+            let g = [-3.0f32, 0.0, 1.5, 20.0];
+            let u = [2.0f32, 1.0, -1.0, 0.5];
+            let mut o = [0.0f32; 4];
+            swiglu(isa, &g, &u, &mut o);
+            for i in 0..4 {
+                let want = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+                assert!((o[i] - want).abs() <= 1e-6 * (1.0 + want.abs()));
+            }
         }
     }
 }
@@ -566,7 +622,7 @@ mod bench {
             for m in [1, 4, 16] {
                 let mut out = vec![0f32; m * n];
                 let t = Instant::now();
-                packed.matmul(&x, m, None, &mut out, false);
+                packed.matmul(super::Isa::detect(), &x, m, None, &mut out, false);
                 let mm = t.elapsed().as_secs_f64();
                 println!(
                     "sum {:.1} GB/s; matmul m={m} {:.1} GB/s ({:.1} GFLOP/s)",
