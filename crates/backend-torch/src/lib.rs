@@ -2,8 +2,9 @@
 //!
 //! Llama-family models (Llama, Mistral, Qwen2/3, SmolLM) on libtorch through
 //! [`tch`](https://docs.rs/tch): f32, bf16 and f16, on the CPU or a CUDA device chosen at run
-//! time. The backend computes logits and keeps the KV cache; everything after logits happens in
-//! `infermux-core`.
+//! time. The model is the core's [`Llama`] (one definition for every backend); this crate
+//! supplies its ops in libtorch ([`ops`]) and the KV tensors ([`kv`]) the core's [`KvTable`]
+//! keeps per slot. Everything after logits happens in `infermux-core`.
 //!
 //! ```no_run
 //! use infermux_backend_torch::{TorchBackend, TorchOptions};
@@ -13,22 +14,24 @@
 
 mod device;
 mod error;
-mod kv_cache;
-mod model;
+mod kv;
+mod ops;
 mod weights;
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use infermux_core::{
-    Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId,
+    Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits, ModelDir,
+    ModelInfo, SlotId,
 };
 
 pub use device::{tch_device, tch_kind};
 pub use error::TorchBackendError;
 
 use device::runtime_error;
-use kv_cache::{KvCache, KvShape};
-use model::Llama;
+use kv::{SlotKv, TorchKvStore};
+use ops::{RopeTables, TorchForward, TorchLoader, TorchWeights};
 use weights::Weights;
 
 /// Where and in which precision to run.
@@ -44,7 +47,11 @@ pub struct TorchOptions {
 pub struct TorchBackend {
     info: ModelInfo,
     model: Llama,
-    kv: KvCache,
+    weights: TorchWeights,
+    rope: RopeTables,
+    kv: KvTable<SlotKv>,
+    store: TorchKvStore,
+    device: tch::Device,
 }
 
 impl TorchBackend {
@@ -62,24 +69,27 @@ impl TorchBackend {
         let device = tch_device(options.device)?;
         let kind = tch_kind(options.dtype);
         let _guard = tch::no_grad_guard();
-        let weights = Weights::open(&dir.weight_files, device, kind)?;
         let cfg = &dir.config;
-        let model = Llama::load(cfg, &weights, device, kind)?;
-        let shape = KvShape {
-            num_layers: cfg.num_layers,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-        };
+        let checkpoint = Weights::open(&dir.weight_files, device, kind)?;
+        let model = Llama::new(cfg.clone(), |name| checkpoint.contains(name));
+        let weights = model.load(&mut TorchLoader::new(&checkpoint))?;
+        drop(checkpoint);
+        let rope = RopeTables::new(cfg, device, kind).map_err(runtime_error)?;
         let info = ModelInfo::from_config(
             cfg,
             dir.eos_token_ids.clone(),
             options.dtype,
             options.device,
         );
+        let store = TorchKvStore::new(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kind, device);
         Ok(Self {
+            kv: KvTable::new(info.kv_bytes_per_token),
             info,
             model,
-            kv: KvCache::new(shape, kind, device),
+            weights,
+            rope,
+            store,
+            device,
         })
     }
 }
@@ -91,16 +101,32 @@ impl Backend for TorchBackend {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
         batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
+        let mut seen = HashSet::with_capacity(batch.chunks.len());
+        if let Some(c) = batch.chunks.iter().find(|c| !seen.insert(c.slot)) {
+            return Err(BackendError::Runtime {
+                runtime: "libtorch",
+                message: format!("a batch addresses slot {:?} twice", c.slot),
+            });
+        }
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }
         let _guard = tch::no_grad_guard();
-        let logits = self
-            .model
-            .forward(batch, &mut self.kv)
-            .map_err(runtime_error)?;
+        for c in batch.chunks.iter().filter(|c| !c.tokens.is_empty()) {
+            self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
+        }
+        let logits = {
+            let mut ops = TorchForward::new(batch, &self.rope, &self.kv, self.device)
+                .map_err(runtime_error)?;
+            self.model.forward(&mut ops, &self.weights)?
+        };
+        for c in &batch.chunks {
+            self.kv.advance(c.slot, c.tokens.len());
+        }
         let data = logits
-            .f_contiguous()
+            .f_to_kind(tch::Kind::Float)
+            .and_then(|t| t.f_to_device(tch::Device::Cpu))
+            .and_then(|t| t.f_contiguous())
             .and_then(|t| t.f_view([-1]))
             .and_then(|t| Vec::<f32>::try_from(&t))
             .map_err(runtime_error)?;
@@ -113,13 +139,18 @@ impl Backend for TorchBackend {
 
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
         let _guard = tch::no_grad_guard();
-        match self.kv.fork(src, dst).map_err(runtime_error)? {
-            true => Ok(()),
-            false => Err(BackendError::UnknownSlot(src)),
-        }
+        self.kv.fork(&mut self.store, src, dst)
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {
         self.kv.len(slot)
+    }
+
+    fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
+
+    fn set_kv_budget(&mut self, bytes: Option<u64>) {
+        self.kv.set_budget(bytes);
     }
 }

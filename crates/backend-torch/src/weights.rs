@@ -1,13 +1,15 @@
-//! Reading named tensors from (possibly sharded) safetensors files into a device and kind.
+//! The checkpoint's tensors by Hugging Face name, handed out shape-checked on the target device
+//! and kind.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use infermux_core::model::TensorSpec;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::TorchBackendError;
 
-/// All tensors of the model's safetensors files, by name.
+/// All tensors of the model's (possibly sharded) safetensors files, as stored.
 pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
     device: Device,
@@ -15,12 +17,13 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
-    /// Reads every file in `paths`; tensors are converted when taken with [`Weights::get`].
+    /// Reads every file in `paths`; tensors are moved and converted when loaded.
     pub fn open(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self, TorchBackendError> {
         let mut tensors = HashMap::new();
         for path in paths {
-            let named = Tensor::read_safetensors(path).map_err(|e| {
-                TorchBackendError::Weights(format!("reading {}: {e}", path.display()))
+            let named = Tensor::read_safetensors(path).map_err(|e| TorchBackendError::Read {
+                path: path.clone(),
+                message: e.to_string(),
             })?;
             tensors.extend(named);
         }
@@ -31,38 +34,31 @@ impl Weights {
         })
     }
 
-    /// Whether a tensor named `name` exists.
+    /// Whether the checkpoint holds a tensor named `name` (the plan asks about optional ones).
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
-    /// The tensor `name` on the target device and kind, checked against `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, TorchBackendError> {
+    /// The tensor `spec` names, checked against its shape, on the target device and kind.
+    pub fn load(&self, spec: &TensorSpec) -> Result<Tensor, TorchBackendError> {
+        let name = &spec.name;
         let t = self
             .tensors
             .get(name)
-            .ok_or_else(|| TorchBackendError::Weights(format!("tensor {name} is missing")))?;
-        let dims: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        if dims != shape {
-            return Err(TorchBackendError::Weights(format!(
-                "tensor {name} has shape {dims:?}, expected {shape:?}"
-            )));
+            .ok_or_else(|| TorchBackendError::MissingTensor(name.clone()))?;
+        let found: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        if found != spec.shape {
+            return Err(TorchBackendError::Shape {
+                name: name.clone(),
+                found,
+                expected: spec.shape.clone(),
+            });
         }
         t.f_to_device(self.device)
             .and_then(|t| t.f_to_kind(self.kind))
-            .map_err(|e| TorchBackendError::Weights(format!("tensor {name}: {e}")))
-    }
-
-    /// The tensor `name` if present (biases, optional norms).
-    pub fn get_opt(
-        &self,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<Option<Tensor>, TorchBackendError> {
-        if self.contains(name) {
-            self.get(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
+            .map_err(|e| TorchBackendError::Tensor {
+                name: name.clone(),
+                message: e.to_string(),
+            })
     }
 }
