@@ -1,9 +1,11 @@
 //! `cargo xtask export-onnx`: export a Hugging Face model folder to an ONNX decoder graph.
 //!
-//! The exporter is `crates/backend-onnx/export/hf_to_onnx.py` (onnx + numpy, no torch). It runs in
-//! the venv `runtimes/py-onnx`, created here and filled from the pinned `requirements.txt`; a
-//! marker holding the hash of that file skips `pip` when nothing changed. The script itself skips
-//! an export whose `infermux_export.json` marker is current, so a second run is quick.
+//! The exporter is the library function `infermux_backend_onnx::export::export`: the graph is
+//! recorded from the Rust model definition (`infermux_core::model::Llama`), no Python involved.
+//! It skips an export whose `infermux_export.json` marker is current, so a second run (as every
+//! `cargo xtask setup` makes) is quick. `--verify` runs `onnx.checker.check_model(full_check)` on
+//! the result in the venv `runtimes/py-onnx`, created here with the pinned `onnx` package;
+//! numerical checks against transformers are `cargo xtask conformance --backends onnx`'s.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,17 +13,20 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use infermux_backend_onnx::export::{self as onnx_export, ExportDtype, ExportOptions, GRAPH_FILE};
 
 use crate::run_status;
 
-/// Virtual environment of the exporter, relative to the repository root.
+/// Virtual environment of the checker, relative to the repository root.
 const VENV_DIR: &str = "runtimes/py-onnx";
-/// Exporter script, relative to the repository root.
-const SCRIPT: &str = "crates/backend-onnx/export/hf_to_onnx.py";
-/// Pinned requirements of the exporter, relative to the repository root.
-const REQUIREMENTS: &str = "crates/backend-onnx/export/requirements.txt";
+/// Pinned requirements of the checker (Python 3.11+).
+const REQUIREMENTS: &str = "numpy==2.4.6\nonnx==1.23.2\n";
 /// Marker in the venv recording the hash of the requirements it was filled from.
 const VENV_MARKER: &str = ".infermux-requirements";
+/// The check run in the venv: the ONNX checker with shape inference over the whole graph.
+const CHECK_SCRIPT: &str = "import sys, onnx\n\
+    onnx.checker.check_model(sys.argv[1], full_check=True)\n\
+    print('onnx.checker (full_check): ok,', len(onnx.load(sys.argv[1], load_external_data=False).graph.node), 'nodes')\n";
 
 /// Weight and activation type of the exported graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,11 +37,11 @@ pub enum Dtype {
     F16,
 }
 
-impl Dtype {
-    fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::F16 => "f16",
+impl From<Dtype> for ExportDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => ExportDtype::F32,
+            Dtype::F16 => ExportDtype::F16,
         }
     }
 }
@@ -50,12 +55,16 @@ pub struct ExportArgs {
     /// Weight and activation type.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
-    /// Output folder (default: MODEL/onnx for f32, MODEL/onnx-f16 for f16).
+    /// Output folder (default: MODEL/onnx for f32, MODEL/onnx-f16 for f16). Outside MODEL it
+    /// also gets MODEL's config and tokenizer files, so it loads as a model folder of its own.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// After exporting, check the f32 and f16 graphs against this golden JSON with ONNX Runtime.
-    #[arg(long, value_name = "GOLDEN_JSON")]
-    verify: Option<PathBuf>,
+    /// Export even when the output's marker is current.
+    #[arg(long)]
+    force: bool,
+    /// After exporting, run onnx.checker (full_check) on the graph (Python venv runtimes/py-onnx).
+    #[arg(long)]
+    verify: bool,
 }
 
 /// Runs `cargo xtask export-onnx`.
@@ -64,52 +73,68 @@ pub fn run(root: &Path, args: &ExportArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => crate::setup::run(root)?,
     };
-    export(
-        root,
-        &model,
-        args.dtype,
-        args.out.as_deref(),
-        args.verify.as_deref(),
-    )
+    let dtype = ExportDtype::from(args.dtype);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| onnx_export::default_out_dir(&model, dtype));
+    let model_abs = std::path::absolute(&model)?;
+    let standalone = !std::path::absolute(&out)?.starts_with(&model_abs);
+    let options = ExportOptions {
+        dtype,
+        force: args.force,
+        standalone,
+    };
+    export(&model, &out, &options)?;
+    if args.verify {
+        check_model(root, &out.join(GRAPH_FILE))?;
+    }
+    Ok(())
 }
 
 /// The f32 export of `model` into `model/onnx`, as `setup` does for the reference model.
-pub fn reference(root: &Path, model: &Path) -> Result<()> {
-    export(root, model, Dtype::F32, None, None)
+pub fn reference(_root: &Path, model: &Path) -> Result<()> {
+    let out = onnx_export::default_out_dir(model, ExportDtype::F32);
+    export(model, &out, &ExportOptions::default())
 }
 
-/// Ensures the venv, then runs the exporter script.
-fn export(
-    root: &Path,
-    model: &Path,
-    dtype: Dtype,
-    out: Option<&Path>,
-    verify: Option<&Path>,
-) -> Result<()> {
+fn export(model: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
+    let report = onnx_export::export(model, out, options)
+        .with_context(|| format!("exporting {} to ONNX", model.display()))?;
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    if report.skipped {
+        eprintln!("onnx export up to date: {}", report.out_dir.display());
+    } else {
+        eprintln!(
+            "exported {} ({}) to {} in {:.1}s: {} nodes, {} initializers, {} {:.2} MiB, {} {:.1} MiB",
+            model.display(),
+            options.dtype.as_str(),
+            report.out_dir.display(),
+            report.seconds,
+            report.nodes,
+            report.initializers,
+            GRAPH_FILE,
+            mib(report.graph_bytes),
+            onnx_export::DATA_FILE,
+            mib(report.data_bytes),
+        );
+    }
+    Ok(())
+}
+
+/// Runs the ONNX checker on `graph` in `runtimes/py-onnx`.
+fn check_model(root: &Path, graph: &Path) -> Result<()> {
     let python = ensure_venv(root)?;
     let mut cmd = Command::new(python);
-    cmd.current_dir(root)
-        .arg(root.join(SCRIPT))
-        .arg("--model")
-        .arg(model)
-        .args(["--dtype", dtype.as_str()]);
-    if let Some(out) = out {
-        cmd.arg("--out").arg(out);
-    }
-    if let Some(golden) = verify {
-        cmd.arg("--verify").arg(golden);
-    }
-    run_status(&mut cmd).context("ONNX export failed")
+    cmd.args(["-c", CHECK_SCRIPT]).arg(graph);
+    run_status(&mut cmd).with_context(|| format!("onnx.checker rejected {}", graph.display()))
 }
 
 /// Creates `runtimes/py-onnx` and installs the pinned requirements unless its marker is current.
 fn ensure_venv(root: &Path) -> Result<PathBuf> {
     let venv = root.join(VENV_DIR);
     let python = venv.join("bin").join("python");
-    let requirements = root.join(REQUIREMENTS);
-    let text =
-        fs::read(&requirements).with_context(|| format!("reading {}", requirements.display()))?;
-    let marker = marker_contents(&text);
+    let marker = marker_contents(REQUIREMENTS.as_bytes());
     let marker_path = venv.join(VENV_MARKER);
     if python.is_file() && fs::read_to_string(&marker_path).is_ok_and(|m| m == marker) {
         return Ok(python);
@@ -120,20 +145,20 @@ fn ensure_venv(root: &Path) -> Result<PathBuf> {
         cmd.args(["-m", "venv"]).arg(&venv);
         run_status(&mut cmd).context("python3 -m venv failed")?;
     }
-    eprintln!("installing {} into {}", REQUIREMENTS, venv.display());
+    eprintln!("installing the ONNX checker into {}", venv.display());
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check", "-r"])
-        .arg(&requirements);
-    run_status(&mut cmd).context("pip install of the exporter requirements failed")?;
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check"])
+        .args(REQUIREMENTS.lines());
+    run_status(&mut cmd).context("pip install of the ONNX checker failed")?;
     fs::write(&marker_path, marker)
         .with_context(|| format!("writing {}", marker_path.display()))?;
     Ok(python)
 }
 
-/// Marker text for a requirements file: its FNV-1a 64 hash (stable across Rust releases).
+/// Marker text for a requirements list: its FNV-1a 64 hash (stable across Rust releases).
 fn marker_contents(requirements: &[u8]) -> String {
     format!(
-        "py-onnx v1 requirements-fnv1a64={:016x}\n",
+        "py-onnx v2 requirements-fnv1a64={:016x}\n",
         fnv1a64(requirements)
     )
 }

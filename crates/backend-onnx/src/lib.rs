@@ -8,8 +8,10 @@
 //! put them (host memory on CPU, device memory with CUDA) and are bound as the next run's past
 //! as they are while the batch keeps the same sequences (in any order: the group runs in the
 //! previous run's row order); only a change of composition assembles a new past (see
-//! `kv_cache`); [`OnnxBackend::kv_stats`] counts both kinds of run. Export a graph with
-//! `cargo xtask export-onnx`.
+//! `kv_cache`); [`OnnxBackend::kv_stats`] counts both kinds of run.
+//!
+//! [`export`] writes such a graph from a Hugging Face folder, recorded from the one Rust model
+//! definition (`infermux_core::model::Llama`); `cargo xtask export-onnx` runs it.
 //!
 //! ```no_run
 //! use infermux_backend_onnx::{OnnxBackend, OnnxOptions};
@@ -18,6 +20,7 @@
 //! ```
 
 mod error;
+pub mod export;
 mod io;
 mod kv_cache;
 mod session;
