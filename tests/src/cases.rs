@@ -386,7 +386,7 @@ fn busy_traffic(
     client: &SamplingClient,
     n: usize,
     tokens: usize,
-) -> infermux::Result<Vec<infermux::ApiFuture<SampleResponse>>> {
+) -> infermux::Result<Vec<infermux::SamplerFuture<SampleResponse>>> {
     let tokenizer = client.get_tokenizer();
     (0..n)
         .map(|i| {

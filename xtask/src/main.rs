@@ -8,6 +8,7 @@ mod setup;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -31,11 +32,17 @@ enum Cmd {
     },
     /// Run setup for the model only, then sample a short completion with the candle backend.
     Quickstart,
-    /// Run setup, then `cargo test --workspace --exclude xtask` with the torch and onnx suites.
+    /// Run setup, then what CI checks: clippy (`-D warnings`) on every target with the
+    /// installed backends, `cargo test --workspace --exclude xtask` with the torch and onnx
+    /// suites, `cargo test -p xtask`, and the conformance ratchet on every installed backend.
     Test {
         #[command(flatten)]
         runtimes: RuntimeFlags,
-        /// Extra arguments passed on to `cargo test`.
+        /// Only run `cargo test --workspace --exclude xtask` (no clippy, no xtask tests, no
+        /// conformance).
+        #[arg(long)]
+        tests_only: bool,
+        /// Extra arguments passed on to `cargo test --workspace`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -97,7 +104,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Setup { runtimes } => setup_all(&root, runtimes.components()).map(|_| ()),
         Cmd::Quickstart => quickstart(&root),
-        Cmd::Test { runtimes, args } => test(&root, runtimes.components(), &args),
+        Cmd::Test {
+            runtimes,
+            tests_only,
+            args,
+        } => test(&root, runtimes.components(), tests_only, &args),
         Cmd::Golden { python } => golden::run(&root, python.as_deref()),
         Cmd::ExportOnnx(args) => export::run(&root, &args),
         Cmd::Conformance(args) => conformance::run(&root, &args),
@@ -153,7 +164,17 @@ fn quickstart(root: &Path) -> Result<()> {
         let mut cmd = cargo();
         cmd.current_dir(root)
             .args([
-                "run", "--quiet", "-p", "infermux", "--bin", "infermux", "--", "sample", "--model",
+                "run",
+                "--quiet",
+                "-p",
+                "infermux",
+                "--features",
+                "cli",
+                "--bin",
+                "infermux",
+                "--",
+                "sample",
+                "--model",
             ])
             .arg(&model)
             .args(["--backend", "candle", "--temperature", "0"])
@@ -163,25 +184,155 @@ fn quickstart(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs setup for `components`, then the workspace tests with their features enabled.
-fn test(root: &Path, components: Components, extra: &[String]) -> Result<()> {
+/// Runs setup for `components`, then (unless `tests_only`) each CI step in turn, failing at the
+/// first that fails; prints how long each step took.
+fn test(root: &Path, components: Components, tests_only: bool, extra: &[String]) -> Result<()> {
+    let started = Instant::now();
     let model = setup_all(root, components)?;
+    let mut timings = vec![("setup".to_string(), started.elapsed())];
+    let features = test_features(components);
+    let outcome = test_steps(
+        root,
+        &model,
+        components,
+        tests_only,
+        &features,
+        extra,
+        &mut timings,
+    );
+    eprintln!("\nxtask test: step timings");
+    for (step, took) in &timings {
+        eprintln!("  {:>7.1} s  {step}", took.as_secs_f64());
+    }
+    eprintln!("  {:>7.1} s  total", started.elapsed().as_secs_f64());
+    outcome
+}
+
+/// The steps after setup; each one's time is pushed onto `timings` once it succeeds.
+fn test_steps(
+    root: &Path,
+    model: &Path,
+    components: Components,
+    tests_only: bool,
+    features: &[&str],
+    extra: &[String],
+    timings: &mut Vec<(String, Duration)>,
+) -> Result<()> {
+    let mut step = |name: &str, cmd: &mut Command| -> Result<()> {
+        eprintln!("\n== xtask test: {name}");
+        let t = Instant::now();
+        run_status(cmd)?;
+        timings.push((name.to_string(), t.elapsed()));
+        Ok(())
+    };
+    if !tests_only {
+        for (name, args) in lint_commands(features) {
+            let mut cmd = cargo();
+            cmd.current_dir(root).args(&args);
+            step(&name, &mut cmd)?;
+        }
+    }
     let mut cmd = cargo();
     cmd.current_dir(root)
         .args(["test", "--workspace", "--exclude", "xtask"]);
-    let features = test_features(components);
     if !features.is_empty() {
         cmd.arg("--features").arg(features.join(","));
     }
-    cmd.args(extra).env("INFERMUX_MODEL_DIR", &model);
+    cmd.args(extra);
+    conformance::runtime_env(&mut cmd, root, model, components);
+    step("cargo test --workspace", &mut cmd)?;
+    if tests_only {
+        return Ok(());
+    }
+    let mut cmd = cargo();
+    cmd.current_dir(root).args(["test", "-p", "xtask"]);
+    step("cargo test -p xtask", &mut cmd)?;
+
+    eprintln!("\n== xtask test: conformance");
+    let t = Instant::now();
+    let report = root.join("target/conformance/xtask-test.json");
+    conformance::run(
+        root,
+        &conformance::ConformanceArgs {
+            backends: installed_backends(components),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            json: Some(report.clone()),
+            update_baseline: false,
+            release: false,
+        },
+    )?;
+    require_all_measured(&report)?;
+    timings.push(("cargo xtask conformance".into(), t.elapsed()));
+    Ok(())
+}
+
+/// The lint steps: clippy on every target of the workspace with the installed backends'
+/// features (the workspace lints deny undocumented `unsafe` blocks), then the `infermux` library
+/// alone with its default and with no features, the builds a dependent gets, which the
+/// workspace build (tests enable `cli`, `server` and `remote`) never compiles.
+fn lint_commands(features: &[&str]) -> Vec<(String, Vec<String>)> {
+    let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let mut workspace = owned(&["clippy", "--workspace", "--all-targets"]);
+    if !features.is_empty() {
+        workspace.push("--features".into());
+        workspace.push(features.join(","));
+    }
+    workspace.extend(owned(&["--", "-D", "warnings"]));
+    vec![
+        ("clippy --workspace --all-targets".into(), workspace),
+        (
+            "clippy -p infermux (default features)".into(),
+            owned(&["clippy", "-p", "infermux", "--lib", "--", "-D", "warnings"]),
+        ),
+        (
+            "clippy -p infermux --no-default-features".into(),
+            owned(&[
+                "clippy",
+                "-p",
+                "infermux",
+                "--lib",
+                "--no-default-features",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        ),
+    ]
+}
+
+/// The backends whose runtimes `components` installs (candle always).
+fn installed_backends(components: Components) -> Vec<String> {
+    let mut backends = vec!["candle".to_string()];
     if components.torch {
-        // rustdoc runs merged doctests from a temporary folder, out of the rpath's reach.
-        cmd.env(
-            "LD_LIBRARY_PATH",
-            loader_path(&root.join("runtimes/libtorch/torch/lib")),
+        backends.push("torch".into());
+    }
+    if components.onnx {
+        backends.push("onnx".into());
+    }
+    backends
+}
+
+/// Fails if the conformance report at `path` skipped a backend: every installed runtime must
+/// load and be measured, not quietly left out of the ratchet.
+fn require_all_measured(path: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let report: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let skipped: Vec<String> = report["skipped"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{}: {}", s["backend"], s["reason"]))
+        .collect();
+    if !skipped.is_empty() {
+        bail!(
+            "conformance skipped installed backends:\n  {}",
+            skipped.join("\n  ")
         );
     }
-    run_status(&mut cmd)
+    Ok(())
 }
 
 /// `dir` prepended to the current `LD_LIBRARY_PATH`.
@@ -224,7 +375,7 @@ mod tests {
     fn parse_test(argv: &[&str]) -> (Components, Vec<String>) {
         let cli = Cli::try_parse_from(["xtask", "test"].iter().chain(argv)).unwrap();
         match cli.command {
-            Cmd::Test { runtimes, args } => (runtimes.components(), args),
+            Cmd::Test { runtimes, args, .. } => (runtimes.components(), args),
             _ => panic!("not a test command"),
         }
     }
@@ -239,5 +390,73 @@ mod tests {
         assert_eq!(args, ["-p", "infermux-tests"]);
         let (components, _) = parse_test(&["--no-onnx", "--no-torch"]);
         assert!(test_features(components).is_empty());
+    }
+
+    #[test]
+    fn tests_only_is_a_flag_not_a_cargo_arg() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--tests-only", "-q"]).unwrap();
+        let Cmd::Test {
+            tests_only, args, ..
+        } = cli.command
+        else {
+            panic!("not a test command");
+        };
+        assert!(tests_only);
+        assert_eq!(args, ["-q"]);
+    }
+
+    #[test]
+    fn lints_deny_warnings_with_the_installed_backends() {
+        let lints = lint_commands(ONNX_TEST_FEATURES);
+        let (_, workspace) = &lints[0];
+        assert_eq!(&workspace[..3], ["clippy", "--workspace", "--all-targets"]);
+        assert!(
+            workspace
+                .windows(2)
+                .any(|w| w == ["--features", "infermux-tests/onnx"])
+        );
+        for (name, args) in &lints {
+            assert!(args.ends_with(&["-D".into(), "warnings".into()]), "{name}");
+        }
+        assert!(
+            lints
+                .iter()
+                .any(|(_, a)| a.contains(&"--no-default-features".into()))
+        );
+        assert!(!lint_commands(&[])[0].1.contains(&"--features".into()));
+    }
+
+    #[test]
+    fn conformance_runs_every_installed_backend() {
+        let all = Components {
+            torch: true,
+            onnx: true,
+        };
+        assert_eq!(installed_backends(all), ["candle", "torch", "onnx"]);
+        let none = Components {
+            torch: false,
+            onnx: false,
+        };
+        assert_eq!(installed_backends(none), ["candle"]);
+    }
+
+    #[test]
+    fn a_skipped_backend_fails_the_run() {
+        let dir = std::env::temp_dir().join(format!("xtask-skip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("report.json");
+        std::fs::write(&path, r#"{"backends": ["candle"], "skipped": []}"#).unwrap();
+        require_all_measured(&path).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"backends": [], "skipped": [{"backend": "torch", "reason": "cannot load"}]}"#,
+        )
+        .unwrap();
+        let err = require_all_measured(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("torch") && err.contains("cannot load"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

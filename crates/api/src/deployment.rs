@@ -9,8 +9,11 @@ use infermux_core::{ModelInput, SamplingParams, TokenId};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatMessage;
+#[cfg(feature = "remote")]
+use crate::error::RemoteError;
 use crate::error::{Error, Result};
-use crate::remote::{RemoteError, RemoteSamplingClient};
+#[cfg(feature = "remote")]
+use crate::remote::RemoteSamplingClient;
 use crate::sampler::{Sampler, SamplerFuture};
 use crate::sampling_client::SamplingClient;
 use crate::tokenizer::Tokenizer;
@@ -176,7 +179,8 @@ impl std::fmt::Debug for DeploymentSampler {
 impl DeploymentSampler {
     /// Fireworks' constructor: samples from the server at `inference_url` (`http://HOST:PORT`,
     /// `infermux serve`'s native endpoints) with the default retry policy, authenticating with
-    /// `api_key` if given. `tokenizer` must be the served model's.
+    /// `api_key` if given. `tokenizer` must be the served model's. Feature `remote`.
+    #[cfg(feature = "remote")]
     pub fn new(
         inference_url: &str,
         model: impl Into<String>,
@@ -195,7 +199,7 @@ impl DeploymentSampler {
         })
     }
 
-    /// Samples through `sampler` (e.g. a configured [`RemoteSamplingClient`]).
+    /// Samples through `sampler` (e.g. a configured `RemoteSamplingClient`).
     pub fn with_sampler(sampler: impl Sampler + 'static, tokenizer: Tokenizer) -> Self {
         Self::from_shared(Arc::new(sampler), tokenizer)
     }

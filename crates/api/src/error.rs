@@ -21,7 +21,7 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     /// A remote `infermux serve` could not be reached or answered with an error.
     #[error(transparent)]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(#[from] RemoteError),
     /// The chosen backend could not be created.
     #[error("{backend} backend: {reason}")]
     Backend {
@@ -30,6 +30,69 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+/// Why a remote call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RemoteError {
+    /// The server address cannot be used.
+    #[error("invalid server URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// What was given.
+        url: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// No reply could be had (connection refused or reset, timeout), after every retry.
+    #[error("POST {url}: {message} (after {attempts} tries)")]
+    Transport {
+        /// The endpoint.
+        url: String,
+        /// Tries made.
+        attempts: u32,
+        /// The last failure.
+        message: String,
+    },
+    /// The server answered with an error status (the last one, if retries were made).
+    #[error("POST {url}: HTTP {status}{}: {message} (after {attempts} tries)", kind.as_deref().map(|k| format!(" {k}")).unwrap_or_default())]
+    Status {
+        /// The endpoint.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The error `type` of the reply (`invalid_request_error`, ...), if it had one.
+        kind: Option<String>,
+        /// The request field at fault, if the server named one.
+        param: Option<String>,
+        /// The server's message (or the start of its body).
+        message: String,
+        /// Tries made.
+        attempts: u32,
+    },
+    /// The reply was not the JSON the endpoint promises.
+    #[error("POST {url}: malformed reply: {message}")]
+    Decode {
+        /// The endpoint.
+        url: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The request was dropped (its future cancelled) before it completed.
+    #[error("POST {url}: cancelled")]
+    Cancelled {
+        /// The endpoint.
+        url: String,
+    },
+}
+
+impl RemoteError {
+    /// The HTTP status of a [`RemoteError::Status`].
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -15,6 +15,29 @@
 //! println!("{}", tokenizer.decode(&response.sequences[0].tokens, true)?);
 //! # Ok::<(), infermux::Error>(())
 //! ```
+//!
+//! Every call that computes something returns a [`SamplerFuture`]: `.await` it on any
+//! executor, or `.wait()` (alias `.result()`) for it from synchronous code. Dropping it cancels
+//! the request.
+//!
+//! ## Features
+//!
+//! The defaults are what an embedding service needs to run a model in process; everything that
+//! talks over the network, and the command-line tool, is opt-in:
+//!
+//! | feature | default | adds | pulls in |
+//! |---|---|---|---|
+//! | `candle` | yes | the candle backend (pure Rust, CPU; CUDA with `cuda`) | candle |
+//! | `guided` | yes | guided decoding: JSON schema, regex, choice, Lark grammar | llguidance |
+//! | `torch` | no | the libtorch backend (runtime from `cargo xtask setup`) | tch |
+//! | `onnx` | no | the ONNX Runtime backend (loaded at run time) | ort |
+//! | `cuda` | no | CUDA builds of the enabled backends | |
+//! | `server` | no | `infermux::server`: the OpenAI-compatible and native HTTP server | axum, tokio |
+//! | `remote` | no | `RemoteSamplingClient`, `DeploymentSampler::new`: a server over HTTP | ureq |
+//! | `cli` | no | the `infermux` binary (`sample`, `logprobs`, `serve`); implies `server` | clap, anyhow |
+//!
+//! Run the binary from a checkout with `cargo run -p infermux --features cli -- sample ...`. The
+//! crate's own tests and examples enable `cli`, `server` and `remote` themselves.
 
 mod backend_kind;
 mod chat;
@@ -22,6 +45,7 @@ mod deployment;
 mod error;
 mod guided;
 mod registry;
+#[cfg(feature = "remote")]
 mod remote;
 mod retry;
 mod sampler;
@@ -36,12 +60,13 @@ pub mod wire;
 pub use backend_kind::{BackendKind, LoadOptions};
 pub use chat::{ChatMessage, ChatTemplate};
 pub use deployment::{DeploymentSampler, PromptInput, SampleWithTokensParams, SampledCompletion};
-pub use error::{Error, Result};
+pub use error::{Error, RemoteError, Result};
 pub use registry::{MODELS_DIR_ENV, ModelLocation, ModelRegistry, RegisteredModel, RegistryError};
-pub use remote::{RemoteError, RemoteSamplingClient};
+#[cfg(feature = "remote")]
+pub use remote::RemoteSamplingClient;
 pub use retry::{RetryConfig, parse_retry_after};
-pub use sampler::{Sampler, SamplerFuture};
-pub use sampling_client::{ApiFuture, SamplingClient};
+pub use sampler::{ApiFuture, Sampler, SamplerFuture};
+pub use sampling_client::SamplingClient;
 pub use service::{ModelSource, ServiceClient};
 pub use tokenizer::Tokenizer;
 pub use types::{SampleResponse, SampledSequence, StopReason};
@@ -49,7 +74,7 @@ pub use types::{SampleResponse, SampledSequence, StopReason};
 pub use infermux_core::{
     BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,
     GuidedDecodingParams, ImageChunk, ImageFormat, LogprobsMode, ModelInput, ModelInputChunk,
-    OutputKind, SamplingParams, SequenceUpdate, StreamUpdate, TokenId, TopLogprobs,
+    OutputKind, Pending, SamplingParams, SequenceUpdate, StreamUpdate, TokenId, TopLogprobs,
     ValidationError,
 };
 

@@ -4,6 +4,9 @@
 //! Requests run on helper threads with a small blocking HTTP client (plain `http://`, no TLS),
 //! so the client works the same from async code (`.await`) and from blocking code (`.wait()`),
 //! and never blocks an executor. Failed tries are retried as its [`RetryConfig`] says.
+//!
+//! Feature `remote` (the `ureq` HTTP client). Its error type, [`RemoteError`], exists without
+//! the feature so that [`Error`] is the same enum in every build.
 
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use infermux_core::{BackendError, EngineError, ModelInput, SamplingParams};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, RemoteError, Result};
 use crate::retry::{RetryConfig, parse_retry_after};
 use crate::sampler::{Sampler, SamplerFuture};
 use crate::types::SampleResponse;
@@ -22,71 +25,6 @@ use crate::wire::{
 /// Largest reply body read (prompt logprobs of long prompts, many samples).
 const MAX_REPLY_BYTES: u64 = 256 << 20;
 
-/// Why a remote call failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RemoteError {
-    /// The server address cannot be used.
-    #[error("invalid server URL {url:?}: {reason}")]
-    InvalidUrl {
-        /// What was given.
-        url: String,
-        /// Why it is unusable.
-        reason: String,
-    },
-    /// No reply could be had (connection refused or reset, timeout), after every retry.
-    #[error("POST {url}: {message} (after {attempts} tries)")]
-    Transport {
-        /// The endpoint.
-        url: String,
-        /// Tries made.
-        attempts: u32,
-        /// The last failure.
-        message: String,
-    },
-    /// The server answered with an error status (the last one, if retries were made).
-    #[error("POST {url}: HTTP {status}{}: {message} (after {attempts} tries)", kind.as_deref().map(|k| format!(" {k}")).unwrap_or_default())]
-    Status {
-        /// The endpoint.
-        url: String,
-        /// HTTP status.
-        status: u16,
-        /// The error `type` of the reply (`invalid_request_error`, ...), if it had one.
-        kind: Option<String>,
-        /// The request field at fault, if the server named one.
-        param: Option<String>,
-        /// The server's message (or the start of its body).
-        message: String,
-        /// Tries made.
-        attempts: u32,
-    },
-    /// The reply was not the JSON the endpoint promises.
-    #[error("POST {url}: malformed reply: {message}")]
-    Decode {
-        /// The endpoint.
-        url: String,
-        /// What was wrong.
-        message: String,
-    },
-    /// The request was dropped (its future cancelled) before it completed.
-    #[error("POST {url}: cancelled")]
-    Cancelled {
-        /// The endpoint.
-        url: String,
-    },
-}
-
-impl RemoteError {
-    /// The HTTP status of a [`RemoteError::Status`].
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-}
-
-/// Carried by [`Error`] as a runtime failure of the "remote" runtime until the façade's error
-/// enum has a variant of its own for it.
 /// Samples from and scores with a model served by `infermux serve`. Cheap to clone, `Send +
 /// Sync`: share one across threads and tasks (connections are pooled).
 #[derive(Clone)]

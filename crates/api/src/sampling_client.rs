@@ -1,16 +1,14 @@
 //! `SamplingClient`: Tinker's sampling API over an in-process engine.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use infermux_core::{
-    BeamSearchParams, BeamSearchRequest, Engine, GenerateOutput, GenerateRequest, GenerateStream,
-    ModelInput, Pending, PromptLogprobs, SamplingParams,
+    BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelInput,
+    PromptLogprobs, SamplingParams,
 };
 
 use crate::error::Result;
+use crate::sampler::SamplerFuture;
 use crate::tokenizer::Tokenizer;
 use crate::types::{SampleResponse, prompt_logprobs_of};
 
@@ -48,7 +46,7 @@ impl SamplingClient {
         sampling_params: SamplingParams,
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: usize,
-    ) -> ApiFuture<SampleResponse> {
+    ) -> SamplerFuture<SampleResponse> {
         let request = GenerateRequest {
             prompt,
             params: SamplingParams {
@@ -60,7 +58,10 @@ impl SamplingClient {
                 top_k: topk_prompt_logprobs,
             },
         };
-        ApiFuture::new(self.inner.engine.generate(request), SampleResponse::from)
+        self.inner
+            .engine
+            .generate(request)
+            .map(SampleResponse::from)
     }
 
     /// Streams the continuations of `prompt` as they are generated: each item carries what
@@ -81,9 +82,12 @@ impl SamplingClient {
         &self,
         prompt: ModelInput,
         params: BeamSearchParams,
-    ) -> ApiFuture<SampleResponse> {
+    ) -> SamplerFuture<SampleResponse> {
         let request = BeamSearchRequest { prompt, params };
-        ApiFuture::new(self.inner.engine.beam_search(request), SampleResponse::from)
+        self.inner
+            .engine
+            .beam_search(request)
+            .map(SampleResponse::from)
     }
 
     /// Async form of [`SamplingClient::sample`].
@@ -106,8 +110,8 @@ impl SamplingClient {
     }
 
     /// Logprob of each prompt token given the ones before it; the first entry is `None`.
-    pub fn compute_logprobs(&self, prompt: ModelInput) -> ApiFuture<Vec<Option<f32>>> {
-        ApiFuture::new(self.inner.engine.score(&prompt), prompt_logprobs_of)
+    pub fn compute_logprobs(&self, prompt: ModelInput) -> SamplerFuture<Vec<Option<f32>>> {
+        self.inner.engine.score(&prompt).map(prompt_logprobs_of)
     }
 
     /// Async form of [`SamplingClient::compute_logprobs`].
@@ -133,41 +137,5 @@ impl SamplingClient {
     /// The engine underneath, for stats and advanced use.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
-    }
-}
-
-/// A reply from the engine, converted to an API type. `.await` it, or call
-/// [`ApiFuture::wait`] (alias [`ApiFuture::result`]) from synchronous code.
-/// Dropping it cancels the request.
-#[must_use = "a request is cancelled when its future is dropped"]
-pub struct ApiFuture<T> {
-    pending: Pending<GenerateOutput>,
-    convert: fn(GenerateOutput) -> T,
-}
-
-impl<T> ApiFuture<T> {
-    fn new(pending: Pending<GenerateOutput>, convert: fn(GenerateOutput) -> T) -> Self {
-        Self { pending, convert }
-    }
-
-    /// Blocks until the reply arrives.
-    pub fn wait(self) -> Result<T> {
-        Ok((self.convert)(self.pending.wait()?))
-    }
-
-    /// Tinker's spelling of [`ApiFuture::wait`].
-    pub fn result(self) -> Result<T> {
-        self.wait()
-    }
-}
-
-impl<T> Future for ApiFuture<T> {
-    type Output = Result<T>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let convert = self.convert;
-        Pin::new(&mut self.pending)
-            .poll(cx)
-            .map(|r| Ok(convert(r?)))
     }
 }

@@ -150,7 +150,7 @@ impl Engine {
     pub fn generate(&self, request: GenerateRequest) -> Pending<GenerateOutput> {
         let (tx, rx) = flume::bounded(1);
         match self.prepare(request, Replier::Final(tx)) {
-            Ok(job) => self.submit(job, Pending::new(rx)),
+            Ok(job) => self.submit(job, Pending::from_channel(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
     }
@@ -199,7 +199,7 @@ impl Engine {
             Ok(job)
         });
         match job {
-            Ok(job) => self.submit(job, Pending::new(rx)),
+            Ok(job) => self.submit(job, Pending::from_channel(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
     }
@@ -232,7 +232,7 @@ impl Engine {
             })
         });
         match job {
-            Ok(job) => self.submit(job, Pending::new(rx)),
+            Ok(job) => self.submit(job, Pending::from_channel(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
     }
