@@ -80,13 +80,31 @@ impl Isa {
 
 /// Runs `f` over `0..n` split into ranges of `grain` items on the persistent pool
 /// ([`super::pool`]); the calling thread takes part.
+#[cfg(not(feature = "rayon"))]
 pub(crate) fn par_ranges(n: usize, grain: usize, f: impl Fn(Range<usize>) + Sync) {
     super::pool::pool().run(n, grain, f);
 }
 
+/// Runs `f` over `0..n` split into ranges of `grain` items on rayon's global pool.
+#[cfg(feature = "rayon")]
+pub(crate) fn par_ranges(n: usize, grain: usize, f: impl Fn(Range<usize>) + Sync) {
+    use rayon::prelude::*;
+    let grain = grain.max(1);
+    (0..n.div_ceil(grain))
+        .into_par_iter()
+        .for_each(|c| f(c * grain..n.min((c + 1) * grain)));
+}
+
 /// Number of threads [`par_ranges`] uses.
+#[cfg(not(feature = "rayon"))]
 pub(crate) fn threads() -> usize {
     super::pool::pool().threads()
+}
+
+/// Number of threads [`par_ranges`] uses.
+#[cfg(feature = "rayon")]
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// Rows of `x` per tile: at most this many activation rows share a pass over 4 weight rows.

@@ -14,6 +14,7 @@
 
 pub(crate) mod kernels;
 mod packed;
+#[cfg_attr(feature = "rayon", allow(dead_code))]
 mod pool;
 
 use std::sync::{Arc, Mutex};
