@@ -46,6 +46,23 @@ pub enum ValidationError {
         /// The chunk kind, e.g. "an image chunk".
         kind: &'static str,
     },
+    /// The request's KV cache reservation exceeds the engine's whole KV budget, so it could
+    /// never be admitted, even alone (fewer samples or beams, or a smaller `max_tokens`, fit).
+    #[error(
+        "the request needs {needed_bytes} bytes of KV cache ({sequences} sequences of up to \
+         {positions} positions, plus one growth copy), more than the whole kv budget of \
+         {budget_bytes} bytes"
+    )]
+    KvBudgetExceeded {
+        /// Bytes the request would hold against the budget.
+        needed_bytes: u64,
+        /// The engine's KV budget.
+        budget_bytes: u64,
+        /// KV slots it needs (samples drawn, `2 × beam_width`, or 1 to score).
+        sequences: usize,
+        /// Positions each slot may reach, rounded up to the KV granule.
+        positions: usize,
+    },
 }
 
 impl ValidationError {

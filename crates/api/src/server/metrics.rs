@@ -137,7 +137,7 @@ impl Metrics {
     pub(crate) fn render(&self, snap: &Snapshot<'_>) -> String {
         let mut out = String::with_capacity(8192);
         type Field = fn(&EngineStats) -> f64;
-        let engine_metrics: [(&str, &str, &str, Field); 11] = [
+        let engine_metrics: [(&str, &str, &str, Field); 14] = [
             (
                 "infermux_waiting_requests",
                 "gauge",
@@ -179,6 +179,24 @@ impl Metrics {
                         1.0 - s.free_slots as f64 / s.total_slots as f64
                     }
                 },
+            ),
+            (
+                "infermux_kv_budget_bytes",
+                "gauge",
+                "KV cache byte budget requests are admitted against.",
+                |s| s.kv_budget_bytes as f64,
+            ),
+            (
+                "infermux_kv_reserved_bytes",
+                "gauge",
+                "KV cache bytes running requests reserve (full-length sequences plus one growth copy).",
+                |s| s.kv_reserved_bytes as f64,
+            ),
+            (
+                "infermux_kv_allocated_bytes",
+                "gauge",
+                "KV cache bytes the backend has allocated.",
+                |s| s.kv_allocated_bytes as f64,
             ),
             (
                 "infermux_prompt_tokens_total",
@@ -301,8 +319,14 @@ mod tests {
         m.latency.observe(Duration::from_millis(3));
         m.latency.observe(Duration::from_millis(700));
         m.count_reply("/v1/completions", 200);
+        let stats = EngineStats {
+            kv_budget_bytes: 1 << 30,
+            kv_reserved_bytes: 4096,
+            kv_allocated_bytes: 1024,
+            ..EngineStats::default()
+        };
         let text = m.render(&Snapshot {
-            engines: vec![("m", None)],
+            engines: vec![("m", None), ("k", Some(stats))],
             in_flight: 0,
             queued: 0,
             capacity: 4,
@@ -312,6 +336,9 @@ mod tests {
         assert!(text.contains("infermux_request_latency_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("infermux_request_latency_seconds_count 2"));
         assert!(text.contains("infermux_engine_up{model=\"m\"} 0"));
+        assert!(text.contains("infermux_kv_budget_bytes{model=\"k\"} 1073741824"));
+        assert!(text.contains("infermux_kv_reserved_bytes{model=\"k\"} 4096"));
+        assert!(text.contains("infermux_kv_allocated_bytes{model=\"k\"} 1024"));
         assert!(
             text.contains(
                 "infermux_http_requests_total{route=\"/v1/completions\",status=\"200\"} 1"

@@ -4,10 +4,10 @@
 //! slots so every new beam can fork its parent's KV while the parent's slot is reused.
 
 use crate::TokenId;
-use crate::backend::{Backend, SlotId};
-use crate::engine::job::JobKind;
+use crate::backend::SlotId;
+use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx};
+use crate::engine::job::Job;
 use crate::engine::request::{FinishReason, GeneratedSequence, StopReason};
-use crate::engine::scheduler::Scheduler;
 use crate::engine::sequence::{Seq, SeqCtx};
 use crate::error::EngineError;
 use crate::params::BeamSearchParams;
@@ -20,8 +20,8 @@ struct Hypothesis {
     score: f64,
 }
 
-/// Per-group beam bookkeeping.
-pub(crate) struct BeamState {
+/// Beam search as a group kind: the live beams' scores and the finished hypotheses.
+pub(crate) struct BeamKind {
     params: BeamSearchParams,
     /// Sum of processed (tempered) logprobs per live beam, in `seqs` order.
     scores: Vec<f64>,
@@ -37,7 +37,7 @@ struct Candidate {
     raw: f32,
 }
 
-impl BeamState {
+impl BeamKind {
     fn normalized(&self, sum: f64, len: usize) -> f64 {
         sum / (len.max(1) as f64).powf(self.params.length_penalty as f64)
     }
@@ -83,81 +83,39 @@ impl BeamState {
     }
 }
 
-impl Scheduler {
-    /// After the prompt's prefill: the first `W` beams from its last row.
-    pub(super) fn start_beams<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        group: usize,
-        last_row: &[f32],
-    ) -> Result<(), EngineError> {
-        let g = &mut self.running[group];
-        let JobKind::Beam(params) = &g.job.kind else {
-            unreachable!("start_beams runs for beam jobs");
-        };
-        let ctx = SeqCtx {
-            job: &g.job,
-            info: &self.info,
-            codec: None,
-        };
-        // One live beam (the prompt) in the first slot; its KV is the prefill.
-        g.seqs = vec![Seq::new(0, g.slots[0], &ctx)];
-        g.beam = Some(BeamState {
-            params: params.clone(),
-            scores: vec![0.0],
+impl BeamKind {
+    /// A beam search with `params`, before its prefill.
+    pub fn new(params: BeamSearchParams) -> Self {
+        Self {
+            params,
+            scores: Vec::new(),
             finished: Vec::new(),
-        });
-        self.step_beams(backend, group, &[last_row])
-    }
-
-    /// Consumes this step's rows of every beam group.
-    pub(super) fn advance_beams<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        rows: &[(usize, usize, &[f32])],
-    ) {
-        let mut groups: Vec<usize> = rows.iter().map(|r| r.0).collect();
-        groups.dedup();
-        for g in groups {
-            let mut group_rows: Vec<(usize, &[f32])> = rows
-                .iter()
-                .filter(|r| r.0 == g)
-                .map(|&(_, s, row)| (s, row))
-                .collect();
-            group_rows.sort_by_key(|r| r.0);
-            let rows: Vec<&[f32]> = group_rows.into_iter().map(|r| r.1).collect();
-            if let Err(err) = self.step_beams(backend, g, &rows) {
-                self.running[g].fail(err);
-            }
         }
     }
 
     /// Selects the next beams from `rows` (one per live beam, in order) and re-forks slots.
-    fn step_beams<B: Backend + ?Sized>(
+    fn step(
         &mut self,
-        backend: &mut B,
-        group: usize,
+        g: GroupParts<'_>,
         rows: &[&[f32]],
+        cx: &mut KindCtx<'_>,
     ) -> Result<(), EngineError> {
-        let eos = self.info.eos_token_ids.clone();
-        let codec = self.codec.clone();
-        let g = &mut self.running[group];
-        let beam = g.beam.as_mut().expect("a beam group");
-        let width = beam.params.beam_width;
+        let eos = &cx.info.eos_token_ids;
+        let width = self.params.beam_width;
         let cur_len = g.seqs[0].out.tokens.len() + 1;
-        let candidates = beam.candidates(rows);
+        let candidates = self.candidates(rows);
         let mut next: Vec<(Candidate, GeneratedSequence)> = Vec::new();
         for (rank, c) in candidates.iter().enumerate() {
             let mut out = g.seqs[c.parent].out.clone();
             out.tokens.push(c.token);
             out.logprobs.push(c.raw);
             out.cumulative_logprob += c.raw as f64;
-            if !beam.params.ignore_eos && eos.contains(&c.token) {
+            if !self.params.ignore_eos && eos.contains(&c.token) {
                 if rank < width {
                     out.finish_reason = FinishReason::Eos;
                     out.stop_reason = Some(StopReason::Token(c.token));
-                    let score = beam.normalized(c.score, cur_len);
-                    beam.finished.push(Hypothesis { out, score });
+                    let score = self.normalized(c.score, cur_len);
+                    self.finished.push(Hypothesis { out, score });
                 }
                 continue;
             }
@@ -167,15 +125,15 @@ impl Scheduler {
             }
         }
         let best_live = next.first().map_or(f64::NEG_INFINITY, |n| n.0.score);
-        let at_length = cur_len >= beam.params.max_tokens;
-        if next.is_empty() || at_length || beam.is_done(best_live, cur_len) {
+        let at_length = cur_len >= self.params.max_tokens;
+        if next.is_empty() || at_length || self.is_done(best_live, cur_len) {
             if at_length {
                 for (c, out) in next {
-                    let score = beam.normalized(c.score, cur_len);
-                    beam.finished.push(Hypothesis { out, score });
+                    let score = self.normalized(c.score, cur_len);
+                    self.finished.push(Hypothesis { out, score });
                 }
             }
-            let mut done = std::mem::take(&mut beam.finished);
+            let mut done = std::mem::take(&mut self.finished);
             done.sort_by(|a, b| b.score.total_cmp(&a.score));
             done.truncate(width);
             let options = DecodeOptions {
@@ -185,9 +143,9 @@ impl Scheduler {
             let seqs = done
                 .into_iter()
                 .enumerate()
-                .map(|(i, h)| finished_beam(i, h.out, g.slots[0], codec.as_deref(), options))
+                .map(|(i, h)| finished_beam(i, h.out, g.slots[0], cx.codec, options))
                 .collect::<Result<Vec<_>, EngineError>>()?;
-            g.seqs = seqs;
+            *g.seqs = seqs;
             return Ok(());
         }
         // Re-seat beams: a child reuses its parent's slot if it is the first child, else forks
@@ -211,16 +169,16 @@ impl Scheduler {
         }
         for ((c, _), &seat) in next.iter().zip(&seats) {
             if seat != parent_slots[c.parent] {
-                backend.fork(parent_slots[c.parent], seat)?;
+                cx.backend.fork(parent_slots[c.parent], seat)?;
             }
         }
-        beam.scores = next.iter().map(|(c, _)| c.score).collect();
+        self.scores = next.iter().map(|(c, _)| c.score).collect();
         let ctx = SeqCtx {
-            job: &g.job,
-            info: &self.info,
+            job: g.job,
+            info: cx.info,
             codec: None,
         };
-        g.seqs = next
+        *g.seqs = next
             .into_iter()
             .zip(seats)
             .enumerate()
@@ -232,6 +190,45 @@ impl Scheduler {
             .collect();
         Ok(())
     }
+}
+
+impl GroupKind for BeamKind {
+    /// The first `W` beams from the prompt's last row: one live beam (the prompt) in the first
+    /// slot, whose KV is the prefill.
+    fn after_prefill<'r>(
+        &mut self,
+        g: GroupParts<'_>,
+        last_row: &'r [f32],
+        cx: &mut KindCtx<'_>,
+    ) -> Result<Vec<Draw<'r>>, EngineError> {
+        let ctx = SeqCtx {
+            job: g.job,
+            info: cx.info,
+            codec: None,
+        };
+        *g.seqs = vec![Seq::new(0, g.slots[0], &ctx)];
+        self.scores = vec![0.0];
+        self.finished.clear();
+        self.step(g, &[last_row], cx)?;
+        Ok(Vec::new())
+    }
+
+    /// Scores all live beams' rows together; beams pick their own tokens (nothing to sample).
+    fn on_step_rows<'r>(
+        &mut self,
+        g: GroupParts<'_>,
+        rows: &[(usize, &'r [f32])],
+        cx: &mut KindCtx<'_>,
+    ) -> Result<Vec<Draw<'r>>, EngineError> {
+        let mut rows = rows.to_vec();
+        rows.sort_by_key(|r| r.0);
+        let rows: Vec<&[f32]> = rows.into_iter().map(|r| r.1).collect();
+        self.step(g, &rows, cx)?;
+        Ok(Vec::new())
+    }
+
+    /// The finished beams are already in `seqs`, best first.
+    fn finish(&mut self, _: &Job, _: &mut Vec<Seq>) {}
 }
 
 /// A finished beam as a done sequence with its text.

@@ -3,8 +3,14 @@
 //! [`Engine`] is a cheap, cloneable handle (an actor handle, as in TGI's queue): requests are
 //! validated on the caller's thread, then sent to the engine thread, which interleaves decode
 //! steps and prefill chunks of all running requests into shared forward passes.
+//!
+//! A request is admitted when its KV slots are free and its KV reservation fits the byte budget
+//! ([`budget`]); what it does with its logits (sample, beam search, score) is its group kind
+//! (`group.rs`), which the scheduler's loop is generic over.
 
 mod beam;
+pub mod budget;
+mod group;
 mod job;
 mod pending;
 mod request;
@@ -42,6 +48,12 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass; longer prompts are prefilled in chunks.
     pub max_num_batched_tokens: usize,
+    /// Bytes the KV cache of all sequences may take (vLLM's `kv_cache_memory_bytes`). Each
+    /// request reserves its sequences' KV at their full length (`prompt + max_tokens`, rounded
+    /// up to the KV granule) while it runs; requests that do not fit yet wait in the queue, and
+    /// one that could never fit is rejected at submit. `None`: a share of the memory available
+    /// when the engine starts ([`budget::default_kv_budget_bytes`]).
+    pub kv_budget_bytes: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +61,7 @@ impl Default for EngineConfig {
         Self {
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
+            kv_budget_bytes: None,
         }
     }
 }
@@ -66,6 +79,18 @@ pub struct EngineTools {
 enum Command {
     Submit(Box<Job>),
     Stats(flume::Sender<EngineStats>),
+}
+
+impl Command {
+    /// Carries out the command on the engine thread.
+    fn handle(self, scheduler: &mut Scheduler, backend: &dyn Backend) {
+        match self {
+            Self::Submit(job) => scheduler.enqueue(*job),
+            Self::Stats(reply) => {
+                let _ = reply.send(scheduler.stats(backend.kv_usage()));
+            }
+        }
+    }
 }
 
 /// A handle to a running engine; clone it freely, use it from any thread.
@@ -99,9 +124,12 @@ impl Engine {
 
     /// Starts the engine thread around `backend` with a tokenizer and/or grammar engine.
     /// The thread ends when the last handle drops.
+    ///
+    /// Resolves the KV budget (reading available memory when none is configured) and sets it
+    /// on the backend, so no KV allocation passes it.
     pub fn start_with<B: Backend + 'static>(
-        backend: B,
-        config: EngineConfig,
+        mut backend: B,
+        mut config: EngineConfig,
         tools: EngineTools,
     ) -> Result<Self, ValidationError> {
         if config.max_num_seqs == 0 {
@@ -113,9 +141,20 @@ impl Engine {
                 "must be at least 1",
             ));
         }
+        if config.kv_budget_bytes == Some(0) {
+            return Err(ValidationError::field(
+                "kv_budget_bytes",
+                "must be at least 1 byte",
+            ));
+        }
+        let kv_budget = config
+            .kv_budget_bytes
+            .unwrap_or_else(budget::default_kv_budget_bytes);
+        config.kv_budget_bytes = Some(kv_budget);
+        backend.set_kv_budget(Some(kv_budget));
         let info = Arc::new(backend.info().clone());
         let (tx, rx) = flume::unbounded();
-        let scheduler = Scheduler::new(config, (*info).clone(), tools.codec.clone());
+        let scheduler = Scheduler::new(config, (*info).clone(), tools.codec.clone(), kv_budget);
         std::thread::Builder::new()
             .name("infermux-engine".into())
             .spawn(move || run(backend, scheduler, rx))
@@ -135,9 +174,15 @@ impl Engine {
         &self.info
     }
 
-    /// The scheduler limits this engine runs with.
+    /// The scheduler limits this engine runs with (`kv_budget_bytes` resolved: always `Some`).
     pub fn config(&self) -> EngineConfig {
         self.config
+    }
+
+    /// The KV byte budget this engine admits requests against (configured, or the default
+    /// share of the memory that was available at start).
+    pub fn kv_budget_bytes(&self) -> u64 {
+        self.config.kv_budget_bytes.unwrap_or(u64::MAX)
     }
 
     /// The tokenizer the engine detokenizes with, if any.
@@ -149,7 +194,10 @@ impl Engine {
     /// at once to a typed error.
     pub fn generate(&self, request: GenerateRequest) -> Pending<GenerateOutput> {
         let (tx, rx) = flume::bounded(1);
-        match self.prepare(request, Replier::Final(tx)) {
+        match self
+            .prepare(request, Replier::Final(tx))
+            .and_then(|job| self.check_kv(job))
+        {
             Ok(job) => self.submit(job, Pending::from_channel(rx)),
             Err(err) => Pending::ready(Err(err.into())),
         }
@@ -165,7 +213,10 @@ impl Engine {
                 ValidationError::field("best_of", "streaming needs best_of == n").into(),
             );
         }
-        match self.prepare(request, Replier::Stream(tx)) {
+        match self
+            .prepare(request, Replier::Stream(tx))
+            .and_then(|job| self.check_kv(job))
+        {
             Ok(job) => self.submit(job, GenerateStream::new(rx)),
             Err(err) => GenerateStream::failed(err.into()),
         }
@@ -196,7 +247,7 @@ impl Engine {
                 ));
             }
             job.kind = JobKind::Beam(request.params);
-            Ok(job)
+            self.check_kv(job)
         });
         match job {
             Ok(job) => self.submit(job, Pending::from_channel(rx)),
@@ -215,7 +266,7 @@ impl Engine {
                     max_context: self.info.max_context,
                 });
             }
-            Ok(Job {
+            self.check_kv(Job {
                 prompt: tokens,
                 params: SamplingParams::greedy(1),
                 kind: JobKind::Score,
@@ -237,7 +288,8 @@ impl Engine {
         }
     }
 
-    /// Queue depth, running sequences and free KV slots, as the engine thread sees them now.
+    /// Queue depth, running sequences, free KV slots and KV bytes, as the engine thread sees
+    /// them now.
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
         let (tx, rx) = flume::bounded(1);
         self.tx
@@ -251,6 +303,12 @@ impl Engine {
             Ok(()) => reply,
             Err(_) => R::failed(EngineError::Shutdown),
         }
+    }
+
+    /// Rejects a job whose KV reservation exceeds the whole budget (it could never run).
+    fn check_kv(&self, job: Job) -> Result<Job, ValidationError> {
+        budget::KvReservation::of(&job, &self.info).check_fits(self.kv_budget_bytes())?;
+        Ok(job)
     }
 
     fn validate_prompt(&self, prompt: &ModelInput) -> Result<Vec<TokenId>, ValidationError> {
@@ -414,21 +472,15 @@ impl Failed for GenerateStream {
 
 /// The engine thread: block while idle, otherwise drain commands and step.
 fn run<B: Backend>(mut backend: B, mut scheduler: Scheduler, rx: flume::Receiver<Command>) {
-    let handle = |cmd: Command, scheduler: &mut Scheduler| match cmd {
-        Command::Submit(job) => scheduler.enqueue(*job),
-        Command::Stats(reply) => {
-            let _ = reply.send(scheduler.stats());
-        }
-    };
     loop {
         if scheduler.is_idle() {
             match rx.recv() {
-                Ok(cmd) => handle(cmd, &mut scheduler),
+                Ok(cmd) => cmd.handle(&mut scheduler, &backend),
                 Err(_) => return,
             }
         }
         while let Ok(cmd) = rx.try_recv() {
-            handle(cmd, &mut scheduler);
+            cmd.handle(&mut scheduler, &backend);
         }
         scheduler.step(&mut backend);
     }

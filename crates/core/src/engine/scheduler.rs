@@ -1,6 +1,9 @@
-//! The engine's state and one step of it: admit → build a batch under the token budget →
-//! forward (guided masks computed alongside) → process logits (prompt logprobs, sampling,
-//! stops) → stream updates → reply to finished requests.
+//! The engine's state and one step of it: admit (slots and KV budget) → build a batch under the
+//! token budget → forward (guided masks computed alongside) → hand logits to each group's kind
+//! (prompt logprobs here; sampling, beams or nothing there) → sample every drawn row in one
+//! batched call → stream updates → reply to finished requests.
+//!
+//! Kinds ([`GroupKind`]) decide what a group does with its logits; the scheduler only batches.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -8,35 +11,38 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
-use crate::engine::beam::BeamState;
-use crate::engine::job::{Job, JobKind, Replier};
+use crate::engine::budget::KvReservation;
+use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx, kind_of};
+use crate::engine::job::{Job, Replier};
 use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
 use crate::engine::sequence::{Seq, SeqCtx};
 use crate::error::{BackendError, EngineError};
 use crate::guided::TokenMask;
+use crate::kv::KvUsage;
 use crate::params::OutputKind;
 use crate::sampling::batch::BatchRow;
-use crate::sampling::{
-    History, Knobs, SamplingBatch, SeqRng, SlotSampling, token_logprob, top_logprobs,
-};
+use crate::sampling::{SamplingBatch, token_logprob, top_logprobs};
 use crate::text::TextCodec;
 
 /// One request in flight: a shared prompt and, after prefill, its continuations.
 pub(super) struct Group {
-    pub job: Job,
-    /// One slot per sample; `slots[0]` holds the prefill that the others fork from.
-    pub slots: Vec<SlotId>,
-    pub prefilled: usize,
+    job: Job,
+    /// What the group does with its logits.
+    kind: Box<dyn GroupKind>,
+    /// The request's slots; `slots[0]` holds the prefill that the others fork from.
+    slots: Vec<SlotId>,
+    /// What the group holds against the KV budget until its slots are released.
+    kv: KvReservation,
+    prefilled: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     topk_prompt_lp: Option<Vec<Option<TopLogprobs>>>,
-    pub seqs: Vec<Seq>,
+    seqs: Vec<Seq>,
     /// The guided mask for the first sampled token.
     first_mask: Option<TokenMask>,
-    pub beam: Option<BeamState>,
     /// Prompt logprobs were streamed already.
     prompt_sent: bool,
     /// Failed or cancelled: remove without a (further) reply.
-    pub ended: bool,
+    ended: bool,
 }
 
 /// What each chunk of the current batch belongs to.
@@ -46,15 +52,21 @@ enum ChunkOwner {
     Decode { group: usize, seq: usize },
 }
 
-/// Waiting queue, running set, slot pool and per-slot sampling state.
+/// Waiting queue, running set, slot pool, KV budget and per-slot sampling state.
 pub(crate) struct Scheduler {
     config: EngineConfig,
-    pub(super) info: ModelInfo,
-    pub(super) codec: Option<Arc<dyn TextCodec>>,
+    info: ModelInfo,
+    codec: Option<Arc<dyn TextCodec>>,
     waiting: VecDeque<Job>,
-    pub(super) running: Vec<Group>,
+    running: Vec<Group>,
     free_slots: Vec<SlotId>,
-    pub(super) sampling: SamplingBatch,
+    sampling: SamplingBatch,
+    /// The KV byte budget admission holds requests to.
+    kv_budget: u64,
+    /// Sum of the running groups' reservations.
+    kv_reserved: u64,
+    /// The most [`Scheduler::kv_held`] has been since start.
+    kv_held_peak: u64,
     totals: Totals,
 }
 
@@ -87,10 +99,26 @@ pub struct EngineStats {
     pub finished_requests_total: u64,
     /// Requests that failed (backend or guided-decoding errors) since start.
     pub failed_requests_total: u64,
+    /// The KV byte budget (configured, or the default share of available memory).
+    pub kv_budget_bytes: u64,
+    /// Bytes of KV cache running requests hold against the budget: every sequence's
+    /// reservation at its full length, plus room for one slot's growth copy. Never above
+    /// `kv_budget_bytes`.
+    pub kv_reserved_bytes: u64,
+    /// The most `kv_reserved_bytes` has been since start.
+    pub kv_reserved_peak_bytes: u64,
+    /// Bytes of KV cache the backend has allocated now (0 for backends that do not count).
+    pub kv_allocated_bytes: u64,
 }
 
 impl Scheduler {
-    pub fn new(config: EngineConfig, info: ModelInfo, codec: Option<Arc<dyn TextCodec>>) -> Self {
+    /// An idle scheduler; `kv_budget` is the resolved KV byte budget.
+    pub fn new(
+        config: EngineConfig,
+        info: ModelInfo,
+        codec: Option<Arc<dyn TextCodec>>,
+        kv_budget: u64,
+    ) -> Self {
         let free_slots = (0..config.max_num_seqs as u32).rev().map(SlotId).collect();
         Self {
             sampling: SamplingBatch::new(config.max_num_seqs),
@@ -100,6 +128,9 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             free_slots,
+            kv_budget,
+            kv_reserved: 0,
+            kv_held_peak: 0,
             totals: Totals::default(),
         }
     }
@@ -112,7 +143,8 @@ impl Scheduler {
         self.waiting.is_empty() && self.running.is_empty()
     }
 
-    pub fn stats(&self) -> EngineStats {
+    /// The scheduler's numbers now; `kv` is the backend's KV usage.
+    pub fn stats(&self, kv: KvUsage) -> EngineStats {
         EngineStats {
             waiting_requests: self.waiting.len(),
             running_requests: self.running.len(),
@@ -127,11 +159,31 @@ impl Scheduler {
             generated_tokens_total: self.totals.generated_tokens,
             finished_requests_total: self.totals.finished_requests,
             failed_requests_total: self.totals.failed_requests,
+            kv_budget_bytes: self.kv_budget,
+            kv_reserved_bytes: self.kv_held(),
+            kv_reserved_peak_bytes: self.kv_held_peak,
+            kv_allocated_bytes: kv.allocated_bytes,
         }
     }
 
+    /// Room for one slot's growth copy among the running groups and `extra`.
+    fn kv_headroom(&self, extra: Option<&KvReservation>) -> u64 {
+        self.running
+            .iter()
+            .map(|g| &g.kv)
+            .chain(extra)
+            .map(KvReservation::growth_headroom_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// What the running groups hold against the budget: reservations plus growth headroom.
+    fn kv_held(&self) -> u64 {
+        self.kv_reserved.saturating_add(self.kv_headroom(None))
+    }
+
     /// Runs one scheduling step; does nothing when idle.
-    pub fn step<B: Backend + ?Sized>(&mut self, backend: &mut B) {
+    pub fn step(&mut self, backend: &mut dyn Backend) {
         self.drop_cancelled(backend);
         self.admit();
         let (batch, owners) = self.build_batch();
@@ -161,10 +213,24 @@ impl Scheduler {
         self.finish_groups(backend);
     }
 
-    /// Strict FCFS: the head of the queue is admitted once enough slots are free.
+    /// Strict FCFS: the head of the queue is admitted once enough slots are free and its KV
+    /// reservation fits in the budget beside the running groups' (with room for one growth
+    /// copy); requests behind it wait, so a large request is never starved by small ones.
     fn admit(&mut self) {
         while let Some(job) = self.waiting.front() {
-            if job.slots_needed() > self.free_slots.len() {
+            let kv = KvReservation::of(job, &self.info);
+            if let Err(err) = kv.check_fits(self.kv_budget) {
+                // Checked at submit, so not reached; never wait on what cannot fit.
+                let job = self.waiting.pop_front().expect("front exists");
+                job.reply.fail(err.into());
+                self.totals.failed_requests += 1;
+                continue;
+            }
+            let held = self
+                .kv_reserved
+                .saturating_add(kv.bytes())
+                .saturating_add(self.kv_headroom(Some(&kv)));
+            if job.slots_needed() > self.free_slots.len() || held > self.kv_budget {
                 break;
             }
             let job = self.waiting.pop_front().expect("front exists");
@@ -173,12 +239,15 @@ impl Scheduler {
                 .split_off(self.free_slots.len() - job.slots_needed());
             let n = job.prompt.len();
             let pl = job.prompt_logprobs;
+            self.kv_reserved += kv.bytes();
+            self.kv_held_peak = self.kv_held_peak.max(held);
             self.running.push(Group {
                 prompt_lp: pl.include.then(|| vec![None; n]),
                 topk_prompt_lp: (pl.top_k > 0).then(|| vec![None; n]),
-                beam: None,
+                kind: kind_of(&job),
                 job,
                 slots,
+                kv,
                 prefilled: 0,
                 seqs: Vec::new(),
                 first_mask: None,
@@ -234,27 +303,46 @@ impl Scheduler {
         (ForwardBatch { chunks }, owners)
     }
 
-    fn process<B: Backend + ?Sized>(
+    /// Hands the batch's logits to the groups: prompt logprobs and prefill progress here, the
+    /// rest to each group's kind; then samples every row the kinds asked for in one call.
+    fn process(
         &mut self,
-        backend: &mut B,
+        backend: &mut dyn Backend,
         batch: &ForwardBatch,
         owners: &[ChunkOwner],
         logits: &Logits,
     ) {
-        let mut decode_rows = Vec::new();
+        let Self {
+            running,
+            info,
+            codec,
+            sampling,
+            totals,
+            ..
+        } = self;
+        let mut cx = KindCtx {
+            backend,
+            info,
+            codec: codec.as_deref(),
+            sampling,
+        };
+        let mut draws: Vec<(usize, Draw<'_>)> = Vec::new();
+        let mut step_rows: Vec<Vec<(usize, &[f32])>> = vec![Vec::new(); running.len()];
         for (i, (chunk, owner)) in batch.chunks.iter().zip(owners).enumerate() {
             match *owner {
                 ChunkOwner::Prefill { group } => {
-                    self.totals.prompt_tokens += chunk.tokens.len() as u64;
-                    let g = &mut self.running[group];
+                    totals.prompt_tokens += chunk.tokens.len() as u64;
+                    let g = &mut running[group];
                     g.record_prompt_logprobs(chunk, logits, i);
                     g.prefilled += chunk.tokens.len();
                     if g.prefilled == g.job.prompt.len() && g.job.max_new_tokens > 0 {
                         let last = logits
                             .last_row(i)
                             .expect("the last prefill chunk asks for logits");
-                        if let Err(err) = self.start_decoding(backend, group, last) {
-                            self.running[group].fail(err);
+                        let (kind, parts) = g.parts();
+                        match kind.after_prefill(parts, last, &mut cx) {
+                            Ok(d) => draws.extend(d.into_iter().map(|d| (group, d))),
+                            Err(err) => g.fail(err),
                         }
                     }
                 }
@@ -262,28 +350,34 @@ impl Scheduler {
                     let row = logits
                         .last_row(i)
                         .expect("decode chunks ask for their last row");
-                    decode_rows.push((group, seq, row));
+                    step_rows[group].push((seq, row));
                 }
             }
         }
-        // Beam groups consume all their rows at once; the rest sample in one batched call.
-        let (beam_rows, sample_rows): (Vec<_>, Vec<_>) = decode_rows
-            .into_iter()
-            .filter(|&(g, _, _)| !self.running[g].ended)
-            .partition(|&(g, _, _)| self.running[g].beam.is_some());
-        self.sample_rows(&sample_rows);
-        self.advance_beams(backend, &beam_rows);
+        for (group, rows) in step_rows.iter().enumerate() {
+            let g = &mut running[group];
+            if rows.is_empty() || g.ended {
+                continue;
+            }
+            let (kind, parts) = g.parts();
+            match kind.on_step_rows(parts, rows, &mut cx) {
+                Ok(d) => draws.extend(d.into_iter().map(|d| (group, d))),
+                Err(err) => g.fail(err),
+            }
+        }
+        self.sample_draws(&draws);
     }
 
-    /// Samples the next token of each `(group, seq, row)` and records it.
-    fn sample_rows(&mut self, rows: &[(usize, usize, &[f32])]) {
-        let batch_rows: Vec<BatchRow<'_>> = rows
+    /// Samples each `(group, draw)` row in one batched call; each token is accepted by its
+    /// sequence (stops checked).
+    fn sample_draws(&mut self, draws: &[(usize, Draw<'_>)]) {
+        let batch_rows: Vec<BatchRow<'_>> = draws
             .iter()
-            .map(|&(g, s, row)| {
-                let seq = &self.running[g].seqs[s];
+            .map(|&(g, d)| {
+                let seq = &self.running[g].seqs[d.seq];
                 BatchRow {
                     slot: seq.slot.0 as usize,
-                    logits: row,
+                    logits: d.row,
                     mask: seq.mask.as_ref(),
                 }
             })
@@ -291,15 +385,15 @@ impl Scheduler {
         let sampled = self.sampling.sample(&batch_rows);
         self.totals.generated_tokens += sampled.len() as u64;
         let codec = self.codec.as_deref();
-        for (&(g, s, row), token) in rows.iter().zip(sampled) {
+        for (&(g, d), token) in draws.iter().zip(sampled) {
             let group = &mut self.running[g];
-            let top = group.job.params.logprobs.map(|k| top_logprobs(row, k));
+            let top = group.job.params.logprobs.map(|k| top_logprobs(d.row, k));
             let ctx = SeqCtx {
                 job: &group.job,
                 info: &self.info,
                 codec,
             };
-            let seq = &mut group.seqs[s];
+            let seq = &mut group.seqs[d.seq];
             seq.mask = None;
             if let Err(err) = seq.accept(token, top, &ctx) {
                 group.fail(err);
@@ -307,70 +401,7 @@ impl Scheduler {
         }
     }
 
-    /// After the prompt is prefilled: fork its KV to every sample's slot and draw first tokens.
-    fn start_decoding<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        group: usize,
-        last_row: &[f32],
-    ) -> Result<(), EngineError> {
-        if matches!(self.running[group].job.kind, JobKind::Beam(_)) {
-            return self.start_beams(backend, group, last_row);
-        }
-        let g = &mut self.running[group];
-        for &dst in &g.slots[1..] {
-            backend.fork(g.slots[0], dst)?;
-        }
-        let job = &g.job;
-        let codec = self.codec.as_deref();
-        let ctx = SeqCtx {
-            job,
-            info: &self.info,
-            codec,
-        };
-        let mut seqs: Vec<Seq> = g
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, &slot)| {
-                self.sampling.insert(
-                    slot.0 as usize,
-                    SlotSampling {
-                        knobs: Knobs::of(&job.params),
-                        processors: job.processors.clone(),
-                        history: History::new(&job.prompt),
-                        rng: SeqRng::new(job.seed, i as u64),
-                    },
-                );
-                let mut seq = Seq::new(i, slot, &ctx);
-                seq.constraint = job.constraint.as_ref().map(|c| c.fork());
-                seq.mask = g.first_mask.clone();
-                seq
-            })
-            .collect();
-        if job.constraint.is_some() && g.first_mask.is_none() {
-            // The prompt fit in one step that also computed nothing: compute the mask now.
-            let mut mask = TokenMask::none(self.info.vocab_size);
-            seqs[0]
-                .constraint
-                .as_mut()
-                .expect("constrained")
-                .compute_mask(&mut mask)?;
-            seqs.iter_mut().for_each(|s| s.mask = Some(mask.clone()));
-        }
-        g.seqs = seqs;
-        let rows: Vec<(usize, usize, &[f32])> =
-            (0..g.seqs.len()).map(|s| (group, s, last_row)).collect();
-        self.sample_rows(&rows);
-        Ok(())
-    }
-
-    fn fail_batch<B: Backend + ?Sized>(
-        &mut self,
-        backend: &mut B,
-        owners: &[ChunkOwner],
-        err: BackendError,
-    ) {
+    fn fail_batch(&mut self, backend: &mut dyn Backend, owners: &[ChunkOwner], err: BackendError) {
         for owner in owners {
             let group = match *owner {
                 ChunkOwner::Prefill { group } | ChunkOwner::Decode { group, .. } => group,
@@ -381,7 +412,7 @@ impl Scheduler {
         self.finish_groups(backend);
     }
 
-    fn drop_cancelled<B: Backend + ?Sized>(&mut self, backend: &mut B) {
+    fn drop_cancelled(&mut self, backend: &mut dyn Backend) {
         self.waiting.retain(|job| !job.reply.is_disconnected());
         for g in &mut self.running {
             if g.job.reply.is_disconnected() {
@@ -420,8 +451,9 @@ impl Scheduler {
         }
     }
 
-    /// Replies to and removes groups whose sequences are all done, returning their slots.
-    fn finish_groups<B: Backend + ?Sized>(&mut self, backend: &mut B) {
+    /// Replies to and removes groups whose sequences are all done, returning their slots and
+    /// their KV reservation.
+    fn finish_groups(&mut self, backend: &mut dyn Backend) {
         let mut i = 0;
         while i < self.running.len() {
             if !self.running[i].is_finished() {
@@ -434,6 +466,7 @@ impl Scheduler {
                 self.sampling.remove(slot.0 as usize);
             }
             self.free_slots.extend(g.slots.iter().copied());
+            self.kv_reserved -= g.kv.bytes();
             if g.ended {
                 self.totals.failed_requests += 1;
                 continue;
@@ -445,6 +478,19 @@ impl Scheduler {
 }
 
 impl Group {
+    /// The group's kind and the parts of the group it may see.
+    fn parts(&mut self) -> (&mut dyn GroupKind, GroupParts<'_>) {
+        (
+            &mut *self.kind,
+            GroupParts {
+                job: &self.job,
+                slots: &self.slots,
+                seqs: &mut self.seqs,
+                first_mask: self.first_mask.as_ref(),
+            },
+        )
+    }
+
     /// Whether a mask must be computed during this step's forward.
     fn needs_masks(&self) -> bool {
         if self.ended || self.job.constraint.is_none() {
@@ -478,7 +524,7 @@ impl Group {
     }
 
     /// Whether every sequence is done (or the prompt is scored), or the group ended early.
-    pub fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         if self.ended {
             return true;
         }
@@ -489,27 +535,16 @@ impl Group {
     }
 
     /// Replies with `err` and ends the group.
-    pub fn fail(&mut self, err: EngineError) {
+    fn fail(&mut self, err: EngineError) {
         if !self.ended {
             self.job.reply.fail(err);
         }
         self.ended = true;
     }
 
-    /// Sends the final output: the best `n` sequences (by cumulative logprob) of those drawn.
+    /// Sends the final output: the sequences the kind keeps, in its order.
     fn reply_final(mut self) {
-        let n = self.job.params.n;
-        if self.seqs.len() > n && self.beam.is_none() {
-            self.seqs.sort_by(|a, b| {
-                b.out
-                    .cumulative_logprob
-                    .total_cmp(&a.out.cumulative_logprob)
-            });
-            self.seqs.truncate(n);
-            for (i, s) in self.seqs.iter_mut().enumerate() {
-                s.out.index = i;
-            }
-        }
+        self.kind.finish(&self.job, &mut self.seqs);
         match &self.job.reply {
             Replier::Final(tx) => {
                 let _ = tx.send(Ok(GenerateOutput {

@@ -171,4 +171,84 @@ pub struct ServeArgs {
     /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
     #[arg(long, default_value_t = 512)]
     pub max_num_batched_tokens: usize,
+    /// KV cache budget in bytes (vLLM's flag): plain bytes or with a suffix, binary (4GiB,
+    /// 512MiB, 2G, 64K) or decimal (2GB, 500MB, 3k). Requests whose KV does not fit yet wait;
+    /// one that never fits is a 400. Default: 40% of the memory available at start.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub kv_cache_memory_bytes: Option<u64>,
+}
+
+/// A byte count: plain (`1073741824`) or a number (fractions allowed) with a unit. `KiB`,
+/// `MiB`, `GiB`, `TiB` and the single letters `K`, `M`, `G`, `T` are powers of 1024 (as vLLM
+/// reads upper case); `KB`, `MB`, `GB`, `TB` and lower-case `k`, `m`, `g`, `t` are powers of
+/// 1000. A trailing `B` alone means bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number = number.replace('_', "");
+    let scale: u64 = match unit.trim() {
+        "" | "B" | "b" => 1,
+        "K" | "KiB" | "kib" | "KIB" => 1 << 10,
+        "M" | "MiB" | "mib" | "MIB" => 1 << 20,
+        "G" | "GiB" | "gib" | "GIB" => 1 << 30,
+        "T" | "TiB" | "tib" | "TIB" => 1 << 40,
+        "k" | "KB" | "kB" | "kb" => 1_000,
+        "m" | "MB" | "mb" => 1_000_000,
+        "g" | "GB" | "gb" => 1_000_000_000,
+        "t" | "TB" | "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (bytes, or K/M/G/T, KiB/MiB/GiB/TiB, KB/MB/GB/TB)"
+            ));
+        }
+    };
+    let bytes = if let Ok(whole) = number.parse::<u64>() {
+        whole.checked_mul(scale)
+    } else {
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a byte count (e.g. 4GiB, 512MiB, 2G, 1000000)"))?;
+        let bytes = value * scale as f64;
+        (bytes.is_finite() && bytes < u64::MAX as f64).then_some(bytes as u64)
+    };
+    match bytes {
+        None => Err(format!("{s:?} is too large")),
+        Some(0) => Err("the KV cache budget must be at least 1 byte".into()),
+        Some(b) => Ok(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("3k"), Ok(3_000));
+        assert_eq!(parse_bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_bytes("25.6k"), Ok(25_600));
+        assert_eq!(parse_bytes(" 100 B "), Ok(100));
+        assert_eq!(parse_bytes("1_000_000"), Ok(1_000_000));
+        for bad in [
+            "",
+            "GiB",
+            "4 parsecs",
+            "-1G",
+            "0",
+            "0GiB",
+            "99999999999T",
+            "1.2.3G",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?} parsed");
+        }
+    }
 }

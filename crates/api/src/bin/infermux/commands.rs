@@ -172,8 +172,22 @@ fn serve(args: ServeArgs) -> Result<()> {
     let engine = infermux::EngineConfig {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
+        kv_budget_bytes: args.kv_cache_memory_bytes,
     };
     let client = client_with(&args.model, engine)?;
+    // On stderr: stdout's first line is `listening on ...`, which scripts and tests wait for.
+    let budget = client.engine().kv_budget_bytes();
+    let source = match args.kv_cache_memory_bytes {
+        Some(_) => "--kv-cache-memory-bytes".to_string(),
+        None => format!(
+            "default: {}% of available memory",
+            infermux_core::engine::budget::DEFAULT_KV_MEMORY_PERCENT
+        ),
+    };
+    eprintln!(
+        "kv cache budget: {budget} bytes ({:.2} GiB, {source})",
+        budget as f64 / (1u64 << 30) as f64
+    );
     let config = ServerConfig {
         limits: Limits {
             max_concurrent_requests: args.max_concurrent_requests,

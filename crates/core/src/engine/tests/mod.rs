@@ -1,14 +1,14 @@
 //! Scheduler tests against a fake backend whose logits depend only on a sequence's own history,
 //! so batching must not change any result.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::backend::{DType, Device, ForwardBatch, Logits, SlotId};
 use crate::error::BackendError;
 use crate::input::{ImageChunk, ImageFormat, ModelInputChunk};
+use crate::kv::{KvStorage, KvTable, KvUsage};
 
 const VOCAB: usize = 32;
 const EOS: TokenId = 31;
@@ -21,12 +21,79 @@ const BYE: TokenId = 29;
 struct Counters {
     tokens: AtomicUsize,
     forks: AtomicUsize,
+    /// KV positions whose storage is alive now (a growth copy's old and new storage both).
+    live_positions: AtomicUsize,
+    /// The most `live_positions` has been.
+    peak_positions: AtomicUsize,
+    /// The most slots that held KV state at once.
+    peak_slots: AtomicUsize,
+    /// The first prompt token of each sequence prefilled from position 0, in order.
+    prefill_order: Mutex<Vec<TokenId>>,
 }
 
+/// One slot's fake KV: the tokens it caches, in storage that counts itself live while it exists.
+struct FakeKv {
+    tokens: Vec<TokenId>,
+    capacity: usize,
+    counters: Arc<Counters>,
+}
+
+impl Drop for FakeKv {
+    fn drop(&mut self) {
+        self.counters
+            .live_positions
+            .fetch_sub(self.capacity, Ordering::Relaxed);
+    }
+}
+
+/// Allocates [`FakeKv`]s, counting live and peak positions.
+struct FakeStore {
+    counters: Arc<Counters>,
+}
+
+impl KvStorage for FakeStore {
+    type Slot = FakeKv;
+
+    fn allocate(&mut self, capacity: usize) -> Result<FakeKv, BackendError> {
+        let live = self
+            .counters
+            .live_positions
+            .fetch_add(capacity, Ordering::Relaxed)
+            + capacity;
+        self.counters
+            .peak_positions
+            .fetch_max(live, Ordering::Relaxed);
+        Ok(FakeKv {
+            tokens: Vec::with_capacity(capacity),
+            capacity,
+            counters: self.counters.clone(),
+        })
+    }
+
+    fn copy_prefix(
+        &mut self,
+        src: &FakeKv,
+        dst: &mut FakeKv,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        dst.tokens.clear();
+        dst.tokens.extend_from_slice(&src.tokens[..len]);
+        Ok(())
+    }
+}
+
+/// Bytes one fake KV position costs.
+const KV_BYTES_PER_TOKEN: u64 = 1024;
+
+/// A backend whose KV state is the token history, kept in a [`KvTable`] (granule growth, byte
+/// budget) like the real backends'.
 struct FakeBackend {
     info: ModelInfo,
-    kv: HashMap<SlotId, Vec<TokenId>>,
+    kv: KvTable<FakeKv>,
+    store: FakeStore,
     counters: Arc<Counters>,
+    /// When set, each forward pass waits for a permit; dropping the sender opens the gate.
+    gate: Option<flume::Receiver<()>>,
 }
 
 impl FakeBackend {
@@ -38,16 +105,30 @@ impl FakeBackend {
             max_context,
             dtype: DType::F32,
             device: Device::Cpu,
-            kv_bytes_per_token: 1024,
+            kv_bytes_per_token: KV_BYTES_PER_TOKEN,
         };
         (
             Self {
                 info,
-                kv: HashMap::new(),
+                kv: KvTable::new(KV_BYTES_PER_TOKEN),
+                store: FakeStore {
+                    counters: counters.clone(),
+                },
                 counters: counters.clone(),
+                gate: None,
             },
             counters,
         )
+    }
+
+    /// A backend whose forward passes each wait for a permit sent on the returned channel
+    /// (all run freely once it is dropped), so a test can queue requests while the engine is
+    /// inside a step, or look at the engine between two steps.
+    fn gated(max_context: usize) -> (Self, Arc<Counters>, flume::Sender<()>) {
+        let (mut backend, counters) = Self::new(max_context);
+        let (tx, rx) = flume::unbounded();
+        backend.gate = Some(rx);
+        (backend, counters, tx)
     }
 }
 
@@ -81,6 +162,11 @@ impl Backend for FakeBackend {
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
+        if let Some(gate) = &self.gate
+            && gate.recv().is_err()
+        {
+            self.gate = None;
+        }
         let mut data = Vec::new();
         for c in &batch.chunks {
             if c.tokens.contains(&POISON) {
@@ -89,45 +175,61 @@ impl Backend for FakeBackend {
                     message: "poisoned".into(),
                 });
             }
-            let hist = self.kv.entry(c.slot).or_default();
-            if hist.len() != c.start_pos {
+            let cached = self.kv.len(c.slot);
+            if cached != c.start_pos {
                 return Err(BackendError::PositionMismatch {
                     slot: c.slot,
                     start_pos: c.start_pos,
-                    cached: hist.len(),
+                    cached,
                 });
             }
+            if c.start_pos == 0 {
+                let mut order = self.counters.prefill_order.lock().unwrap();
+                order.push(c.tokens[0]);
+            }
+            self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
+            self.counters
+                .peak_slots
+                .fetch_max(self.kv.num_slots(), Ordering::Relaxed);
             self.counters
                 .tokens
                 .fetch_add(c.tokens.len(), Ordering::Relaxed);
             let rows = c.logits.rows(c.tokens.len());
+            let hist = &mut self.kv.get_mut(c.slot).expect("reserved").storage.tokens;
             for (i, &t) in c.tokens.iter().enumerate() {
                 hist.push(t);
                 if i + rows >= c.tokens.len() {
                     data.extend(fake_logits(hist));
                 }
             }
+            self.kv.advance(c.slot, c.tokens.len());
         }
         Logits::new(batch, VOCAB, data)
     }
 
     fn release(&mut self, slot: SlotId) {
-        self.kv.remove(&slot);
+        self.kv.release(slot);
     }
 
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
         self.counters.forks.fetch_add(1, Ordering::Relaxed);
-        let state = self
-            .kv
-            .get(&src)
-            .cloned()
-            .ok_or(BackendError::UnknownSlot(src))?;
-        self.kv.insert(dst, state);
+        self.kv.fork(&mut self.store, src, dst)?;
+        self.counters
+            .peak_slots
+            .fetch_max(self.kv.num_slots(), Ordering::Relaxed);
         Ok(())
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {
-        self.kv.get(&slot).map_or(0, Vec::len)
+        self.kv.len(slot)
+    }
+
+    fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
+
+    fn set_kv_budget(&mut self, bytes: Option<u64>) {
+        self.kv.set_budget(bytes);
     }
 }
 
@@ -183,6 +285,7 @@ fn seeded_samples_do_not_depend_on_the_batch() {
     let (busy, _) = engine(EngineConfig {
         max_num_seqs: 16,
         max_num_batched_tokens: 5,
+        ..EngineConfig::default()
     });
     let others: Vec<_> = (0..8)
         .map(|i| {
@@ -229,6 +332,7 @@ fn chunked_prefill_gives_the_same_prompt_logprobs() {
     let (chunked, _) = engine(EngineConfig {
         max_num_seqs: 4,
         max_num_batched_tokens: 4,
+        ..EngineConfig::default()
     });
     let a = whole.score(&prompt.clone().into()).wait().unwrap();
     let b = chunked.score(&prompt.clone().into()).wait().unwrap();
@@ -341,6 +445,7 @@ fn bad_requests_get_typed_errors_and_the_engine_keeps_serving() {
     let (e, _) = engine(EngineConfig {
         max_num_seqs: 8,
         max_num_batched_tokens: 16,
+        ..EngineConfig::default()
     });
     let submit = |prompt: ModelInput, params: SamplingParams| {
         e.generate(GenerateRequest {
@@ -445,6 +550,7 @@ fn dropping_a_pending_request_frees_its_slots() {
     let (e, _) = engine(EngineConfig {
         max_num_seqs: 4,
         max_num_batched_tokens: 8,
+        ..EngineConfig::default()
     });
     let long = e.generate(GenerateRequest::new(
         vec![1, 2],
@@ -466,7 +572,15 @@ fn dropping_a_pending_request_frees_its_slots() {
         .wait()
         .unwrap();
     assert_eq!(out.sequences.len(), 4);
-    assert_eq!(e.stats().unwrap().free_slots, 4);
+    let stats = e.stats().unwrap();
+    assert_eq!(
+        (
+            stats.free_slots,
+            stats.kv_reserved_bytes,
+            stats.kv_allocated_bytes
+        ),
+        (4, 0, 0)
+    );
 }
 
 #[test]
@@ -498,3 +612,4 @@ fn pending_block_on<F: std::future::Future>(fut: F) -> F::Output {
 }
 
 mod fields;
+mod kv_budget;
