@@ -133,13 +133,20 @@ impl ForwardBatch {
             .sum()
     }
 
-    /// Checks what every backend relies on: each chunk starts where its slot's cache ends
-    /// (`cached_len`) and stays within `max_context`.
+    /// Checks what every backend relies on: each chunk is for a distinct slot, starts where its
+    /// slot's cache ends (`cached_len`) and stays within `max_context`.
     pub fn check_positions(
         &self,
         cached_len: impl Fn(SlotId) -> usize,
         max_context: usize,
     ) -> Result<(), BackendError> {
+        let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
+        if let Some(c) = self.chunks.iter().find(|c| !seen.insert(c.slot)) {
+            return Err(BackendError::Runtime {
+                runtime: "batch",
+                message: format!("slot {:?} appears in more than one chunk", c.slot),
+            });
+        }
         for c in &self.chunks {
             let cached = cached_len(c.slot);
             if cached != c.start_pos {
@@ -440,6 +447,10 @@ mod check_tests {
             }],
         };
         batch.check_positions(|_| 3, 5).unwrap();
+        let twice = ForwardBatch {
+            chunks: vec![batch.chunks[0].clone(), batch.chunks[0].clone()],
+        };
+        assert!(twice.check_positions(|_| 3, 5).is_err());
         assert!(matches!(
             batch.check_positions(|_| 2, 5),
             Err(BackendError::PositionMismatch { cached: 2, .. })

@@ -177,9 +177,7 @@ impl<S> KvTable<S> {
         if let Some(old) = self.slots.remove(&slot) {
             let copied = store.copy_prefix(&old.storage, &mut storage, old.len);
             self.allocated_positions -= old.capacity as u64;
-            if let Err(e) = copied {
-                return Err(e);
-            }
+            copied?;
         }
         self.allocated_positions += new_capacity as u64;
         self.slots.insert(

@@ -172,7 +172,9 @@ fn param_of(err: &ValidationError) -> &'static str {
             "topk_prompt_logprobs" => "logprobs",
             other => other,
         },
-        ValidationError::ContextOverflow { .. } => "max_tokens",
+        ValidationError::ContextOverflow { .. } | ValidationError::KvBudgetExceeded { .. } => {
+            "max_tokens"
+        }
         ValidationError::EmptyPrompt
         | ValidationError::TokenOutOfRange { .. }
         | ValidationError::UnsupportedChunk { .. } => "prompt",
