@@ -3,9 +3,10 @@
 //! The exporter is the library function `infermux_backend_onnx::export::export`: the graph is
 //! recorded from the Rust model definition (`infermux_core::model::Llama`), no Python involved.
 //! It skips an export whose `infermux_export.json` marker is current, so a second run (as every
-//! `cargo xtask setup` makes) is quick. `--verify` runs `onnx.checker.check_model(full_check)` on
-//! the result in the venv `runtimes/py-onnx`, created here with the pinned `onnx` package;
-//! numerical checks against transformers are `cargo xtask conformance --backends onnx`'s.
+//! `cargo xtask setup` makes) is quick. `--verify`, and `setup` after a fresh export, run
+//! `onnx.checker.check_model(full_check)` on the result in the venv `runtimes/py-onnx`, created
+//! here with the pinned `onnx` package; numerical checks against transformers are `cargo xtask
+//! conformance --backends onnx`'s.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -92,13 +93,19 @@ pub fn run(root: &Path, args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// The f32 export of `model` into `model/onnx`, as `setup` does for the reference model.
-pub fn reference(_root: &Path, model: &Path) -> Result<()> {
+/// The f32 export of `model` into `model/onnx`, as `setup` does for the reference model (and
+/// `conformance` for the tiny variants); a fresh export is run through the ONNX checker, which
+/// also leaves `runtimes/py-onnx` in place for the tests that check graphs.
+pub fn reference(root: &Path, model: &Path) -> Result<()> {
     let out = onnx_export::default_out_dir(model, ExportDtype::F32);
-    export(model, &out, &ExportOptions::default())
+    if export(model, &out, &ExportOptions::default())? {
+        check_model(root, &out.join(GRAPH_FILE))?;
+    }
+    Ok(())
 }
 
-fn export(model: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
+/// Exports `model`; whether anything was written (false: the export was current).
+fn export(model: &Path, out: &Path, options: &ExportOptions) -> Result<bool> {
     let report = onnx_export::export(model, out, options)
         .with_context(|| format!("exporting {} to ONNX", model.display()))?;
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
@@ -119,7 +126,7 @@ fn export(model: &Path, out: &Path, options: &ExportOptions) -> Result<()> {
             mib(report.data_bytes),
         );
     }
-    Ok(())
+    Ok(!report.skipped)
 }
 
 /// Runs the ONNX checker on `graph` in `runtimes/py-onnx`.

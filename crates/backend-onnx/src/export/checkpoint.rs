@@ -189,3 +189,81 @@ fn bad_file(path: &Path, reason: &str) -> ExportError {
         reason: reason.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of `(name, dtype, shape, bytes)`.
+    fn write(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in tensors {
+            let begin = data.len();
+            data.extend_from_slice(bytes);
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [begin, data.len()]}),
+            );
+        }
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&data);
+        std::fs::write(path, file).unwrap();
+    }
+
+    #[test]
+    fn reads_f32_f16_and_bf16_as_f32_and_checks_shapes() {
+        let dir = std::env::temp_dir().join(format!("infermux-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        let values = [1.5f32, -2.0, 0.25];
+        let f32s = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16s = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let bf16s = values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        write(
+            &path,
+            &[
+                ("a", "F32", vec![3], f32s),
+                ("b", "F16", vec![1, 3], f16s),
+                ("c", "BF16", vec![3, 1], bf16s),
+                ("d", "I64", vec![1], vec![0; 8]),
+            ],
+        );
+        let ckpt = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
+        let mut out = Vec::new();
+        for name in ["a", "b", "c"] {
+            ckpt.read_f32(name, &mut out).unwrap();
+        }
+        assert_eq!(out, [values, values, values].concat());
+        assert!(ckpt.contains("d") && !ckpt.contains("__metadata__"));
+        ckpt.check("b", &[1, 3]).unwrap();
+        let err = ckpt.check("b", &[3]).unwrap_err().to_string();
+        assert!(
+            err.contains("[1, 3]") && err.contains("expected [3]"),
+            "{err}"
+        );
+        let err = ckpt.read_f32("d", &mut out).unwrap_err().to_string();
+        assert!(err.contains("I64"), "{err}");
+        assert!(
+            ckpt.check("missing", &[1])
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
+        std::fs::write(&path, 1u64.to_le_bytes().repeat(2)).unwrap();
+        assert!(matches!(
+            Checkpoint::open(&[path]),
+            Err(ExportError::Checkpoint { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
