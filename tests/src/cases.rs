@@ -218,7 +218,8 @@ pub struct BackendRun {
     pub prompt_logprobs: Vec<Vec<f64>>,
 }
 
-/// Runs every single-backend case on `client` and appends the outcomes.
+/// Runs every single-backend case on `client` and appends the outcomes. For a tiny variant's
+/// goldens ([`Goldens::variant`]) every case name carries the variant's prefix.
 pub fn run_backend(
     backend: BackendKind,
     client: &SamplingClient,
@@ -240,9 +241,14 @@ pub fn run_backend(
         tol,
     ));
     out.extend(greedy_agreement(name, client, &goldens.cases, tol)?);
-    out.extend(sampled_vs_scored(name, client, tol)?);
-    out.push(seeded_reproducibility(name, client)?);
-    out.extend(batch_invariance(name, client, tol)?);
+    // Golden case names already carry a tiny variant's prefix; these cases get it here.
+    let label = |mut o: Outcome| {
+        o.case = goldens.label(&o.case);
+        o
+    };
+    out.extend(sampled_vs_scored(name, client, tol)?.into_iter().map(label));
+    out.push(label(seeded_reproducibility(name, client)?));
+    out.extend(batch_invariance(name, client, tol)?.into_iter().map(label));
     Ok(BackendRun {
         backend,
         prompt_logprobs,

@@ -1,9 +1,14 @@
 //! Shared fixtures of the integration and conformance suites: where the reference model is, the
-//! golden outputs of Hugging Face transformers, and named tolerances.
+//! golden outputs of Hugging Face transformers, the tiny random-weight variants
+//! (`tests/data/tiny/`), and named tolerances.
 
 pub mod cases;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use infermux::BackendKind;
 
 use serde::Deserialize;
 
@@ -50,16 +55,145 @@ pub struct GoldenCase {
 /// The golden file written by `tests/data/make_goldens.py`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Goldens {
+    /// `tiny-<name>` for a tiny variant's goldens, `None` for the reference model's. When set,
+    /// [`load_goldens`] prefixes every case name with it (`tiny-qwen2:long`), and so does
+    /// [`Goldens::label`] for the other measured cases, so outcomes of several models never share
+    /// a key.
+    #[serde(default)]
+    pub variant: Option<String>,
     /// One entry per prompt.
     pub cases: Vec<GoldenCase>,
 }
 
-/// Loads `tests/data/goldens/smollm2-135m-instruct.json`.
+impl Goldens {
+    /// `case`, prefixed with the variant (`tiny-qwen2:case`) when there is one.
+    pub fn label(&self, case: &str) -> String {
+        match &self.variant {
+            Some(v) => format!("{v}:{case}"),
+            None => case.to_string(),
+        }
+    }
+}
+
+/// Golden file of the reference model, relative to the repository root.
+pub const REFERENCE_GOLDENS: &str = "tests/data/goldens/smollm2-135m-instruct.json";
+
+/// Loads the goldens of the model [`model_dir`] points at: `INFERMUX_GOLDENS` if set (what
+/// `cargo xtask conformance` sets with `INFERMUX_MODEL_DIR` for a tiny variant), else
+/// `tests/data/goldens/smollm2-135m-instruct.json`.
 pub fn goldens() -> Goldens {
-    let path = repo_root().join("tests/data/goldens/smollm2-135m-instruct.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    let path = std::env::var_os("INFERMUX_GOLDENS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(REFERENCE_GOLDENS));
+    load_goldens(&path)
+}
+
+/// Parses a golden file; case names get the variant prefix (see [`Goldens::variant`]).
+pub fn load_goldens(path: &Path) -> Goldens {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut goldens: Goldens =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+    if let Some(variant) = goldens.variant.clone() {
+        for case in &mut goldens.cases {
+            case.name = format!("{variant}:{}", case.name);
+        }
+    }
+    goldens
+}
+
+/// The tiny random-weight Llama-family variants: `tests/data/tiny/<name>/` (config, f32
+/// safetensors, generation config, a 256-token byte-level tokenizer) and
+/// `tests/data/goldens/tiny-<name>.json`, both from `make_goldens.py --tiny` (`cargo xtask golden`).
+pub const TINY_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+
+/// The files of a tiny model folder.
+pub const TINY_FILES: [&str; 4] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+];
+
+/// `tests/data/tiny/<name>`: the committed folder of a tiny variant.
+pub fn tiny_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join("tests/data/tiny").join(name);
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "no tiny model {name:?} at {} (known: {TINY_VARIANTS:?}; `cargo xtask golden` writes them)",
+        dir.display()
+    );
+    dir
+}
+
+/// The goldens of a tiny variant, `tests/data/goldens/tiny-<name>.json`.
+pub fn tiny_goldens(name: &str) -> Goldens {
+    load_goldens(&tiny_goldens_path(name))
+}
+
+/// `tests/data/goldens/tiny-<name>.json`.
+pub fn tiny_goldens_path(name: &str) -> PathBuf {
+    repo_root()
+        .join("tests/data/goldens")
+        .join(format!("tiny-{name}.json"))
+}
+
+/// The folder `backend` loads a tiny variant from: the committed one, or for ONNX a copy under
+/// `target/tiny/<name>` with its graph exported to `onnx/` (see [`tiny_onnx_dir`]).
+pub fn tiny_model_dir(name: &str, backend: BackendKind) -> PathBuf {
+    match backend {
+        BackendKind::Onnx => tiny_onnx_dir(name),
+        _ => tiny_dir(name),
+    }
+}
+
+/// `target/tiny/<name>`: a copy of the tiny folder with the f32 ONNX graph in `onnx/`, exported
+/// with `crates/backend-onnx/export/hf_to_onnx.py` in `runtimes/py-onnx` (which `cargo xtask
+/// setup` creates with ONNX Runtime; `INFERMUX_ONNX_PYTHON` overrides the interpreter). Files
+/// are copied only when they differ, so the exporter's marker (config hash, weight size and
+/// mtime) keeps a current export; `cargo xtask conformance` prepares the same folders.
+pub fn tiny_onnx_dir(name: &str) -> PathBuf {
+    static EXPORTING: Mutex<()> = Mutex::new(());
+    let _guard = EXPORTING.lock().unwrap_or_else(|e| e.into_inner());
+    let src = tiny_dir(name);
+    let dir = repo_root().join("target/tiny").join(name);
+    stage_files(&src, &dir, &TINY_FILES)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", src.display(), dir.display()));
+    let root = repo_root();
+    let python = std::env::var_os("INFERMUX_ONNX_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("runtimes/py-onnx/bin/python"));
+    assert!(
+        python.is_file(),
+        "the ONNX exporter's Python is missing at {}: run `cargo xtask setup` (with ONNX Runtime)",
+        python.display()
+    );
+    let status = Command::new(&python)
+        .current_dir(&root)
+        .arg(root.join("crates/backend-onnx/export/hf_to_onnx.py"))
+        .arg("--model")
+        .arg(&dir)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
+    assert!(
+        status.success(),
+        "exporting {} to ONNX failed ({status})",
+        dir.display()
+    );
+    dir
+}
+
+/// Copies `files` from `src` to `dst` (created), leaving files whose bytes already match alone.
+pub fn stage_files(src: &Path, dst: &Path, files: &[&str]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for file in files {
+        let (from, to) = (src.join(file), dst.join(file));
+        let bytes = std::fs::read(&from)?;
+        if std::fs::read(&to).ok().as_deref() != Some(bytes.as_slice()) {
+            std::fs::write(&to, &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 /// A named bound on absolute differences of logprobs.

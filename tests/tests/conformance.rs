@@ -1,23 +1,32 @@
 //! The conformance suite: the same cases for every backend compiled in. A backend can only get
 //! its logits wrong, and these cases check logits (against Hugging Face transformers), and what
-//! the engine builds on them, on the real reference model.
+//! the engine builds on them, on the real reference model — and, per backend, prompt logprobs
+//! and greedy continuations of the tiny random-weight variants in `tests/data/tiny/` (Llama with
+//! llama3 RoPE scaling and an untied head, Mistral, Qwen2 with q/k/v biases, Qwen3 with q/k norm).
 
-use std::sync::OnceLock;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 
 use infermux::{
     BackendKind, EngineError, ImageChunk, ImageFormat, LoadOptions, ModelInput, ModelInputChunk,
     SamplingClient, SamplingParams, ServiceClient, ValidationError,
 };
-use infermux_tests::{Tolerance, goldens, model_dir};
+use infermux_tests::{
+    GoldenCase, TINY_VARIANTS, Tolerance, goldens, model_dir, tiny_goldens, tiny_model_dir,
+};
 
 fn load(backend: BackendKind) -> SamplingClient {
+    load_from(backend, &model_dir())
+}
+
+fn load_from(backend: BackendKind, dir: &Path) -> SamplingClient {
     let options = LoadOptions {
         backend,
         ..LoadOptions::default()
     };
     ServiceClient::with_options(options)
-        .create_sampling_client(model_dir())
-        .expect("loading the reference model")
+        .create_sampling_client(dir)
+        .unwrap_or_else(|e| panic!("{backend}: loading {}: {e}", dir.display()))
 }
 
 /// One shared client per backend, exercised concurrently by the tests of this binary.
@@ -31,10 +40,29 @@ fn shared(backend: BackendKind) -> &'static SamplingClient {
     CLIENTS[i].get_or_init(|| load(backend))
 }
 
+/// One shared client per backend and tiny variant, loaded on first use.
+fn tiny_shared(backend: BackendKind, variant: &'static str) -> &'static SamplingClient {
+    type Clients = Vec<((BackendKind, &'static str), &'static SamplingClient)>;
+    static CLIENTS: Mutex<Clients> = Mutex::new(Vec::new());
+    let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = clients.iter().find(|(k, _)| *k == (backend, variant)) {
+        return c;
+    }
+    let client: &'static SamplingClient = Box::leak(Box::new(load_from(
+        backend,
+        &tiny_model_dir(variant, backend),
+    )));
+    clients.push(((backend, variant), client));
+    client
+}
+
 fn prompt_logprobs_match_reference(backend: BackendKind) {
-    let client = shared(backend);
-    let pending: Vec<_> = goldens()
-        .cases
+    check_prompt_logprobs(backend.as_str(), shared(backend), goldens().cases);
+}
+
+/// Every golden prompt scored at once: logprobs within [`Tolerance::F32_VS_REFERENCE`].
+fn check_prompt_logprobs(backend: &str, client: &SamplingClient, cases: Vec<GoldenCase>) {
+    let pending: Vec<_> = cases
         .into_iter()
         .map(|case| {
             let fut = client.compute_logprobs(ModelInput::from_ints(case.prompt_tokens.clone()));
@@ -107,13 +135,17 @@ fn tokenizer_matches_reference(backend: BackendKind) {
 }
 
 fn greedy_matches_reference(backend: BackendKind) {
-    let client = shared(backend);
+    check_greedy(backend.as_str(), shared(backend), goldens().cases);
+}
+
+/// 32 greedy tokens of every golden prompt (all decoded together): the goldens' tokens, and
+/// their logprobs within [`Tolerance::F32_VS_REFERENCE`].
+fn check_greedy(backend: &str, client: &SamplingClient, cases: Vec<GoldenCase>) {
     let params = SamplingParams {
         ignore_eos: true,
         ..SamplingParams::greedy(32)
     };
-    let pending: Vec<_> = goldens()
-        .cases
+    let pending: Vec<_> = cases
         .into_iter()
         .map(|case| {
             let fut = client.sample(
@@ -128,18 +160,39 @@ fn greedy_matches_reference(backend: BackendKind) {
         .collect();
     for (case, fut) in pending {
         let seq = fut.wait().expect("sampling").sequences.remove(0);
+        let agree = seq
+            .tokens
+            .iter()
+            .zip(&case.greedy_tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
         assert_eq!(
             seq.tokens, case.greedy_tokens,
-            "{backend} {}: greedy continuation differs",
+            "{backend} {}: greedy continuation differs after {agree} equal tokens",
             case.name
         );
         let got: Vec<f64> = seq.logprobs.unwrap().iter().map(|&x| x as f64).collect();
-        Tolerance::F32_VS_REFERENCE.check(
+        let worst = Tolerance::F32_VS_REFERENCE.check(
             &format!("{backend} {} greedy logprobs", case.name),
             &got,
             &case.greedy_logprobs,
         );
+        eprintln!(
+            "{backend} {}: {} greedy tokens equal, max |Δ logprob| = {worst:.2e}",
+            case.name,
+            seq.tokens.len()
+        );
     }
+}
+
+fn tiny_prompt_logprobs_match_reference(backend: BackendKind, variant: &'static str) {
+    let client = tiny_shared(backend, variant);
+    check_prompt_logprobs(backend.as_str(), client, tiny_goldens(variant).cases);
+}
+
+fn tiny_greedy_matches_reference(backend: BackendKind, variant: &'static str) {
+    let client = tiny_shared(backend, variant);
+    check_greedy(backend.as_str(), client, tiny_goldens(variant).cases);
 }
 
 fn sampled_logprobs_equal_compute_logprobs(backend: BackendKind) {
@@ -335,6 +388,38 @@ fn missing_model_files_are_named(backend: BackendKind) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The tiny variants' cases for one backend, as `mod tiny { mod <variant> { #[test] fn .. } }`.
+/// The variant list is checked against [`TINY_VARIANTS`] by `tiny_fixtures::variant_list`.
+macro_rules! tiny_suite {
+    ($backend:expr, $($variant:ident),+) => {
+        mod tiny {
+            use super::*;
+            $(
+                mod $variant {
+                    use super::*;
+                    #[test]
+                    fn prompt_logprobs_match_reference() {
+                        crate::tiny_prompt_logprobs_match_reference(
+                            $backend,
+                            stringify!($variant),
+                        );
+                    }
+                    #[test]
+                    fn greedy_matches_reference() {
+                        crate::tiny_greedy_matches_reference(
+                            $backend,
+                            stringify!($variant),
+                        );
+                    }
+                }
+            )+
+        }
+    };
+}
+
+/// The variants `tiny_suite!` instantiates, in [`TINY_VARIANTS`] order.
+const TINY_SUITE_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+
 /// Instantiates every case for one backend, as `mod <backend> { #[test] fn <case>() }`.
 macro_rules! conformance_suite {
     ($module:ident, $backend:expr, cross_checked) => {
@@ -352,6 +437,7 @@ macro_rules! conformance_suite {
         mod $module {
             use super::*;
             $($extra)*
+            tiny_suite!($backend, llama3, mistral, qwen2, qwen3);
             #[test]
             fn prompt_logprobs_match_reference() {
                 super::prompt_logprobs_match_reference($backend);
@@ -389,3 +475,131 @@ conformance_suite!(candle, BackendKind::Candle);
 conformance_suite!(torch, BackendKind::Torch, cross_checked);
 #[cfg(feature = "onnx")]
 conformance_suite!(onnx, BackendKind::Onnx, cross_checked);
+
+/// The tiny fixtures themselves: folders, goldens and the core's reading of their configs.
+mod tiny_fixtures {
+    use infermux_core::model::{Architecture, ModelDir, RopeScaling};
+    use infermux_tests::{TINY_FILES, tiny_dir, tiny_goldens_path};
+    use serde_json::Value;
+
+    use super::*;
+
+    #[test]
+    fn variant_list() {
+        assert_eq!(TINY_SUITE_VARIANTS, TINY_VARIANTS);
+        let mut folders: Vec<String> =
+            std::fs::read_dir(infermux_tests::repo_root().join("tests/data/tiny"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+        folders.sort();
+        assert_eq!(
+            folders, TINY_VARIANTS,
+            "tests/data/tiny/ holds exactly the variants"
+        );
+    }
+
+    #[test]
+    fn goldens_are_complete_and_labelled() {
+        for variant in TINY_VARIANTS {
+            let goldens = tiny_goldens(variant);
+            let label = format!("tiny-{variant}");
+            assert_eq!(goldens.variant.as_deref(), Some(label.as_str()));
+            assert!(goldens.cases.len() >= 3, "{variant}");
+            assert!(
+                goldens.cases.iter().any(|c| c.prompt_tokens.len() >= 128),
+                "{variant}: a long prompt (past the llama3 original context)"
+            );
+            for case in &goldens.cases {
+                assert!(case.name.starts_with(&format!("{label}:")), "{}", case.name);
+                assert_eq!(case.prompt_logprobs.len(), case.prompt_tokens.len());
+                assert!(case.prompt_logprobs[0].is_none());
+                assert!(case.prompt_logprobs[1..].iter().all(Option::is_some));
+                assert_eq!(case.greedy_tokens.len(), 32, "{}", case.name);
+                assert_eq!(case.greedy_logprobs.len(), 32, "{}", case.name);
+                assert!(case.prompt_tokens.iter().all(|&t| t < 256));
+                let distinct: std::collections::HashSet<_> = case.greedy_tokens.iter().collect();
+                assert!(
+                    distinct.len() > 1,
+                    "{}: degenerate greedy tokens",
+                    case.name
+                );
+            }
+            for file in TINY_FILES {
+                assert!(tiny_dir(variant).join(file).is_file(), "{variant}/{file}");
+            }
+        }
+    }
+
+    /// What each variant is there to exercise, as the core reads its config.
+    #[test]
+    fn configs_exercise_their_variant() {
+        for variant in TINY_VARIANTS {
+            let dir = ModelDir::open(tiny_dir(variant)).unwrap();
+            let c = &dir.config;
+            assert_eq!(
+                (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim),
+                (64, 4, 2, 16),
+                "{variant}: GQA, head_dim 16"
+            );
+            assert_eq!((c.num_layers, c.vocab_size), (2, 256), "{variant}");
+            assert!(c.max_position_embeddings >= 256, "{variant}");
+            let expected = match variant {
+                "llama3" => (Architecture::Llama, false, false, false),
+                "mistral" => (Architecture::Mistral, false, false, false),
+                "qwen2" => (Architecture::Qwen2, true, true, false),
+                "qwen3" => (Architecture::Qwen3, true, false, true),
+                other => panic!("unknown variant {other}"),
+            };
+            assert_eq!(
+                (
+                    c.architecture,
+                    c.tie_word_embeddings,
+                    c.attention_bias,
+                    c.qk_norm
+                ),
+                expected,
+                "{variant}: (architecture, tied, q/k/v bias, q/k norm)"
+            );
+            if variant == "llama3" {
+                assert!(
+                    matches!(c.rope_scaling, RopeScaling::Llama3 { factor, original_max_position_embeddings, .. }
+                        if factor == 8.0 && original_max_position_embeddings == 64.0),
+                    "{:?}",
+                    c.rope_scaling
+                );
+                assert_eq!(c.rope_theta, 500000.0);
+            } else {
+                assert_eq!(c.rope_scaling, RopeScaling::None, "{variant}");
+            }
+        }
+    }
+
+    /// The core's RoPE frequencies (llama3 scaling included) against transformers' own.
+    #[test]
+    fn rope_frequencies_match_transformers() {
+        for variant in TINY_VARIANTS {
+            let path = tiny_goldens_path(variant);
+            let json: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let reference: Vec<f64> = json["rope_inv_freq"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{}: no rope_inv_freq", path.display()))
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let ours = ModelDir::open(tiny_dir(variant))
+                .unwrap()
+                .config
+                .rope_inv_freq();
+            assert_eq!(ours.len(), reference.len(), "{variant}");
+            for (i, (&a, &b)) in ours.iter().zip(&reference).enumerate() {
+                let rel = (a as f64 - b).abs() / b;
+                assert!(
+                    rel <= 1e-6,
+                    "{variant}: inv_freq[{i}] = {a:e}, transformers {b:e} (relative {rel:e})"
+                );
+            }
+        }
+    }
+}

@@ -6,6 +6,12 @@
 //! runs it, then compares its report with the baseline: an outcome that gets worse beyond a
 //! margin, or a pass that becomes a fail, fails the run; improvements are listed, and
 //! `--update-baseline` records the current outcomes.
+//!
+//! The binary runs once per model: the reference model, then each tiny
+//! random-weight variant of `tests/data/tiny/` with its `tiny-<name>.json` goldens
+//! (`INFERMUX_MODEL_DIR` and `INFERMUX_GOLDENS`); their reports merge into one, keyed
+//! `backend/check/tiny-<name>:<case>` for the variants, under one baseline section.
+//! `INFERMUX_CONFORMANCE_MODELS=smollm2` (or `tiny`, `tiny-qwen2,…`) restricts a run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,66 +53,95 @@ pub struct ConformanceArgs {
     pub release: bool,
 }
 
-/// Runs the conformance binary, applies the baseline and fails on violations or regressions.
+/// Environment variable restricting the models of a run (comma-separated `smollm2`, `tiny`,
+/// `tiny-<name>`); unset, every model runs. An environment variable rather than a flag, so
+/// that callers building [`ConformanceArgs`] (`cargo xtask test`) need not name it.
+pub const MODELS_ENV: &str = "INFERMUX_CONFORMANCE_MODELS";
+/// The models of a run when [`MODELS_ENV`] is unset.
+const DEFAULT_MODELS: &str = "smollm2,tiny";
+
+/// Runs the conformance binary once per model, merges the reports, applies the baseline and
+/// fails on violations or regressions.
 pub fn run(root: &Path, args: &ConformanceArgs) -> Result<()> {
     let backends = normalize_backends(&args.backends)?;
+    let models = std::env::var(MODELS_ENV).unwrap_or_else(|_| DEFAULT_MODELS.to_string());
+    let models = normalize_models(&models.split(',').map(String::from).collect::<Vec<_>>())
+        .with_context(|| format!("{MODELS_ENV}={models:?}"))?;
     let components = Components {
         torch: backends.iter().any(|b| b == "torch"),
         onnx: backends.iter().any(|b| b == "onnx"),
     };
-    let model = setup_all(root, components)?;
+    let reference = setup_all(root, components)?;
     let out_dir = root.join("target/conformance");
     std::fs::create_dir_all(&out_dir)?;
-    let raw = out_dir.join(format!(
-        "report-{}-{}.json",
-        args.device.replace(':', ""),
-        args.dtype
-    ));
-    let _ = std::fs::remove_file(&raw);
 
-    let mut cmd = cargo();
-    cmd.current_dir(root).args([
-        "run",
-        "--quiet",
-        "-p",
-        "infermux-tests",
-        "--bin",
-        "infermux-conformance",
-    ]);
-    if args.release {
-        cmd.arg("--release");
+    let mut merged = Merged::default();
+    for model in &models {
+        let dir = match model {
+            Model::Reference => reference.clone(),
+            Model::Tiny(name) if components.onnx => stage_tiny_onnx(root, name)?,
+            Model::Tiny(name) => root.join(TINY_ROOT).join(name),
+        };
+        let raw = out_dir.join(format!(
+            "report-{}-{}-{}.json",
+            args.device.replace(':', ""),
+            args.dtype,
+            model.label()
+        ));
+        let _ = std::fs::remove_file(&raw);
+        let mut cmd = cargo();
+        cmd.current_dir(root).args([
+            "run",
+            "--quiet",
+            "-p",
+            "infermux-tests",
+            "--bin",
+            "infermux-conformance",
+        ]);
+        if args.release {
+            cmd.arg("--release");
+        }
+        let features = backend_features(&backends);
+        if !features.is_empty() {
+            cmd.arg("--features").arg(features.join(","));
+        }
+        cmd.arg("--")
+            .arg("--backends")
+            .arg(backends.join(","))
+            .args(["--device", &args.device, "--dtype", &args.dtype])
+            .arg("--json")
+            .arg(&raw);
+        runtime_env(&mut cmd, root, &dir, components);
+        match model {
+            Model::Reference => cmd.env_remove("INFERMUX_GOLDENS"),
+            Model::Tiny(name) => cmd.env(
+                "INFERMUX_GOLDENS",
+                root.join(GOLDENS_DIR).join(format!("tiny-{name}.json")),
+            ),
+        };
+        eprintln!(
+            "\n== {} ({}) ==\n$ cargo run -p infermux-tests --bin infermux-conformance ...",
+            model.label(),
+            dir.display()
+        );
+        let status = cmd
+            .status()
+            .with_context(|| format!("failed to start {cmd:?}"))?;
+        let report = std::fs::read_to_string(&raw)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+        merged.add(model, &backends, status, report);
     }
-    let features = backend_features(&backends);
-    if !features.is_empty() {
-        cmd.arg("--features").arg(features.join(","));
-    }
-    cmd.arg("--")
-        .arg("--backends")
-        .arg(backends.join(","))
-        .args(["--device", &args.device, "--dtype", &args.dtype])
-        .arg("--json")
-        .arg(&raw);
-    runtime_env(&mut cmd, root, &model, components);
-    eprintln!("$ cargo run -p infermux-tests --bin infermux-conformance ...");
-    let status = cmd
-        .status()
-        .with_context(|| format!("failed to start {cmd:?}"))?;
-    let text = std::fs::read_to_string(&raw).with_context(|| {
-        format!("the conformance binary wrote no report ({status}); see its output above")
-    })?;
-    let mut report: Value = serde_json::from_str(&text).context("parsing the report")?;
 
+    let mut report = merged.report(&args.device, &args.dtype);
+    print!("{}", merged.summary());
     let baseline_path = root.join(BASELINE);
     let mut baseline = read_baseline(&baseline_path)?;
     let config = config_key(&args.device, &args.dtype);
-    let measured: Vec<String> = report["backends"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let measured = Scope {
+        backends: merged.backends.clone(),
+        models: merged.models.clone(),
+    };
     let current = outcomes_by_key(&report);
     let previous = baseline["configs"][&config]
         .as_object()
@@ -133,9 +168,6 @@ pub fn run(root: &Path, args: &ConformanceArgs) -> Result<()> {
         .as_array()
         .map(|o| o.iter().filter(|o| o["pass"] != true).count())
         .unwrap_or(0);
-    if !status.success() && violations == 0 {
-        bail!("the conformance binary failed ({status})");
-    }
     if violations > 0 || !cmp.regressions.is_empty() {
         bail!(
             "conformance failed: {violations} violation(s) of the tolerances, {} regression(s) against {BASELINE}",
@@ -143,6 +175,265 @@ pub fn run(root: &Path, args: &ConformanceArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Folder of the tiny models, relative to the repository root (see `infermux_tests::TINY_VARIANTS`).
+const TINY_ROOT: &str = crate::golden::TINY_ROOT;
+/// Folder of the golden files, relative to the repository root.
+const GOLDENS_DIR: &str = "tests/data/goldens";
+/// The tiny random-weight variants (`tests/data/tiny/<name>`, `tiny-<name>.json`).
+const TINY_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+/// Files of a tiny model folder.
+const TINY_FILES: [&str; 4] = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+];
+
+/// One model the conformance binary runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Model {
+    /// SmolLM2-135M-Instruct in `models/` with `smollm2-135m-instruct.json`.
+    Reference,
+    /// A tiny variant with `tiny-<name>.json`.
+    Tiny(&'static str),
+}
+
+impl Model {
+    /// `smollm2` or `tiny-<name>`: the prefix of the variant's case names.
+    fn label(&self) -> String {
+        match self {
+            Model::Reference => "smollm2".into(),
+            Model::Tiny(name) => format!("tiny-{name}"),
+        }
+    }
+}
+
+/// `smollm2`, `tiny` (every variant) and `tiny-<name>`/`<name>`, in the given order, de-duplicated.
+fn normalize_models(names: &[String]) -> Result<Vec<Model>> {
+    let mut out = Vec::new();
+    for name in names {
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            continue;
+        }
+        let add: Vec<Model> = match name.as_str() {
+            "smollm2" => vec![Model::Reference],
+            "tiny" => TINY_VARIANTS.iter().map(|&v| Model::Tiny(v)).collect(),
+            other => {
+                let v = other.strip_prefix("tiny-").unwrap_or(other);
+                match TINY_VARIANTS.iter().find(|&&t| t == v) {
+                    Some(&t) => vec![Model::Tiny(t)],
+                    None => bail!(
+                        "unknown model {name:?} (expected smollm2, tiny, or tiny-<{}>)",
+                        TINY_VARIANTS.join("|")
+                    ),
+                }
+            }
+        };
+        for m in add {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("no model given");
+    }
+    Ok(out)
+}
+
+/// `target/tiny/<name>`: a copy of the tiny folder (files rewritten only when they differ, so the
+/// exporter's marker stays current) with the f32 ONNX graph in `onnx/`, which every backend of
+/// the run loads. `infermux_tests::tiny_onnx_dir` prepares the same folder for `cargo test`.
+fn stage_tiny_onnx(root: &Path, name: &str) -> Result<PathBuf> {
+    let src = root.join(TINY_ROOT).join(name);
+    let dir = root.join("target/tiny").join(name);
+    std::fs::create_dir_all(&dir)?;
+    for file in TINY_FILES {
+        let bytes = std::fs::read(src.join(file))
+            .with_context(|| format!("reading {}", src.join(file).display()))?;
+        let to = dir.join(file);
+        if std::fs::read(&to).ok().as_deref() != Some(bytes.as_slice()) {
+            std::fs::write(&to, &bytes).with_context(|| format!("writing {}", to.display()))?;
+        }
+    }
+    crate::export::reference(root, &dir)?;
+    Ok(dir)
+}
+
+/// The reports of all models, merged: outcome keys carry the model (tiny case names are
+/// `tiny-<name>:<case>`), and a tiny model a backend cannot load, or a run that wrote no
+/// report, is a failing outcome rather than a skip.
+#[derive(Default)]
+struct Merged {
+    tolerances: Value,
+    backends: Vec<String>,
+    skipped: Vec<Value>,
+    outcomes: Vec<Value>,
+    models: Vec<String>,
+}
+
+impl Merged {
+    fn add(
+        &mut self,
+        model: &Model,
+        backends: &[String],
+        status: std::process::ExitStatus,
+        report: Option<Value>,
+    ) {
+        let label = model.label();
+        self.models.push(label.clone());
+        let prefix = match model {
+            Model::Reference => String::new(),
+            Model::Tiny(_) => format!("{label}:"),
+        };
+        let failed = |backend: &str, case: &str, detail: String| {
+            json!({
+                "backend": backend,
+                "check": "runs",
+                "case": format!("{prefix}{case}"),
+                "value": 1.0,
+                "limit": 0.0,
+                "better": "lower",
+                "pass": false,
+                "detail": detail,
+            })
+        };
+        let Some(report) = report else {
+            for b in backends {
+                self.outcomes.push(failed(
+                    b,
+                    "all",
+                    format!("the conformance binary wrote no report ({status})"),
+                ));
+            }
+            return;
+        };
+        if self.tolerances.is_null() {
+            self.tolerances = report["tolerances"].clone();
+        }
+        for b in report["backends"].as_array().into_iter().flatten() {
+            if let Some(b) = b.as_str()
+                && !self.backends.iter().any(|x| x == b)
+            {
+                self.backends.push(b.to_string());
+            }
+        }
+        let mut any_failure = false;
+        for o in report["outcomes"].as_array().into_iter().flatten() {
+            let mut o = o.clone();
+            let case = o["case"].as_str().unwrap_or_default().to_string();
+            if !prefix.is_empty() && !case.starts_with(&prefix) {
+                o["case"] = json!(format!("{prefix}{case}"));
+            }
+            any_failure |= o["pass"] != true;
+            self.outcomes.push(o);
+        }
+        for s in report["skipped"].as_array().into_iter().flatten() {
+            let backend = s["backend"].as_str().unwrap_or_default();
+            let reason = s["reason"].as_str().unwrap_or_default();
+            if matches!(model, Model::Tiny(_)) && reason.starts_with("cannot load") {
+                // Every backend must load every variant.
+                self.outcomes
+                    .push(failed(backend, "load", reason.to_string()));
+                any_failure = true;
+                if !self.backends.iter().any(|x| x == backend) {
+                    self.backends.push(backend.to_string());
+                }
+            } else {
+                let mut s = s.clone();
+                s["reason"] = json!(format!("{label}: {reason}"));
+                self.skipped.push(s);
+            }
+        }
+        if !status.success() && !any_failure {
+            for b in backends {
+                self.outcomes.push(failed(
+                    b,
+                    "all",
+                    format!("the conformance binary failed ({status}) without a violation"),
+                ));
+            }
+        }
+    }
+
+    fn report(&self, device: &str, dtype: &str) -> Value {
+        json!({
+            "device": device,
+            "dtype": dtype,
+            "tolerances": self.tolerances,
+            "models": self.models,
+            "backends": self.backends,
+            "skipped": self.skipped,
+            "outcomes": self.outcomes,
+        })
+    }
+
+    /// Per model and backend: worst |Δ logprob| vs transformers (prompts and greedy tokens), the
+    /// fewest agreeing greedy tokens, and the number of violations over all of its checks.
+    fn summary(&self) -> String {
+        let mut s = String::from(
+            "\nper model (single backends; ✗ = violations over all of that model's checks)\n\n\
+             | model | backend | max |Δ| vs HF | greedy |Δ| vs HF | greedy agree | violations |\n\
+             |---|---|---|---|---|---|\n",
+        );
+        for model in &self.models {
+            let mine = |o: &&Value| {
+                let case = o["case"].as_str().unwrap_or_default();
+                match case.split_once(':') {
+                    Some((m, _)) if m.starts_with("tiny-") => m == model,
+                    _ => model == "smollm2",
+                }
+            };
+            for backend in &self.backends {
+                let rows: Vec<&Value> = self
+                    .outcomes
+                    .iter()
+                    .filter(mine)
+                    .filter(|o| o["backend"].as_str() == Some(backend))
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let value = |o: &Value| o["value"].as_f64().unwrap_or(f64::NAN);
+                let worst = |check: &str| {
+                    rows.iter()
+                        .filter(|o| o["check"] == check)
+                        .map(|o| value(o))
+                        .fold(None, |acc: Option<f64>, v| {
+                            Some(acc.map_or(v, |a| if v > a || v.is_nan() { v } else { a }))
+                        })
+                };
+                let fmt = |v: Option<f64>| match v {
+                    Some(v) if v >= f64::MAX => "incomparable".to_string(),
+                    Some(v) => format!("{v:.2e}"),
+                    None => "—".to_string(),
+                };
+                let agree = rows
+                    .iter()
+                    .filter(|o| o["check"] == "greedy_agreement")
+                    .map(|o| value(o))
+                    .fold(None, |acc: Option<f64>, v| {
+                        Some(acc.map_or(v, |a| a.min(v)))
+                    });
+                let violations = rows.iter().filter(|o| o["pass"] != true).count();
+                s.push_str(&format!(
+                    "| {model} | {backend} | {} | {} | {} | {} |\n",
+                    fmt(worst("reference_logprobs")),
+                    fmt(worst("greedy_logprobs")),
+                    agree.map_or("—".to_string(), |a| format!("min {a}/32")),
+                    if violations == 0 {
+                        "0".to_string()
+                    } else {
+                        format!("{violations} ✗")
+                    }
+                ));
+            }
+        }
+        s
+    }
 }
 
 /// Lower-cased, de-duplicated backend names, checked against the three known ones.
@@ -278,10 +569,28 @@ fn outcomes_by_key(report: &Value) -> BTreeMap<String, Entry> {
         .collect()
 }
 
-/// Whether a key belongs to the measured backends (both sides of a pair).
-fn measured_key(key: &str, measured: &[String]) -> bool {
-    let backend = key.split('/').next().unwrap_or("");
-    backend.split('~').all(|b| measured.iter().any(|m| m == b))
+/// What a run measured: its backends, and its models (`smollm2`, `tiny-<name>`).
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    backends: Vec<String>,
+    models: Vec<String>,
+}
+
+impl Scope {
+    /// Whether a key belongs to the measured backends (both sides of a pair) and models.
+    fn covers(&self, key: &str) -> bool {
+        let mut parts = key.splitn(3, '/');
+        let backend = parts.next().unwrap_or("");
+        let case = parts.nth(1).unwrap_or("");
+        let model = match case.split_once(':') {
+            Some((m, _)) if m.starts_with("tiny-") => m,
+            _ => "smollm2",
+        };
+        backend
+            .split('~')
+            .all(|b| self.backends.iter().any(|m| m == b))
+            && self.models.iter().any(|m| m == model)
+    }
 }
 
 /// The ratchet's verdict.
@@ -297,7 +606,7 @@ struct Comparison {
 fn compare(
     previous: &Map<String, Value>,
     current: &BTreeMap<String, Entry>,
-    measured: &[String],
+    measured: &Scope,
 ) -> Comparison {
     let mut cmp = Comparison::default();
     let fmt = |e: &Entry| format!("{:.3e} ({})", e.value, if e.pass { "pass" } else { "FAIL" });
@@ -329,7 +638,7 @@ fn compare(
         }
     }
     for key in previous.keys() {
-        if !current.contains_key(key) && measured_key(key, measured) {
+        if !current.contains_key(key) && measured.covers(key) {
             cmp.missing.push(key.clone());
         }
     }
@@ -386,16 +695,16 @@ impl Comparison {
     }
 }
 
-/// The baseline section after a run: outcomes of unmeasured backends are kept, the measured
-/// backends' entries are replaced by the current ones.
+/// The baseline section after a run: outcomes of unmeasured backends or models are kept, the
+/// measured ones' entries are replaced by the current ones.
 fn update_entries(
     previous: &Map<String, Value>,
     current: &BTreeMap<String, Entry>,
-    measured: &[String],
+    measured: &Scope,
 ) -> Map<String, Value> {
     let mut out: Map<String, Value> = previous
         .iter()
-        .filter(|(k, _)| !measured_key(k, measured))
+        .filter(|(k, _)| !measured.covers(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for (k, e) in current {
@@ -445,7 +754,10 @@ mod tests {
         .into_iter()
         .map(|(k, e)| (k.to_string(), e))
         .collect();
-        let measured = vec!["candle".to_string(), "onnx".to_string()];
+        let measured = Scope {
+            backends: vec!["candle".to_string(), "onnx".to_string()],
+            models: vec!["smollm2".to_string()],
+        };
         let cmp = compare(&previous, &current, &measured);
         assert_eq!(cmp.unchanged, 1);
         assert_eq!(cmp.regressions.len(), 3, "{cmp:?}");
@@ -478,18 +790,95 @@ mod tests {
         now.limit = 1.0;
         now.pass = true;
         let current = [("candle/greedy/x".to_string(), now)].into_iter().collect();
-        let cmp = compare(&previous, &current, &["candle".to_string()]);
+        let scope = Scope {
+            backends: vec!["candle".to_string()],
+            models: vec!["smollm2".to_string()],
+        };
+        let cmp = compare(&previous, &current, &scope);
         assert_eq!(cmp.regressions.len(), 1);
+    }
+
+    #[test]
+    fn models_expand_and_reports_merge_with_prefixed_keys() {
+        let models =
+            normalize_models(&["tiny-qwen2".into(), "smollm2".into(), "tiny".into()]).unwrap();
+        assert_eq!(models.len(), 5);
+        assert_eq!(models[0], Model::Tiny("qwen2"));
+        assert_eq!(models[1], Model::Reference);
+        assert!(normalize_models(&["gpt2".into()]).is_err());
+
+        let ok = std::process::Command::new("true").status().unwrap();
+        let fail = std::process::Command::new("false").status().unwrap();
+        let outcome = |case: &str, pass: bool| {
+            json!({"backend": "candle", "check": "reference_logprobs", "case": case,
+                   "value": 1e-5, "limit": 1e-3, "better": "lower", "pass": pass})
+        };
+        let mut merged = Merged::default();
+        let report = |outcomes: Vec<Value>, skipped: Vec<Value>| {
+            json!({"tolerances": {"name": "f32"}, "backends": ["candle"], "outcomes": outcomes,
+                   "skipped": skipped})
+        };
+        let backends = vec!["candle".to_string(), "torch".to_string()];
+        merged.add(
+            &Model::Reference,
+            &backends,
+            ok,
+            Some(report(vec![outcome("capital", true)], vec![])),
+        );
+        merged.add(
+            &Model::Tiny("qwen2"),
+            &backends,
+            fail,
+            Some(report(
+                vec![outcome("tiny-qwen2:long", false), outcome("score", true)],
+                vec![json!({"backend": "torch", "reason": "cannot load: shape mismatch"})],
+            )),
+        );
+        merged.add(&Model::Tiny("qwen3"), &backends, fail, None);
+        let report = merged.report("cpu", "f32");
+        let keys: Vec<String> = outcomes_by_key(&report).into_keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "candle/reference_logprobs/capital",
+                "candle/reference_logprobs/tiny-qwen2:long",
+                "candle/reference_logprobs/tiny-qwen2:score",
+                "candle/runs/tiny-qwen3:all",
+                "torch/runs/tiny-qwen2:load",
+                "torch/runs/tiny-qwen3:all",
+            ]
+        );
+        assert_eq!(merged.backends, ["candle", "torch"]);
+        assert!(merged.skipped.is_empty());
+        let summary = merged.summary();
+        assert!(
+            summary.contains("| tiny-qwen2 | candle | 1.00e-5 |"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("| tiny-qwen2 | torch | — | — | — | 1 ✗ |"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("| smollm2 | candle | 1.00e-5 | — | — | 0 |"),
+            "{summary}"
+        );
     }
 
     #[test]
     fn names_and_keys() {
         assert_eq!(config_key("CUDA:1", "BF16"), "cuda/bf16");
-        assert!(measured_key(
-            "candle~torch/p/x",
-            &["torch".into(), "candle".into()]
-        ));
-        assert!(!measured_key("candle~onnx/p/x", &["candle".into()]));
+        let scope = |backends: &[&str], models: &[&str]| Scope {
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            models: models.iter().map(|m| m.to_string()).collect(),
+        };
+        assert!(scope(&["torch", "candle"], &["smollm2"]).covers("candle~torch/p/x"));
+        assert!(!scope(&["candle"], &["smollm2"]).covers("candle~onnx/p/x"));
+        // Only the models a run measured: a tiny-only run keeps the reference model's entries.
+        let tiny = scope(&["candle"], &["tiny-qwen2"]);
+        assert!(tiny.covers("candle/reference_logprobs/tiny-qwen2:long"));
+        assert!(!tiny.covers("candle/reference_logprobs/capital"));
+        assert!(!tiny.covers("candle/reference_logprobs/tiny-qwen3:long"));
         assert!(normalize_backends(&["tpu".into()]).is_err());
         assert_eq!(
             backend_features(&normalize_backends(&["Candle".into(), "onnx".into()]).unwrap()),

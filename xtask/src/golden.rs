@@ -1,4 +1,8 @@
 //! `cargo xtask golden`: regenerate reference outputs with Hugging Face transformers.
+//!
+//! First the tiny random-weight Llama-family models (`tests/data/tiny/<name>/`, built from configs
+//! with seeded weights, no download) and their goldens (`tests/data/goldens/tiny-<name>.json`),
+//! then the SmolLM2 logit and beam goldens (which need the prepared model and its GGUF).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,22 +26,37 @@ const PY_PACKAGES: [&str; 6] = [
 const IMPORT_CHECK: &str = "import accelerate, gguf, numpy, safetensors, torch, transformers\n\
     assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__\n\
     assert transformers.__version__ == '5.23.0', transformers.__version__\n";
+/// Where `setup` keeps the runtime wheels it downloaded (torch among them).
+const SETUP_WHEELS: &str = "runtimes/.download";
 /// Golden generator script, relative to the repository root.
 const SCRIPT: &str = "tests/data/make_goldens.py";
+/// Folder of the tiny models' folders, relative to the repository root.
+pub const TINY_ROOT: &str = "tests/data/tiny";
+/// Folder of the golden files, relative to the repository root.
+const GOLDENS_DIR: &str = "tests/data/goldens";
 /// Output file, relative to the repository root.
 const OUTPUT: &str = "tests/data/goldens/smollm2-135m-instruct.json";
 /// Beam-search golden generator and its output, relative to the repository root.
 const BEAM_SCRIPT: &str = "tests/data/make_beam_goldens.py";
 const BEAM_OUTPUT: &str = "tests/data/goldens/smollm2-135m-instruct-beams.json";
 
-/// Prepares the model, ensures the Python stack (unless `python` is given) and runs the script.
+/// Ensures the Python stack (unless `python` is given), writes the tiny models and their
+/// goldens, then prepares the reference model and runs the SmolLM2 scripts.
 pub fn run(root: &Path, python: Option<&Path>) -> Result<()> {
-    let model = setup::run(root)?;
-    let gguf = setup::ensure_gguf(root)?;
     let python = match python {
         Some(p) => p.to_path_buf(),
         None => ensure_venv(root)?,
     };
+    let mut tiny = Command::new(&python);
+    tiny.current_dir(root)
+        .arg(SCRIPT)
+        .arg("--tiny")
+        .arg(root.join(TINY_ROOT))
+        .arg("--out-dir")
+        .arg(root.join(GOLDENS_DIR));
+    run_status(&mut tiny).context("tiny model golden generation failed")?;
+    let model = setup::run(root)?;
+    let gguf = setup::ensure_gguf(root)?;
     let mut cmd = Command::new(&python);
     cmd.current_dir(root)
         .arg(SCRIPT)
@@ -78,8 +97,13 @@ fn ensure_venv(root: &Path) -> Result<PathBuf> {
         venv.display()
     );
     let mut cmd = Command::new(&python);
-    cmd.args(["-m", "pip", "install", "--disable-pip-version-check"])
-        .args(PY_PACKAGES);
+    cmd.args(["-m", "pip", "install", "--disable-pip-version-check"]);
+    // Reuse the torch wheel `setup` downloaded for libtorch, if it is there.
+    let wheels = root.join(SETUP_WHEELS);
+    if wheels.is_dir() {
+        cmd.arg("--find-links").arg(&wheels);
+    }
+    cmd.args(PY_PACKAGES);
     run_status(&mut cmd).context("pip install of the reference stack failed")?;
     Ok(python)
 }
