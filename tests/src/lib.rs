@@ -5,7 +5,6 @@
 pub mod cases;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use infermux::BackendKind;
@@ -148,10 +147,11 @@ pub fn tiny_model_dir(name: &str, backend: BackendKind) -> PathBuf {
 }
 
 /// `target/tiny/<name>`: a copy of the tiny folder with the f32 ONNX graph in `onnx/`, exported
-/// with `crates/backend-onnx/export/hf_to_onnx.py` in `runtimes/py-onnx` (which `cargo xtask
-/// setup` creates with ONNX Runtime; `INFERMUX_ONNX_PYTHON` overrides the interpreter). Files
-/// are copied only when they differ, so the exporter's marker (config hash, weight size and
-/// mtime) keeps a current export; `cargo xtask conformance` prepares the same folders.
+/// by the Rust exporter (`infermux_backend_onnx::export`, the graph recorded from the one model
+/// definition). Files are copied only when they differ, so the exporter's marker (graph hash,
+/// weight size and mtime) keeps a current export; `cargo xtask conformance` prepares the same
+/// folders.
+#[cfg(feature = "onnx")]
 pub fn tiny_onnx_dir(name: &str) -> PathBuf {
     static EXPORTING: Mutex<()> = Mutex::new(());
     let _guard = EXPORTING.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,28 +159,16 @@ pub fn tiny_onnx_dir(name: &str) -> PathBuf {
     let dir = repo_root().join("target/tiny").join(name);
     stage_files(&src, &dir, &TINY_FILES)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", src.display(), dir.display()));
-    let root = repo_root();
-    let python = std::env::var_os("INFERMUX_ONNX_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("runtimes/py-onnx/bin/python"));
-    assert!(
-        python.is_file(),
-        "the ONNX exporter's Python is missing at {}: run `cargo xtask setup` (with ONNX Runtime)",
-        python.display()
-    );
-    let status = Command::new(&python)
-        .current_dir(&root)
-        .arg(root.join("crates/backend-onnx/export/hf_to_onnx.py"))
-        .arg("--model")
-        .arg(&dir)
-        .status()
-        .unwrap_or_else(|e| panic!("running {}: {e}", python.display()));
-    assert!(
-        status.success(),
-        "exporting {} to ONNX failed ({status})",
-        dir.display()
-    );
+    let options = infermux_backend_onnx::export::ExportOptions::default();
+    infermux_backend_onnx::export::export(&dir, dir.join("onnx"), &options)
+        .unwrap_or_else(|e| panic!("exporting {} to ONNX: {e}", dir.display()));
     dir
+}
+
+/// Without the `onnx` feature there is no ONNX backend to run a tiny graph on.
+#[cfg(not(feature = "onnx"))]
+pub fn tiny_onnx_dir(name: &str) -> PathBuf {
+    panic!("tiny model {name}: the ONNX backend needs the `onnx` feature")
 }
 
 /// Copies `files` from `src` to `dst` (created), leaving files whose bytes already match alone.

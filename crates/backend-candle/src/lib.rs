@@ -218,66 +218,19 @@ impl Backend for CandleBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use candle_core::Tensor;
     use infermux_core::{LogitsWanted, SeqChunk};
 
     use super::*;
 
-    /// A random model folder of architecture `arch` with GQA (4 heads over 2 KV heads).
-    fn tiny_model(dir: &Path, arch: &str, tied: bool) {
-        let (h, inter, vocab, heads, kv_heads, hd, layers) = (32, 48, 97, 4, 2, 8, 2);
-        let config = format!(
-            r#"{{"architectures": ["{arch}"], "hidden_size": {h}, "intermediate_size": {inter},
-            "num_hidden_layers": {layers}, "num_attention_heads": {heads},
-            "num_key_value_heads": {kv_heads}, "head_dim": {hd}, "vocab_size": {vocab},
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
-            "tie_word_embeddings": {tied}, "eos_token_id": 2}}"#
-        );
-        std::fs::write(dir.join("config.json"), config).unwrap();
-        let dev = candle_core::Device::Cpu;
-        let mut t = HashMap::new();
-        let mut put = |name: String, shape: &[usize], scale: f64| {
-            let v = (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap();
-            t.insert(name, v);
-        };
-        put("model.embed_tokens.weight".into(), &[vocab, h], 1.0);
-        put("model.norm.weight".into(), &[h], 1.0);
-        if !tied {
-            put("lm_head.weight".into(), &[vocab, h], 0.3);
-        }
-        for l in 0..layers {
-            let p = format!("model.layers.{l}");
-            let s = 0.3;
-            put(format!("{p}.input_layernorm.weight"), &[h], 1.0);
-            put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0);
-            put(format!("{p}.self_attn.q_proj.weight"), &[heads * hd, h], s);
-            put(
-                format!("{p}.self_attn.k_proj.weight"),
-                &[kv_heads * hd, h],
-                s,
-            );
-            put(
-                format!("{p}.self_attn.v_proj.weight"),
-                &[kv_heads * hd, h],
-                s,
-            );
-            put(format!("{p}.self_attn.o_proj.weight"), &[h, heads * hd], s);
-            put(format!("{p}.mlp.gate_proj.weight"), &[inter, h], s);
-            put(format!("{p}.mlp.up_proj.weight"), &[inter, h], s);
-            put(format!("{p}.mlp.down_proj.weight"), &[h, inter], s);
-            if arch.starts_with("Qwen2") {
-                put(format!("{p}.self_attn.q_proj.bias"), &[heads * hd], s);
-                put(format!("{p}.self_attn.k_proj.bias"), &[kv_heads * hd], s);
-                put(format!("{p}.self_attn.v_proj.bias"), &[kv_heads * hd], s);
-            }
-            if arch.starts_with("Qwen3") {
-                put(format!("{p}.self_attn.q_norm.weight"), &[hd], 1.0);
-                put(format!("{p}.self_attn.k_norm.weight"), &[hd], 1.0);
-            }
-        }
-        candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    /// The random-weight variants made by `tests/data/make_goldens.py` (Qwen2 with q/k/v
+    /// biases, Qwen3 with q/k norms, Mistral, an untied Llama with llama3 RoPE scaling).
+    const TINY: [&str; 4] = ["qwen2", "qwen3", "mistral", "llama3"];
+
+    fn tiny(name: &str) -> ModelDir {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/tiny")
+            .join(name);
+        ModelDir::open(&dir).unwrap()
     }
 
     fn chunk(slot: u32, start_pos: usize, tokens: &[u32], logits: LogitsWanted) -> SeqChunk {
@@ -300,23 +253,14 @@ mod tests {
 
     #[test]
     fn custom_kernels_match_builtin_ops_on_every_isa() {
-        for (arch, tied) in [
-            ("LlamaForCausalLM", true),
-            ("Qwen2ForCausalLM", false),
-            ("Qwen3ForCausalLM", false),
-        ] {
-            let dir = std::env::temp_dir()
-                .join(format!("infermux-candle-ops-{arch}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            tiny_model(&dir, arch, tied);
-            let md = ModelDir::open(&dir).unwrap();
+        for name in TINY {
+            let md = tiny(name);
             for isa in Isa::supported() {
                 let mut custom = load(&md, CpuKernels::Custom, Some(isa));
                 let mut builtin = load(&md, CpuKernels::Builtin, None);
                 assert!(custom.rt.cpu.is_some() && builtin.rt.cpu.is_none());
-                compare(arch, isa, &mut custom, &mut builtin);
+                compare(name, isa, &mut custom, &mut builtin);
             }
-            std::fs::remove_dir_all(&dir).ok();
         }
     }
 
