@@ -268,16 +268,16 @@ fn test_steps(
 }
 
 /// The lint steps: clippy on every target of the workspace with the installed backends'
-/// features (the workspace lints deny undocumented `unsafe` blocks), then the `infermux` library
-/// alone with its default and with no features, the builds a dependent gets, which the
-/// workspace build (tests enable `cli`, `server` and `remote`) never compiles.
+/// features and the report binaries (`infermux-tests/bins`; the workspace lints deny
+/// undocumented `unsafe` blocks), then the `infermux` library alone with its default and with no
+/// features, the builds a dependent gets, which the workspace build (its tests enable `cli`,
+/// `server` and `remote`) never compiles.
 fn lint_commands(features: &[&str]) -> Vec<(String, Vec<String>)> {
     let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let mut workspace = owned(&["clippy", "--workspace", "--all-targets"]);
-    if !features.is_empty() {
-        workspace.push("--features".into());
-        workspace.push(features.join(","));
-    }
+    let mut workspace = owned(&["clippy", "--workspace", "--all-targets", "--features"]);
+    let mut all = vec!["infermux-tests/bins"];
+    all.extend_from_slice(features);
+    workspace.push(all.join(","));
     workspace.extend(owned(&["--", "-D", "warnings"]));
     vec![
         ("clippy --workspace --all-targets".into(), workspace),
@@ -410,11 +410,8 @@ mod tests {
         let lints = lint_commands(ONNX_TEST_FEATURES);
         let (_, workspace) = &lints[0];
         assert_eq!(&workspace[..3], ["clippy", "--workspace", "--all-targets"]);
-        assert!(
-            workspace
-                .windows(2)
-                .any(|w| w == ["--features", "infermux-tests/onnx"])
-        );
+        let features = ["--features", "infermux-tests/bins,infermux-tests/onnx"];
+        assert!(workspace.windows(2).any(|w| w == features));
         for (name, args) in &lints {
             assert!(args.ends_with(&["-D".into(), "warnings".into()]), "{name}");
         }
@@ -423,7 +420,11 @@ mod tests {
                 .iter()
                 .any(|(_, a)| a.contains(&"--no-default-features".into()))
         );
-        assert!(!lint_commands(&[])[0].1.contains(&"--features".into()));
+        let bare = &lint_commands(&[])[0].1;
+        assert!(
+            bare.windows(2)
+                .any(|w| w == ["--features", "infermux-tests/bins"])
+        );
     }
 
     #[test]
