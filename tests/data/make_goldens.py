@@ -337,6 +337,17 @@ TINY_VARIANTS = {
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
     ),
+    "llamabias": (
+        "LlamaForCausalLM",
+        "Llama with attention_bias and mlp_bias (biases on q/k/v/o and gate/up/down); tied embeddings",
+        5,
+        dict(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
 }
 # Weight scales: init std 0.02 leaves logits of a 64-wide model almost uniform (greedy margins of
 # ~1e-3, one token repeated); these give peaked, varied distributions. Norm weights are 1 +

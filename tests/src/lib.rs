@@ -104,7 +104,7 @@ pub fn load_goldens(path: &Path) -> Goldens {
 /// The tiny random-weight Llama-family variants: `tests/data/tiny/<name>/` (config, f32
 /// safetensors, generation config, a 256-token byte-level tokenizer) and
 /// `tests/data/goldens/tiny-<name>.json`, both from `make_goldens.py --tiny` (`cargo xtask golden`).
-pub const TINY_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+pub const TINY_VARIANTS: [&str; 5] = ["llama3", "llamabias", "mistral", "qwen2", "qwen3"];
 
 /// The files of a tiny model folder.
 pub const TINY_FILES: [&str; 4] = [

@@ -418,7 +418,7 @@ macro_rules! tiny_suite {
 }
 
 /// The variants `tiny_suite!` instantiates, in [`TINY_VARIANTS`] order.
-const TINY_SUITE_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+const TINY_SUITE_VARIANTS: [&str; 5] = ["llama3", "llamabias", "mistral", "qwen2", "qwen3"];
 
 /// Instantiates every case for one backend, as `mod <backend> { #[test] fn <case>() }`.
 macro_rules! conformance_suite {
@@ -437,7 +437,7 @@ macro_rules! conformance_suite {
         mod $module {
             use super::*;
             $($extra)*
-            tiny_suite!($backend, llama3, mistral, qwen2, qwen3);
+            tiny_suite!($backend, llama3, llamabias, mistral, qwen2, qwen3);
             #[test]
             fn prompt_logprobs_match_reference() {
                 super::prompt_logprobs_match_reference($backend);
@@ -549,6 +549,7 @@ mod tiny_fixtures {
                 "mistral" => (Architecture::Mistral, false, false, false),
                 "qwen2" => (Architecture::Qwen2, true, true, false),
                 "qwen3" => (Architecture::Qwen3, true, false, true),
+                "llamabias" => (Architecture::Llama, true, true, false),
                 other => panic!("unknown variant {other}"),
             };
             assert_eq!(

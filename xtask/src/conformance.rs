@@ -182,7 +182,7 @@ const TINY_ROOT: &str = crate::golden::TINY_ROOT;
 /// Folder of the golden files, relative to the repository root.
 const GOLDENS_DIR: &str = "tests/data/goldens";
 /// The tiny random-weight variants (`tests/data/tiny/<name>`, `tiny-<name>.json`).
-const TINY_VARIANTS: [&str; 4] = ["llama3", "mistral", "qwen2", "qwen3"];
+const TINY_VARIANTS: [&str; 5] = ["llama3", "llamabias", "mistral", "qwen2", "qwen3"];
 /// Files of a tiny model folder.
 const TINY_FILES: [&str; 4] = [
     "config.json",
@@ -802,7 +802,7 @@ mod tests {
     fn models_expand_and_reports_merge_with_prefixed_keys() {
         let models =
             normalize_models(&["tiny-qwen2".into(), "smollm2".into(), "tiny".into()]).unwrap();
-        assert_eq!(models.len(), 5);
+        assert_eq!(models.len(), 1 + TINY_VARIANTS.len());
         assert_eq!(models[0], Model::Tiny("qwen2"));
         assert_eq!(models[1], Model::Reference);
         assert!(normalize_models(&["gpt2".into()]).is_err());

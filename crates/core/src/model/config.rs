@@ -83,6 +83,11 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Whether q/k/v projections carry biases.
     pub attention_bias: bool,
+    /// Whether the attention output projection carries a bias (Llama and Qwen3 with
+    /// `attention_bias`; never Qwen2 or Mistral).
+    pub attention_out_bias: bool,
+    /// Whether the MLP's gate/up/down projections carry biases (Llama's `mlp_bias`).
+    pub mlp_bias: bool,
     /// Whether q and k get a per-head RMSNorm (Qwen3).
     pub qk_norm: bool,
     /// End-of-sequence ids from config.json.
@@ -107,6 +112,7 @@ struct RawConfig {
     max_position_embeddings: usize,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
@@ -212,9 +218,17 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: raw
-                .attention_bias
-                .unwrap_or(architecture == Architecture::Qwen2),
+            // As transformers' modeling files: Qwen2 always biases q/k/v and never o; Mistral
+            // has no biases; Llama and Qwen3 follow `attention_bias` (q/k/v and o) and Llama
+            // `mlp_bias`.
+            attention_bias: match architecture {
+                Architecture::Qwen2 => true,
+                Architecture::Mistral => false,
+                Architecture::Llama | Architecture::Qwen3 => raw.attention_bias.unwrap_or(false),
+            },
+            attention_out_bias: matches!(architecture, Architecture::Llama | Architecture::Qwen3)
+                && raw.attention_bias.unwrap_or(false),
+            mlp_bias: architecture == Architecture::Llama && raw.mlp_bias.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
             eos_token_ids: raw.eos_token_id.map(TokenIds::into_vec).unwrap_or_default(),
         })

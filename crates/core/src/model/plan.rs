@@ -122,7 +122,7 @@ impl WeightPlan {
                     ),
                     q_norm: norm("q_norm"),
                     k_norm: norm("k_norm"),
-                    o: LinearSpec::fused(&[(attn("o_proj"), h)], q_out, false),
+                    o: LinearSpec::fused(&[(attn("o_proj"), h)], q_out, cfg.attention_out_bias),
                     post_norm: TensorSpec::new(
                         format!("{p}.post_attention_layernorm.weight"),
                         &[h],
@@ -130,9 +130,9 @@ impl WeightPlan {
                     gate_up: LinearSpec::fused(
                         &[(mlp("gate_proj"), inter), (mlp("up_proj"), inter)],
                         h,
-                        false,
+                        cfg.mlp_bias,
                     ),
-                    down: LinearSpec::fused(&[(mlp("down_proj"), h)], inter, false),
+                    down: LinearSpec::fused(&[(mlp("down_proj"), h)], inter, cfg.mlp_bias),
                 }
             })
             .collect();
