@@ -53,7 +53,8 @@ enum Cmd {
         python: Option<PathBuf>,
     },
     /// Export a Hugging Face model folder to an ONNX decoder graph (Optimum layout), with the
-    /// Python exporter in crates/backend-onnx/export (venv in runtimes/py-onnx).
+    /// Rust exporter (`infermux_backend_onnx::export`: the graph recorded from the one model
+    /// definition); `--verify` runs onnx.checker in runtimes/py-onnx.
     ExportOnnx(export::ExportArgs),
     /// Run the shared conformance cases on each backend: a table, a JSON report, and a ratchet
     /// against tests/data/conformance-baseline.json; fails on any violation or regression.

@@ -12,13 +12,19 @@ use infermux_core::{Backend, LogitsWanted, SlotId};
 
 const TOLERANCE: f32 = 1e-3;
 
-fn model_dir() -> Option<PathBuf> {
+/// The reference model with its ONNX export (`cargo xtask setup` makes both); missing is a failure.
+fn model_dir() -> PathBuf {
     let dir = std::env::var_os("INFERMUX_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct")
         });
-    dir.join("onnx/model.onnx").is_file().then_some(dir)
+    assert!(
+        dir.join("onnx/model.onnx").is_file(),
+        "no exported model in {}: run `cargo xtask setup`",
+        dir.display()
+    );
+    dir
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -57,10 +63,7 @@ fn solo(backend: &mut OnnxBackend, slot: SlotId, token: u32) -> Vec<f32> {
 
 #[test]
 fn batched_decode_matches_each_sequence_alone() {
-    let Some(dir) = model_dir() else {
-        eprintln!("skipped: no exported model");
-        return;
-    };
+    let dir = model_dir();
     let options = OnnxOptions {
         intra_threads: Some(2),
         ..OnnxOptions::default()
