@@ -5,7 +5,6 @@
 pub mod cases;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use infermux::BackendKind;
 
@@ -153,6 +152,7 @@ pub fn tiny_model_dir(name: &str, backend: BackendKind) -> PathBuf {
 /// folders.
 #[cfg(feature = "onnx")]
 pub fn tiny_onnx_dir(name: &str) -> PathBuf {
+    use std::sync::Mutex;
     static EXPORTING: Mutex<()> = Mutex::new(());
     let _guard = EXPORTING.lock().unwrap_or_else(|e| e.into_inner());
     let src = tiny_dir(name);

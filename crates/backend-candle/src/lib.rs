@@ -183,9 +183,6 @@ impl Backend for CandleBackend {
         let data = self
             .llama
             .forward(&mut step, &self.weights)
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
             .map_err(runtime_error)?;
         drop(step);
         drop(slots);

@@ -252,6 +252,7 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> candle_core::Result<T
 
 impl LlamaOps for Step<'_, '_> {
     type Tensor = Tensor;
+    type Logits = Vec<f32>;
     type Linear = CandleLinear;
     type Vector = Tensor;
     type Embedding = CandleEmbedding;
@@ -405,6 +406,25 @@ impl LlamaOps for Step<'_, '_> {
 
     fn add(&mut self, a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         a + b
+    }
+
+    /// On the CPU kernels the packed head writes straight into the returned rows (no tensor and
+    /// no second copy of what can be `rows × vocab` floats); otherwise the f32 rows of the tensor.
+    fn logits(&mut self, x: &Tensor, head: &CandleLinear) -> candle_core::Result<Vec<f32>> {
+        if let (CandleLinear::Packed { w, bias }, Some(isa)) = (head, self.rt.cpu) {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(storage) = &*storage else {
+                candle_core::bail!("the CPU kernels need host tensors")
+            };
+            let op = cpu::PackedLinear {
+                w,
+                bias: bias.as_deref(),
+                isa,
+            };
+            return op.rows_into_vec(storage, layout);
+        }
+        let y = self.linear(x, head)?;
+        y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
     }
 
     fn logit_rows(&mut self, x: Tensor) -> candle_core::Result<Tensor> {

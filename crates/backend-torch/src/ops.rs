@@ -258,6 +258,7 @@ impl LlamaOps for TorchForward<'_> {
     type Vector = Tensor;
     type Embedding = Tensor;
     type Error = BackendError;
+    type Logits = Tensor;
 
     fn embed(&mut self, table: &Tensor) -> Result<Tensor, BackendError> {
         table.f_index_select(0, &self.ids).map_err(runtime_error)
@@ -323,6 +324,10 @@ impl LlamaOps for TorchForward<'_> {
     /// In place: the residual stream is owned and nothing else views it.
     fn add(&mut self, mut a: Tensor, b: &Tensor) -> Result<Tensor, BackendError> {
         a.f_add_(b).map_err(runtime_error)
+    }
+
+    fn logits(&mut self, x: &Tensor, head: &Self::Linear) -> Result<Tensor, BackendError> {
+        self.linear(x, head)
     }
 
     fn logit_rows(&mut self, x: Tensor) -> Result<Tensor, BackendError> {

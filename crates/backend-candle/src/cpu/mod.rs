@@ -121,6 +121,18 @@ impl PackedLinear<'_> {
     }
 }
 
+impl PackedLinear<'_> {
+    /// `x @ wᵀ + b` into a plain vector (the output head's logits, handed out without a tensor).
+    pub(crate) fn rows_into_vec(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<Vec<f32>> {
+        let x = Rows::of(s, l)?;
+        self.run(&x, vec![0f32; x.rows * self.w.out()], false)
+    }
+}
+
 impl CustomOp1 for PackedLinear<'_> {
     fn name(&self) -> &'static str {
         "infermux-packed-linear"

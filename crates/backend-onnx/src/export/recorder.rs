@@ -199,6 +199,7 @@ impl LlamaOps for Recorder<'_> {
     type Vector = Vector;
     type Embedding = Embedding;
     type Error = ExportError;
+    type Logits = Value;
 
     fn embed(&mut self, table: &Embedding) -> Result<Value, ExportError> {
         let scope = "model.embed_tokens";
@@ -460,6 +461,10 @@ impl LlamaOps for Recorder<'_> {
             width: a.width,
             head_dim,
         })
+    }
+
+    fn logits(&mut self, x: &Value, head: &Self::Linear) -> Result<Value, ExportError> {
+        self.linear(x, head)
     }
 
     fn logit_rows(&mut self, x: Value) -> Result<Value, ExportError> {

@@ -63,6 +63,9 @@ pub trait LoadOps {
 pub trait LlamaOps {
     /// Activations.
     type Tensor;
+    /// What [`LlamaOps::logits`] returns (the tensor itself, or host rows a backend can hand
+    /// out without another copy).
+    type Logits;
     /// See [`LoadOps::Linear`].
     type Linear;
     /// See [`LoadOps::Vector`].
@@ -123,6 +126,12 @@ pub trait LlamaOps {
     fn add(&mut self, a: Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor, Self::Error>;
     /// The rows whose logits the batch asks for, in batch order.
     fn logit_rows(&mut self, x: Self::Tensor) -> Result<Self::Tensor, Self::Error>;
+    /// The output head over the final normed rows: `x @ headᵀ`, the forward's result.
+    fn logits(
+        &mut self,
+        x: &Self::Tensor,
+        head: &Self::Linear,
+    ) -> Result<Self::Logits, Self::Error>;
 }
 
 /// One decoder layer's weights in a backend's handles.
@@ -218,7 +227,7 @@ impl Llama {
         &self,
         ops: &mut O,
         w: &LlamaWeights<O::Linear, O::Vector, O::Embedding>,
-    ) -> Result<O::Tensor, O::Error> {
+    ) -> Result<O::Logits, O::Error> {
         let cfg = &self.config;
         let shape = self.attention_shape();
         let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
@@ -249,6 +258,6 @@ impl Llama {
         }
         let x = ops.logit_rows(x)?;
         let x = ops.rms_norm(&x, &w.norm, h, eps)?;
-        ops.linear(&x, &w.lm_head)
+        ops.logits(&x, &w.lm_head)
     }
 }
