@@ -86,10 +86,16 @@ impl LoadOps for Loader<'_> {
         let w = self.cat(&spec.parts)?;
         let b = spec.bias.as_ref().map(|b| self.cat(b)).transpose()?;
         Ok(match self.rt.cpu {
-            Some(_) => CandleLinear::Packed {
-                w: Arc::new(PackedMatrix::pack(&host(&w)?, spec.out, spec.inp)),
-                bias: b.as_ref().map(host).transpose()?,
-            },
+            Some(_) => {
+                // Drop the tensor before packing: at most two copies of the largest matrix (the
+                // output head) are alive at once, which sets the load's peak memory.
+                let rows = host(&w)?;
+                drop(w);
+                CandleLinear::Packed {
+                    w: Arc::new(PackedMatrix::pack(&rows, spec.out, spec.inp)),
+                    bias: b.as_ref().map(host).transpose()?,
+                }
+            }
             None => CandleLinear::Tensor { w, b },
         })
     }
