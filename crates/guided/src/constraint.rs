@@ -2,8 +2,36 @@
 
 use std::sync::Arc;
 
-use infermux_core::{GuidedError, TokenConstraint, TokenId, TokenMask};
+use infermux_core::{GuidedError, GuidedMode, TokenConstraint, TokenId, TokenMask};
 use llguidance::Matcher;
+
+/// Words in llguidance's messages for a grammar that ran past a limit (lexer fuel, DFA states,
+/// Earley items, grammar size, the compile watchdog): the request's fault, not the server's.
+const LIMIT_MARKERS: &[&str] = &[
+    "too many",
+    "too big",
+    "too large",
+    "fuel",
+    "limit",
+    "exceeded",
+    "max is",
+    "cancelled",
+];
+
+/// Classifies an llguidance failure of `mode`'s constraint: a grammar that exceeds the engine's
+/// limits (or is otherwise unusable) is [`GuidedError::Invalid`], a client error; anything else is
+/// [`GuidedError::Runtime`], a fault of the server.
+pub(crate) fn classify(mode: GuidedMode, message: String) -> GuidedError {
+    let lower = message.to_ascii_lowercase();
+    if LIMIT_MARKERS.iter().any(|m| lower.contains(m)) {
+        GuidedError::Invalid {
+            mode,
+            reason: format!("the constraint exceeds the grammar engine's limits: {message}"),
+        }
+    } else {
+        GuidedError::Runtime(message)
+    }
+}
 
 /// One sequence's constraint: an llguidance [`Matcher`] that is advanced token by token.
 ///
@@ -11,15 +39,23 @@ use llguidance::Matcher;
 /// [`GuidedDecoder::compile`](infermux_core::GuidedDecoder::compile)).
 pub struct LlgConstraint {
     matcher: Matcher,
+    /// The constraint kind (errors name it).
+    mode: GuidedMode,
     eos: Arc<[TokenId]>,
     /// Ids the token trie knows (the model's vocabulary, padded past the tokenizer's).
     trie_vocab: usize,
 }
 
 impl LlgConstraint {
-    pub(crate) fn new(matcher: Matcher, eos: Arc<[TokenId]>, trie_vocab: usize) -> Self {
+    pub(crate) fn new(
+        matcher: Matcher,
+        mode: GuidedMode,
+        eos: Arc<[TokenId]>,
+        trie_vocab: usize,
+    ) -> Self {
         Self {
             matcher,
+            mode,
             eos,
             trie_vocab,
         }
@@ -36,8 +72,9 @@ impl LlgConstraint {
         self.matcher.compute_ff_bytes()
     }
 
-    fn runtime(e: impl std::fmt::Display) -> GuidedError {
-        GuidedError::Runtime(e.to_string())
+    /// A matcher failure, classified: limit errors are the request's, others the server's.
+    fn failure(&self, e: impl std::fmt::Display) -> GuidedError {
+        classify(self.mode, e.to_string())
     }
 }
 
@@ -54,7 +91,10 @@ impl std::fmt::Debug for LlgConstraint {
 impl TokenConstraint for LlgConstraint {
     fn compute_mask(&mut self, mask: &mut TokenMask) -> Result<(), GuidedError> {
         // After the grammar is complete this is the EOS set; an error state is an error.
-        let vob = self.matcher.compute_mask_or_eos().map_err(Self::runtime)?;
+        let vob = match self.matcher.compute_mask_or_eos() {
+            Ok(vob) => vob,
+            Err(e) => return Err(self.failure(e)),
+        };
         let src = vob.as_slice();
         let len = mask.len();
         let words = mask.words_mut();
@@ -66,9 +106,11 @@ impl TokenConstraint for LlgConstraint {
             words[len / 32] &= (1u32 << (len % 32)) - 1;
         }
         if words.iter().all(|&w| w == 0) {
-            return Err(GuidedError::Runtime(
-                "the constraint allows no token of this vocabulary".into(),
-            ));
+            // The grammar cannot be continued with this tokenizer's tokens: the request's fault.
+            return Err(GuidedError::Invalid {
+                mode: self.mode,
+                reason: "the constraint allows no token of this vocabulary".into(),
+            });
         }
         Ok(())
     }
@@ -90,10 +132,10 @@ impl TokenConstraint for LlgConstraint {
                 self.trie_vocab
             )));
         }
-        let consumed = self
-            .matcher
-            .try_consume_tokens(&[token])
-            .map_err(Self::runtime)?;
+        let consumed = match self.matcher.try_consume_tokens(&[token]) {
+            Ok(consumed) => consumed,
+            Err(e) => return Err(self.failure(e)),
+        };
         if consumed == 0 {
             return Err(GuidedError::Runtime(format!(
                 "token {token} is not allowed by the constraint here"
@@ -109,8 +151,38 @@ impl TokenConstraint for LlgConstraint {
     fn fork(&self) -> Box<dyn TokenConstraint> {
         Box::new(Self {
             matcher: self.matcher.deep_clone(),
+            mode: self.mode,
             eos: self.eos.clone(),
             trie_vocab: self.trie_vocab,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_failures_are_request_errors_and_others_server_faults() {
+        for message in [
+            "Too many items (limit 2000; mask); try avoiding single-byte/short lexemes",
+            "too many states: 250000 >= 250000",
+            "lexer precomputation failed; either increase limits.initial_lexer_fuel",
+            "grammar size (number of symbols) too big (limit for this grammar: 10)",
+            "Schema intersection stack level exceeded",
+            "Parser Error: Current row has 20001 items; max is 2000",
+        ] {
+            match classify(GuidedMode::Regex, message.into()) {
+                GuidedError::Invalid { mode, reason } => {
+                    assert_eq!(mode, GuidedMode::Regex);
+                    assert!(reason.contains(message), "{reason}");
+                }
+                other => panic!("{message:?} classified as {other:?}"),
+            }
+        }
+        assert!(matches!(
+            classify(GuidedMode::Choice, "unexpected backtracking".into()),
+            GuidedError::Runtime(_)
+        ));
     }
 }

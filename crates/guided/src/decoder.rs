@@ -237,6 +237,7 @@ impl LlgDecoder {
         };
         Ok(LlgConstraint::new(
             matcher,
+            mode,
             self.eos.clone(),
             self.factory.tok_env().tok_trie().vocab_size(),
         ))
@@ -259,11 +260,14 @@ impl LlgDecoder {
                 handle.cancel();
             }
         });
-        let first = matcher.compute_mask();
+        let first = matcher
+            .compute_mask()
+            .map_err(|e| e.to_string())
+            .and_then(|_| probe_forced(&matcher));
         let _ = done.send(());
         let _ = watchdog.join();
         match first {
-            Ok(_) if !matcher.is_cancelled() => Ok(matcher),
+            Ok(()) if !matcher.is_cancelled() => Ok(matcher),
             Ok(_) => Err(format!("compiling took longer than the limit of {limit:?}")),
             Err(_) if matcher.is_cancelled() => {
                 Err(format!("compiling took longer than the limit of {limit:?}"))
@@ -298,6 +302,32 @@ impl LlgDecoder {
     }
 }
 
+/// Most forced tokens [`probe_forced`] walks.
+const PROBE_TOKENS: usize = 16;
+
+/// Walks the tokens the grammar forces at the start (on a copy) and computes the mask after
+/// them: grammars that blow up on their first forced step (a 20,000-option choice whose options
+/// share a prefix, a regex like `a{1000000000}`) fail here, at compile, rather than after the
+/// reply has started.
+fn probe_forced(matcher: &Matcher) -> Result<(), String> {
+    let mut probe = matcher.deep_clone();
+    let forced = probe.compute_ff_tokens();
+    if let Some(e) = probe.get_error() {
+        return Err(e);
+    }
+    if forced.is_empty() {
+        return Ok(());
+    }
+    let forced = &forced[..forced.len().min(PROBE_TOKENS)];
+    probe
+        .try_consume_tokens(forced)
+        .map_err(|e| e.to_string())?;
+    if !probe.is_stopped() {
+        probe.compute_mask().map_err(|e| e.to_string())?;
+    }
+    probe.get_error().map_or(Ok(()), Err)
+}
+
 /// The size of the request's constraint text.
 fn input_bytes(params: &GuidedDecodingParams) -> usize {
     let json = params.json.as_ref().map_or(0, |v| match v {
@@ -322,5 +352,37 @@ impl GuidedDecoder for LlgDecoder {
         _vocab_size: usize,
     ) -> Result<Box<dyn TokenConstraint>, GuidedError> {
         Ok(Box::new(self.constraint(params)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder() -> LlgDecoder {
+        let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/SmolLM2-135M-Instruct/tokenizer.json");
+        LlgDecoder::from_file(tokenizer, &[2], 49152, LimitsConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn grammars_that_blow_up_on_their_forced_start_fail_at_compile() {
+        let d = decoder();
+        let options: Vec<String> = (0..20_000).map(|i| format!("option-{i}")).collect();
+        for params in [
+            GuidedDecodingParams::regex("a{1000000000}"),
+            GuidedDecodingParams::choice(options),
+        ] {
+            match d.constraint(&params) {
+                Err(GuidedError::Invalid { reason, .. }) => {
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{params:?}: {other:?}"),
+            }
+        }
+        // A forced start that is fine still compiles (and is cached).
+        let ok = GuidedDecodingParams::choice(["option-1", "option-2"]);
+        assert!(d.constraint(&ok).is_ok());
+        assert!(d.constraint(&ok).is_ok());
     }
 }
