@@ -393,7 +393,7 @@ fn http_cases() -> Vec<Case> {
         raw("unknown route: POST /v1/completion (typo)", "POST", "/v1/completion", &[], br#"{"prompt": "Hi"}"#, &[404], Null),
         raw("unknown route: /v2/completions", "POST", "/v2/completions", &[], b"{}", &[404], Null),
         raw("unknown route: path of 70000 characters", "GET", &format!("/{}", "a".repeat(70_000)), &[], b"", &[404, 414], Null),
-        raw("health: header of 500 kB", "GET", "/health", &[("X-Big", &"h".repeat(500_000))], b"", &[431], Null),
+        raw("health: header of 2 MB", "GET", "/health", &[("X-Big", &"h".repeat(2_000_000))], b"", &[431], Null),
         raw("metrics: 200 headers", "GET", "/metrics", &hundreds_of_headers(), b"", &[431], Null),
         wire("malformed request line: one word", b"GARBAGE\r\n\r\n", &[400], Null),
         wire("malformed request line: binary method", b"\x00\x01\x02 /health HTTP/1.1\r\nHost: x\r\n\r\n", &[400], Null),
