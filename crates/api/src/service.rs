@@ -90,7 +90,9 @@ impl ServiceClient {
     }
 
     /// Loads the Hugging Face model folder at `model` (config.json, tokenizer.json, and the
-    /// weights or graph the backend needs) and starts an engine for it.
+    /// weights or graph the backend needs) and starts an engine for it. The config is
+    /// range-checked and the weights' headers checked against it before anything is allocated:
+    /// a lying or truncated folder is an [`Error::Model`] naming the field or tensor.
     pub fn create_sampling_client(&self, model: impl AsRef<Path>) -> Result<SamplingClient> {
         let path = model.as_ref();
         let base_model = path
@@ -108,6 +110,10 @@ impl ServiceClient {
             }
             .into());
         }
+        // The config first: it is cheap to check, and a config that lies fails before a
+        // backend sizes anything from it (the backends check it again, with the weights'
+        // headers, before reading any tensor).
+        infermux_core::model::read_config(path)?;
         let backend = load_backend(path, &self.options)?;
         if !path.join("tokenizer.json").is_file() {
             return Err(ModelError::MissingFile {

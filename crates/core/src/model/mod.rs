@@ -1,7 +1,9 @@
 //! The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM), defined once for every backend.
 //!
-//! 1. [`config`]: a Hugging Face folder's `config.json` read into a [`ModelConfig`] (variant
-//!    facts, RoPE tables with their scaling), and the folder's files ([`ModelDir`]).
+//! 1. [`config`]: a Hugging Face folder's `config.json` read and range-checked into a
+//!    [`ModelConfig`] (variant facts, RoPE tables with their scaling), and the folder's files
+//!    ([`ModelDir`]); [`checkpoint`]: the safetensors headers, checked against the file sizes
+//!    and the config's plan before any backend allocates.
 //! 2. [`plan`]: the [`WeightPlan`] — which HF tensors a model needs, their shapes, which of them
 //!    fuse into one projection, the tie rule, optional biases and norms.
 //! 3. [`llama`]: the forward pass over a flattened batch, generic over [`LlamaOps`]: a small op
@@ -10,12 +12,15 @@
 //!
 //! A new variant is a change here only; backends see ops, never architectures.
 
+pub mod checkpoint;
 pub mod config;
 pub mod llama;
 pub mod plan;
 
+pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{
-    Architecture, ModelConfig, ModelDir, RopeScaling, SUPPORTED_ARCHITECTURES, read_config,
+    Architecture, MAX_POSITIONS, ModelConfig, ModelDir, RopeScaling, SUPPORTED_ARCHITECTURES,
+    read_config,
 };
 pub use llama::{AttentionShape, LayerWeights, Llama, LlamaOps, LlamaWeights, LoadOps};
 pub use plan::{LayerPlan, LinearSpec, TensorSpec, WeightPlan};

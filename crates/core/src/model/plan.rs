@@ -37,6 +37,11 @@ pub struct LinearSpec {
 }
 
 impl LinearSpec {
+    /// The weight parts, then the bias parts.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.parts.iter().chain(self.bias.iter().flatten())
+    }
+
     fn fused(names: &[(String, usize)], inp: usize, bias: bool) -> Self {
         let parts = names
             .iter()
@@ -150,6 +155,25 @@ impl WeightPlan {
             lm_head: LinearSpec::fused(&[(head_name.to_string(), cfg.vocab_size)], h, false),
             tied,
         }
+    }
+
+    /// Every checkpoint tensor the plan reads, in load order (the embedding twice when tied).
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorSpec> {
+        let linear = LinearSpec::tensors;
+        let layers = self.layers.iter().flat_map(move |l| {
+            std::iter::once(&l.input_norm)
+                .chain(linear(&l.qkv))
+                .chain(l.q_norm.iter())
+                .chain(l.k_norm.iter())
+                .chain(linear(&l.o))
+                .chain(std::iter::once(&l.post_norm))
+                .chain(linear(&l.gate_up))
+                .chain(linear(&l.down))
+        });
+        std::iter::once(&self.embed)
+            .chain(layers)
+            .chain(std::iter::once(&self.norm))
+            .chain(linear(&self.lm_head))
     }
 }
 
