@@ -29,7 +29,10 @@ pub enum ValidationError {
         vocab_size: usize,
     },
     /// Prompt plus requested completion do not fit the model's context window.
-    #[error("prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context of {max_context} tokens", prompt_len + max_tokens)]
+    #[error(
+        "prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's context of {max_context} tokens",
+        prompt_len.saturating_add(*max_tokens)
+    )]
     ContextOverflow {
         /// Tokens in the prompt.
         prompt_len: usize,
@@ -124,6 +127,20 @@ pub enum BackendError {
     /// The backend panicked; the panic was caught at the engine boundary.
     #[error("backend panicked: {0}")]
     Panicked(String),
+    /// The model produced NaN or +inf logits (or a row with no finite value) in a row the
+    /// engine would sample from or score; the request fails instead of sampling garbage.
+    #[error(
+        "slot {slot:?}: the model produced {found} logits at position {position}; \
+         the request was failed instead of sampling from them"
+    )]
+    NonFiniteLogits {
+        /// The slot whose row was bad.
+        slot: SlotId,
+        /// The position (in the slot's sequence) whose logits row was bad.
+        position: usize,
+        /// What was found: `"NaN"`, `"+inf"`, or `"only -inf"`.
+        found: &'static str,
+    },
 }
 
 /// A model folder or configuration that cannot be loaded.
@@ -178,6 +195,16 @@ pub enum EngineError {
     /// The guided-decoding engine failed mid-request.
     #[error(transparent)]
     Guided(#[from] crate::guided::GuidedError),
+    /// Engine code outside the backend (a guided-decoding constraint, the sampler, a group's
+    /// bookkeeping) panicked while serving this request; the panic was caught, only the
+    /// requests involved failed and the engine keeps serving.
+    #[error("the engine caught a panic while {stage}: {message}")]
+    Panicked {
+        /// What the engine was doing, e.g. "computing a guided-decoding mask".
+        stage: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// The engine thread is gone (shut down or crashed).
     #[error("the engine has shut down")]
     Shutdown,

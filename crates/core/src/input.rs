@@ -62,29 +62,52 @@ impl ModelInput {
         self
     }
 
-    /// Number of positions the input occupies (images count their expected tokens).
+    /// Number of positions the input occupies (images count their expected tokens), saturating
+    /// at `usize::MAX`: `expected_tokens` is client-supplied, so a sum may not fit. Use
+    /// [`ModelInput::checked_length`] to get an error instead.
     pub fn length(&self) -> usize {
-        self.chunks
-            .iter()
-            .map(|c| match c {
+        self.checked_length().unwrap_or(usize::MAX)
+    }
+
+    /// Number of positions the input occupies, or an error naming `expected_tokens` when the
+    /// client-supplied image sizes make the sum overflow.
+    pub fn checked_length(&self) -> Result<usize, ValidationError> {
+        self.chunks.iter().try_fold(0usize, |total, c| {
+            let n = match c {
                 ModelInputChunk::EncodedText { tokens } => tokens.len(),
                 ModelInputChunk::Image(img) => img.expected_tokens.unwrap_or(0),
+            };
+            total.checked_add(n).ok_or_else(|| {
+                ValidationError::field(
+                    "expected_tokens",
+                    format!("the chunks' positions add up past {}", usize::MAX),
+                )
             })
-            .sum()
+        })
     }
 
     /// The flattened token ids of a text-only input; any other chunk is an error naming it.
+    ///
+    /// Images are rejected before anything is counted or allocated, so client-supplied
+    /// `expected_tokens` never feeds an allocation; the output reserves only the text tokens
+    /// that are actually present.
     pub fn to_text_tokens(&self) -> Result<Vec<TokenId>, ValidationError> {
-        let mut out = Vec::with_capacity(self.length());
+        let mut text_len = 0usize;
         for (index, chunk) in self.chunks.iter().enumerate() {
             match chunk {
-                ModelInputChunk::EncodedText { tokens } => out.extend_from_slice(tokens),
+                ModelInputChunk::EncodedText { tokens } => text_len += tokens.len(),
                 ModelInputChunk::Image(_) => {
                     return Err(ValidationError::UnsupportedChunk {
                         index,
                         kind: "an image chunk",
                     });
                 }
+            }
+        }
+        let mut out = Vec::with_capacity(text_len);
+        for chunk in &self.chunks {
+            if let ModelInputChunk::EncodedText { tokens } = chunk {
+                out.extend_from_slice(tokens);
             }
         }
         Ok(out)
@@ -125,6 +148,48 @@ mod tests {
                 kind: "an image chunk"
             })
         );
+    }
+
+    #[test]
+    fn hostile_expected_tokens_neither_overflow_nor_allocate() {
+        let huge = |n| {
+            ModelInputChunk::Image(ImageChunk {
+                data: vec![],
+                format: ImageFormat::Jpeg,
+                expected_tokens: Some(n),
+            })
+        };
+        // One image of usize::MAX positions before the text: rejected by index, no allocation.
+        let input = ModelInput::default()
+            .with_chunk(huge(usize::MAX))
+            .with_chunk(ModelInputChunk::EncodedText { tokens: vec![1] });
+        assert_eq!(
+            input.to_text_tokens(),
+            Err(ValidationError::UnsupportedChunk {
+                index: 0,
+                kind: "an image chunk"
+            })
+        );
+        assert_eq!(input.length(), usize::MAX);
+        let err = input.checked_length().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ValidationError::InvalidField {
+                    field: "expected_tokens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Two images whose sizes only overflow together.
+        let two = ModelInput::default()
+            .with_chunk(huge(usize::MAX / 2 + 1))
+            .with_chunk(huge(usize::MAX / 2 + 1));
+        assert!(two.checked_length().is_err());
+        assert_eq!(two.length(), usize::MAX);
+        let fits = ModelInput::default().with_chunk(huge(usize::MAX - 1));
+        assert_eq!(fits.checked_length(), Ok(usize::MAX - 1));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The KV byte budget: its default (a share of the memory available when the engine starts) and
-//! what each request reserves against it while it holds its slots.
+//! The KV byte budget: its default (a share of the memory available when the engine starts),
+//! what each request reserves against it while it holds its slots, and the admission rule.
 //!
 //! A slot's KV capacity grows in granules up to [`kv_capacity_for`] of its final length, so a
 //! sequence that may reach `prompt + max_tokens` positions never allocates more than that. The
@@ -7,7 +7,23 @@
 //! with room for one growth copy (a slot's old storage stays alive while its prefix is copied
 //! into the larger one), so no backend allocation that goes through [`crate::kv::KvTable`] can
 //! fail for lack of budget.
-
+//!
+//! # Admission: FIFO with a bounded bypass
+//!
+//! Requests are admitted in submission order. The head of the queue starts as soon as its
+//! slots are free and its reservation fits. While the head is blocked (not enough free slots
+//! or KV budget), a later request that fits *now* may start ahead of it, in queue order, if its
+//! worst-case run ([`worst_case_steps`]: its prompt's prefill chunks at the full token budget,
+//! plus `max_tokens` decode steps) ends within what is left of the head's bypass window of
+//! [`FAIR_BYPASS_WINDOW_STEPS`] steps, counted from the step the head first found itself
+//! blocked. Once the window is spent, nothing passes the head until it starts.
+//!
+//! So a small request is not stuck behind a big one that waits for running work to drain
+//! (strict FIFO, as vLLM's and TGI's waiting queues do, makes it wait for all of it), and the
+//! big one is not starved: whatever passed it finishes (short of stop-early prefill sharing
+//! the token budget) within the window, so the head starts at most
+//! [`FAIR_BYPASS_WINDOW_STEPS`] steps later than it would have under strict FIFO.
+//!
 use crate::backend::ModelInfo;
 use crate::engine::job::Job;
 use crate::error::ValidationError;
@@ -58,6 +74,19 @@ pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
     value.checked_mul(unit)
 }
 
+/// Steps a blocked head of the queue lets later requests pass it (see the module docs): about
+/// a few seconds of decoding on a CPU, a fraction of a long request's run.
+pub const FAIR_BYPASS_WINDOW_STEPS: usize = 128;
+
+/// The most scheduling steps `job` can run once admitted, if it gets the whole token budget
+/// (`max_num_batched_tokens`) for its prefill: its prompt's chunks plus one step per token.
+pub(crate) fn worst_case_steps(job: &Job, max_num_batched_tokens: usize) -> usize {
+    job.prompt
+        .len()
+        .div_ceil(max_num_batched_tokens.max(1))
+        .saturating_add(job.max_new_tokens)
+}
+
 /// What one request holds against the KV budget while it holds its slots: each of its
 /// sequences (samples, beam slots, or the one scored prompt) may reach `positions` positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,7 +103,11 @@ impl KvReservation {
     /// The reservation of `job` on a model with `info`: every slot may hold
     /// `min(prompt + max_new_tokens, max_context)` positions.
     pub fn of(job: &Job, info: &ModelInfo) -> Self {
-        let len = (job.prompt.len() + job.max_new_tokens).min(info.max_context);
+        let len = job
+            .prompt
+            .len()
+            .saturating_add(job.max_new_tokens)
+            .min(info.max_context);
         Self {
             slots: job.slots_needed(),
             positions: kv_capacity_for(len),

@@ -11,6 +11,7 @@ use crate::sampling::Processors;
 use crate::text::StopMatcher;
 
 /// Where a request's results go: one final reply, or a stream of updates.
+#[derive(Clone)]
 pub(crate) enum Replier {
     Final(flume::Sender<Result<GenerateOutput, EngineError>>),
     Stream(flume::Sender<Result<StreamUpdate, EngineError>>),
@@ -22,13 +23,6 @@ impl Replier {
         match self {
             Self::Final(tx) => tx.is_disconnected(),
             Self::Stream(tx) => tx.is_disconnected(),
-        }
-    }
-
-    pub fn fail(&self, err: EngineError) {
-        match self {
-            Self::Final(tx) => drop(tx.send(Err(err))),
-            Self::Stream(tx) => drop(tx.send(Err(err))),
         }
     }
 }
@@ -65,7 +59,8 @@ impl Job {
         match &self.kind {
             JobKind::Sample { samples } => *samples,
             JobKind::Score => 1,
-            JobKind::Beam(b) => 2 * b.beam_width,
+            // The width is checked at submit; saturate rather than trust it here.
+            JobKind::Beam(b) => b.beam_width.saturating_mul(2),
         }
     }
 }

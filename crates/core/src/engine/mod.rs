@@ -16,8 +16,10 @@ mod pending;
 mod request;
 mod scheduler;
 mod sequence;
+mod shared;
 mod stream;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 pub use pending::Pending;
@@ -35,10 +37,12 @@ use crate::guided::GuidedDecoder;
 use crate::input::ModelInput;
 use crate::params::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::sampling::Processors;
+use crate::sampling::batch::panic_message;
 use crate::sampling::rng::fresh_seed;
 use crate::text::{StopMatcher, TextCodec};
 use job::{Job, JobKind, Replier};
 use scheduler::Scheduler;
+use shared::{ExitGuard, Shared};
 
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,27 +80,17 @@ pub struct EngineTools {
     pub guided: Option<Arc<dyn GuidedDecoder>>,
 }
 
+/// What a handle sends the engine thread.
 enum Command {
     Submit(Box<Job>),
-    Stats(flume::Sender<EngineStats>),
-}
-
-impl Command {
-    /// Carries out the command on the engine thread.
-    fn handle(self, scheduler: &mut Scheduler, backend: &dyn Backend) {
-        match self {
-            Self::Submit(job) => scheduler.enqueue(*job),
-            Self::Stats(reply) => {
-                let _ = reply.send(scheduler.stats(backend.kv_usage()));
-            }
-        }
-    }
 }
 
 /// A handle to a running engine; clone it freely, use it from any thread.
 #[derive(Clone)]
 pub struct Engine {
     tx: flume::Sender<Command>,
+    /// What the engine thread publishes (stats, queue depth, liveness).
+    shared: Arc<Shared>,
     info: Arc<ModelInfo>,
     config: EngineConfig,
     tools: EngineTools,
@@ -154,15 +148,25 @@ impl Engine {
         backend.set_kv_budget(Some(kv_budget));
         let info = Arc::new(backend.info().clone());
         let (tx, rx) = flume::unbounded();
-        let scheduler = Scheduler::new(config, (*info).clone(), tools.codec.clone(), kv_budget);
+        let shared = Arc::new(Shared::default());
+        let scheduler = Scheduler::new(
+            config,
+            (*info).clone(),
+            tools.codec.clone(),
+            kv_budget,
+            shared.clone(),
+        );
+        shared.publish(scheduler.stats(backend.kv_usage()));
+        let guard = ExitGuard(shared.clone());
         std::thread::Builder::new()
             .name("infermux-engine".into())
-            .spawn(move || run(backend, scheduler, rx))
+            .spawn(move || run(backend, scheduler, rx, guard))
             .map_err(|e| {
                 ValidationError::field("engine", format!("cannot spawn the engine thread: {e}"))
             })?;
         Ok(Self {
             tx,
+            shared,
             info,
             config,
             tools,
@@ -226,6 +230,17 @@ impl Engine {
     pub fn beam_search(&self, request: BeamSearchRequest) -> Pending<GenerateOutput> {
         let (tx, rx) = flume::bounded(1);
         let job = request.params.validate().and_then(|()| {
+            // Checked before `n = beam_width` is: its error names the beam field.
+            let slots = request.params.beam_width.checked_mul(2);
+            if slots.is_none_or(|slots| slots > self.config.max_num_seqs) {
+                return Err(ValidationError::field(
+                    "beam_width",
+                    format!(
+                        "needs 2 × beam_width KV slots, at most max_num_seqs ({}), got a width of {}",
+                        self.config.max_num_seqs, request.params.beam_width
+                    ),
+                ));
+            }
             let params = SamplingParams {
                 n: request.params.beam_width,
                 temperature: 0.0,
@@ -288,20 +303,22 @@ impl Engine {
         }
     }
 
-    /// Queue depth, running sequences, free KV slots and KV bytes, as the engine thread sees
-    /// them now.
+    /// Queue depth, running sequences, free KV slots and KV bytes: the snapshot the engine
+    /// thread published after its last command drain, admission or step, with the queue depth
+    /// counted live (a submission is waiting from the moment it is sent). Never waits on the
+    /// engine thread; `Err(Shutdown)` once that thread has exited.
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
-        let (tx, rx) = flume::bounded(1);
-        self.tx
-            .send(Command::Stats(tx))
-            .map_err(|_| EngineError::Shutdown)?;
-        rx.recv().map_err(|_| EngineError::Shutdown)
+        self.shared.read()
     }
 
     fn submit<R: Failed>(&self, job: Job, reply: R) -> R {
+        self.shared.submitted();
         match self.tx.send(Command::Submit(Box::new(job))) {
             Ok(()) => reply,
-            Err(_) => R::failed(EngineError::Shutdown),
+            Err(_) => {
+                self.shared.left_queue();
+                R::failed(EngineError::Shutdown)
+            }
         }
     }
 
@@ -371,7 +388,12 @@ impl Engine {
         let max_context = self.info.max_context;
         let room = max_context.saturating_sub(tokens.len());
         let wanted = params.max_tokens.unwrap_or(room.max(1));
-        if tokens.len() + wanted > max_context {
+        // `max_tokens` is the client's: near usize::MAX the sum overflows.
+        if tokens
+            .len()
+            .checked_add(wanted)
+            .is_none_or(|total| total > max_context)
+        {
             return Err(ValidationError::ContextOverflow {
                 prompt_len: tokens.len(),
                 max_tokens: wanted,
@@ -470,19 +492,42 @@ impl Failed for GenerateStream {
     }
 }
 
-/// The engine thread: block while idle, otherwise drain commands and step.
-fn run<B: Backend>(mut backend: B, mut scheduler: Scheduler, rx: flume::Receiver<Command>) {
+impl Command {
+    /// Carries out the command on the engine thread.
+    fn handle(self, scheduler: &mut Scheduler) {
+        match self {
+            Self::Submit(job) => scheduler.enqueue(*job),
+        }
+    }
+}
+
+/// The engine thread: block while idle, otherwise drain commands, publish stats and step.
+///
+/// A step is guarded as a whole: the scheduler guards the backend's forward, guided masks,
+/// sampling and each group's logits handling itself (failing only the requests involved); a
+/// panic anywhere else in a step fails the running requests and resets the slots
+/// ([`Scheduler::recover`]), and the engine keeps serving. `_exit` marks the thread exited for
+/// [`Engine::stats`] when it returns or unwinds.
+fn run<B: Backend>(
+    mut backend: B,
+    mut scheduler: Scheduler,
+    rx: flume::Receiver<Command>,
+    _exit: ExitGuard,
+) {
     loop {
         if scheduler.is_idle() {
             match rx.recv() {
-                Ok(cmd) => cmd.handle(&mut scheduler, &backend),
+                Ok(cmd) => cmd.handle(&mut scheduler),
                 Err(_) => return,
             }
         }
         while let Ok(cmd) = rx.try_recv() {
-            cmd.handle(&mut scheduler, &backend);
+            cmd.handle(&mut scheduler);
         }
-        scheduler.step(&mut backend);
+        scheduler.publish(&backend);
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| scheduler.step(&mut backend))) {
+            scheduler.recover(&mut backend, panic_message(panic));
+        }
     }
 }
 

@@ -4,6 +4,14 @@
 //! batched call → stream updates → reply to finished requests.
 //!
 //! Kinds ([`GroupKind`]) decide what a group does with its logits; the scheduler only batches.
+//!
+//! Nothing a request sends may take the engine down: the forward, the guided masks (each
+//! group's on its own), each sampled row, each group's logits handling and each token's
+//! acceptance are guarded; a panic in one of them fails only the request it belongs to, with
+//! a typed error, and its slots are released. Logits rows the engine would sample from or score
+//! are checked for NaN/+inf first ([`BackendError::NonFiniteLogits`]). Replies are queued and
+//! sent after the step's stats are published, so a caller that got a reply sees stats at least
+//! as fresh as it.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -11,16 +19,17 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
-use crate::engine::budget::KvReservation;
+use crate::engine::budget::{FAIR_BYPASS_WINDOW_STEPS, KvReservation, worst_case_steps};
 use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx, kind_of};
 use crate::engine::job::{Job, Replier};
 use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
 use crate::engine::sequence::{Seq, SeqCtx};
+use crate::engine::shared::Shared;
 use crate::error::{BackendError, EngineError};
 use crate::guided::TokenMask;
 use crate::kv::KvUsage;
 use crate::params::OutputKind;
-use crate::sampling::batch::BatchRow;
+use crate::sampling::batch::{BatchRow, panic_message};
 use crate::sampling::{SamplingBatch, token_logprob, top_logprobs};
 use crate::text::TextCodec;
 
@@ -43,6 +52,65 @@ pub(super) struct Group {
     prompt_sent: bool,
     /// Failed or cancelled: remove without a (further) reply.
     ended: bool,
+    /// Why it failed, sent when it is removed (`None` when cancelled).
+    failure: Option<EngineError>,
+}
+
+/// A job waiting for admission.
+struct Waiting {
+    job: Job,
+    /// Steps it has spent blocked at the head of the queue (see [`crate::engine::budget`]).
+    blocked_steps: usize,
+}
+
+/// A reply queued during a step, sent once the step's stats are published.
+enum Outgoing {
+    Final(
+        flume::Sender<Result<GenerateOutput, EngineError>>,
+        Result<GenerateOutput, EngineError>,
+    ),
+    Stream(
+        flume::Sender<Result<StreamUpdate, EngineError>>,
+        Result<StreamUpdate, EngineError>,
+    ),
+}
+
+impl Outgoing {
+    /// `err` for whoever waits on `reply`.
+    fn error(reply: &Replier, err: EngineError) -> Self {
+        match reply {
+            Replier::Final(tx) => Self::Final(tx.clone(), Err(err)),
+            Replier::Stream(tx) => Self::Stream(tx.clone(), Err(err)),
+        }
+    }
+
+    /// Sends it; a caller that has gone away is ignored.
+    fn send(self) {
+        match self {
+            Self::Final(tx, msg) => drop(tx.send(msg)),
+            Self::Stream(tx, msg) => drop(tx.send(msg)),
+        }
+    }
+}
+
+/// What the engine was doing when a caught panic happened (see [`EngineError::Panicked`]).
+const MASK_STAGE: &str = "computing a guided-decoding mask";
+const LOGITS_STAGE: &str = "handling a request's logits";
+const SAMPLE_STAGE: &str = "sampling a token";
+const ACCEPT_STAGE: &str = "accepting a sampled token (stops, guided commit, detokenizing)";
+const STEP_STAGE: &str = "running a scheduling step";
+
+/// Runs `f`, turning a panic into [`EngineError::Panicked`] at `stage`.
+fn guarded<T>(
+    stage: &'static str,
+    f: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(EngineError::Panicked {
+            stage,
+            message: panic_message(panic),
+        })
+    })
 }
 
 /// What each chunk of the current batch belongs to.
@@ -52,12 +120,20 @@ enum ChunkOwner {
     Decode { group: usize, seq: usize },
 }
 
+impl ChunkOwner {
+    fn group(self) -> usize {
+        match self {
+            Self::Prefill { group } | Self::Decode { group, .. } => group,
+        }
+    }
+}
+
 /// Waiting queue, running set, slot pool, KV budget and per-slot sampling state.
 pub(crate) struct Scheduler {
     config: EngineConfig,
     info: ModelInfo,
     codec: Option<Arc<dyn TextCodec>>,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<Waiting>,
     running: Vec<Group>,
     free_slots: Vec<SlotId>,
     sampling: SamplingBatch,
@@ -68,6 +144,10 @@ pub(crate) struct Scheduler {
     /// The most [`Scheduler::kv_held`] has been since start.
     kv_held_peak: u64,
     totals: Totals,
+    /// Published stats and the live queue depth, read by the handles.
+    shared: Arc<Shared>,
+    /// Replies of this step, sent after its stats are published.
+    outbox: Vec<Outgoing>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -112,31 +192,50 @@ pub struct EngineStats {
 }
 
 impl Scheduler {
-    /// An idle scheduler; `kv_budget` is the resolved KV byte budget.
+    /// An idle scheduler; `kv_budget` is the resolved KV byte budget, `shared` what it
+    /// publishes to the handles.
     pub fn new(
         config: EngineConfig,
         info: ModelInfo,
         codec: Option<Arc<dyn TextCodec>>,
         kv_budget: u64,
+        shared: Arc<Shared>,
     ) -> Self {
-        let free_slots = (0..config.max_num_seqs as u32).rev().map(SlotId).collect();
         Self {
+            free_slots: all_slots(config.max_num_seqs),
             sampling: SamplingBatch::new(config.max_num_seqs),
             config,
             info,
             codec,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            free_slots,
             kv_budget,
             kv_reserved: 0,
             kv_held_peak: 0,
             totals: Totals::default(),
+            shared,
+            outbox: Vec::new(),
         }
     }
 
+    /// Queues a submitted job (the handle counted it as waiting when it sent it).
     pub fn enqueue(&mut self, job: Job) {
-        self.waiting.push_back(job);
+        self.waiting.push_back(Waiting {
+            job,
+            blocked_steps: 0,
+        });
+    }
+
+    /// Publishes the scheduler's numbers for [`crate::Engine::stats`].
+    pub fn publish(&self, backend: &dyn Backend) {
+        self.shared.publish(self.stats(backend.kv_usage()));
+    }
+
+    /// Sends the replies queued so far.
+    fn flush(&mut self) {
+        for msg in self.outbox.drain(..) {
+            msg.send();
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -186,75 +285,165 @@ impl Scheduler {
     pub fn step(&mut self, backend: &mut dyn Backend) {
         self.drop_cancelled(backend);
         self.admit();
+        self.publish(&*backend);
         let (batch, owners) = self.build_batch();
-        if batch.chunks.is_empty() {
-            return;
+        if !batch.chunks.is_empty() {
+            match self.forward(backend, &batch) {
+                Ok(logits) => self.process(backend, &batch, &owners, &logits),
+                Err(err) => self.fail_batch(&owners, err),
+            }
+            self.stream_updates();
         }
+        self.finish_groups(backend);
+        self.publish(&*backend);
+        self.flush();
+    }
+
+    /// After a panic escaped [`Scheduler::step`] (none of its finer guards caught it): sends
+    /// what was queued, fails every running request with [`EngineError::Panicked`], releases
+    /// every slot and resets the slot pool, sampling state and KV reservations, so the engine
+    /// serves the waiting and later requests from a clean state.
+    pub fn recover(&mut self, backend: &mut dyn Backend, message: String) {
+        self.flush();
+        for mut g in std::mem::take(&mut self.running) {
+            self.totals.failed_requests += 1;
+            let err = if g.ended {
+                g.failure.take()
+            } else {
+                Some(EngineError::Panicked {
+                    stage: STEP_STAGE,
+                    message: message.clone(),
+                })
+            };
+            if let Some(err) = err {
+                Outgoing::error(&g.job.reply, err).send();
+            }
+        }
+        for slot in all_slots(self.config.max_num_seqs) {
+            // Releasing an empty slot is a no-op; a backend that panics here again is ignored.
+            let _ = catch_unwind(AssertUnwindSafe(|| backend.release(slot)));
+        }
+        self.free_slots = all_slots(self.config.max_num_seqs);
+        self.sampling = SamplingBatch::new(self.config.max_num_seqs);
+        self.kv_reserved = 0;
+        self.publish(&*backend);
+    }
+
+    /// The backend's forward over `batch`, guided masks computed alongside; a panic in either
+    /// becomes an error (the forward's fails the batch, a mask's its request).
+    fn forward(
+        &mut self,
+        backend: &mut dyn Backend,
+        batch: &ForwardBatch,
+    ) -> Result<Logits, BackendError> {
         let vocab = self.info.vocab_size;
         let running = &mut self.running;
-        let result = std::thread::scope(|scope| {
+        let (result, masks) = std::thread::scope(|scope| {
             // Guided masks only depend on committed tokens: compute them while the forward runs.
             let masks = running
                 .iter()
                 .any(Group::needs_masks)
                 .then(|| scope.spawn(move || compute_masks(running, vocab)));
-            let result = catch_unwind(AssertUnwindSafe(|| backend.forward(&batch)))
+            let result = catch_unwind(AssertUnwindSafe(|| backend.forward(batch)))
                 .unwrap_or_else(|panic| Err(BackendError::Panicked(panic_message(panic))));
-            if let Some(handle) = masks {
-                handle.join().expect("mask computation does not panic");
-            }
-            result
+            let masks = masks.map_or(Ok(()), |handle| handle.join().map_err(panic_message));
+            (result, masks)
         });
-        match result {
-            Ok(logits) => self.process(backend, &batch, &owners, &logits),
-            Err(err) => self.fail_batch(backend, &owners, err),
+        if let Err(message) = masks {
+            // Each group's masks are guarded, so this is outside them: fail every constrained
+            // request rather than sample one without its mask.
+            for g in self
+                .running
+                .iter_mut()
+                .filter(|g| g.job.constraint.is_some())
+            {
+                g.fail(EngineError::Panicked {
+                    stage: MASK_STAGE,
+                    message: message.clone(),
+                });
+            }
         }
-        self.stream_updates();
-        self.finish_groups(backend);
+        result
     }
 
-    /// Strict FCFS: the head of the queue is admitted once enough slots are free and its KV
-    /// reservation fits in the budget beside the running groups' (with room for one growth
-    /// copy); requests behind it wait, so a large request is never starved by small ones.
+    /// Whether `job` can start now: enough free slots, and its reservation fits in the budget
+    /// beside the running groups' (with room for one growth copy).
+    fn fits(&self, job: &Job, kv: &KvReservation) -> bool {
+        let held = self
+            .kv_reserved
+            .saturating_add(kv.bytes())
+            .saturating_add(self.kv_headroom(Some(kv)));
+        job.slots_needed() <= self.free_slots.len() && held <= self.kv_budget
+    }
+
+    /// Admission, in queue order, under the rule documented in [`crate::engine::budget`]: the
+    /// head starts once it fits; while it is blocked, a later job that fits now may start if
+    /// its worst-case run ends within the head's bypass window; once the window is spent,
+    /// nothing passes the head.
     fn admit(&mut self) {
-        while let Some(job) = self.waiting.front() {
-            let kv = KvReservation::of(job, &self.info);
+        // Steps a job admitted past a blocked head may run without delaying it.
+        let mut room = usize::MAX;
+        let mut i = 0;
+        while let Some(waiting) = self.waiting.get(i) {
+            let kv = KvReservation::of(&waiting.job, &self.info);
             if let Err(err) = kv.check_fits(self.kv_budget) {
                 // Checked at submit, so not reached; never wait on what cannot fit.
-                let job = self.waiting.pop_front().expect("front exists");
-                job.reply.fail(err.into());
-                self.totals.failed_requests += 1;
+                if let Some(w) = self.waiting.remove(i) {
+                    self.shared.left_queue();
+                    self.outbox
+                        .push(Outgoing::error(&w.job.reply, EngineError::Invalid(err)));
+                    self.totals.failed_requests += 1;
+                }
                 continue;
             }
-            let held = self
-                .kv_reserved
-                .saturating_add(kv.bytes())
-                .saturating_add(self.kv_headroom(Some(&kv)));
-            if job.slots_needed() > self.free_slots.len() || held > self.kv_budget {
-                break;
+            let may_pass = i == 0
+                || worst_case_steps(&waiting.job, self.config.max_num_batched_tokens) <= room;
+            if may_pass && self.fits(&waiting.job, &kv) {
+                if let Some(w) = self.waiting.remove(i) {
+                    self.shared.left_queue();
+                    self.start(w.job, kv);
+                }
+                continue;
             }
-            let job = self.waiting.pop_front().expect("front exists");
-            let slots = self
-                .free_slots
-                .split_off(self.free_slots.len() - job.slots_needed());
-            let n = job.prompt.len();
-            let pl = job.prompt_logprobs;
-            self.kv_reserved += kv.bytes();
-            self.kv_held_peak = self.kv_held_peak.max(held);
-            self.running.push(Group {
-                prompt_lp: pl.include.then(|| vec![None; n]),
-                topk_prompt_lp: (pl.top_k > 0).then(|| vec![None; n]),
-                kind: kind_of(&job),
-                job,
-                slots,
-                kv,
-                prefilled: 0,
-                seqs: Vec::new(),
-                first_mask: None,
-                prompt_sent: false,
-                ended: false,
-            });
+            if i == 0 {
+                let head = &mut self.waiting[0];
+                head.blocked_steps = head.blocked_steps.saturating_add(1);
+                room = FAIR_BYPASS_WINDOW_STEPS.saturating_sub(head.blocked_steps);
+                if room == 0 {
+                    break;
+                }
+            }
+            i += 1;
         }
+    }
+
+    /// Moves an admitted job into the running set with its slots and reservation.
+    fn start(&mut self, job: Job, kv: KvReservation) {
+        let held = self
+            .kv_reserved
+            .saturating_add(kv.bytes())
+            .saturating_add(self.kv_headroom(Some(&kv)));
+        let slots = self
+            .free_slots
+            .split_off(self.free_slots.len() - job.slots_needed());
+        let n = job.prompt.len();
+        let pl = job.prompt_logprobs;
+        self.kv_reserved = self.kv_reserved.saturating_add(kv.bytes());
+        self.kv_held_peak = self.kv_held_peak.max(held);
+        self.running.push(Group {
+            prompt_lp: pl.include.then(|| vec![None; n]),
+            topk_prompt_lp: (pl.top_k > 0).then(|| vec![None; n]),
+            kind: kind_of(&job),
+            job,
+            slots,
+            kv,
+            prefilled: 0,
+            seqs: Vec::new(),
+            first_mask: None,
+            prompt_sent: false,
+            ended: false,
+            failure: None,
+        });
     }
 
     /// Decode steps first (one token per live sequence), then prefill chunks FCFS in the budget.
@@ -305,6 +494,7 @@ impl Scheduler {
 
     /// Hands the batch's logits to the groups: prompt logprobs and prefill progress here, the
     /// rest to each group's kind; then samples every row the kinds asked for in one call.
+    /// Groups with a non-finite row the engine would use fail first and are skipped.
     fn process(
         &mut self,
         backend: &mut dyn Backend,
@@ -312,6 +502,16 @@ impl Scheduler {
         owners: &[ChunkOwner],
         logits: &Logits,
     ) {
+        for (i, (chunk, owner)) in batch.chunks.iter().zip(owners).enumerate() {
+            let g = &mut self.running[owner.group()];
+            if g.ended {
+                continue;
+            }
+            let decode = matches!(owner, ChunkOwner::Decode { .. });
+            if let Some(err) = g.non_finite_row(chunk, decode, logits, i) {
+                g.fail(EngineError::Backend(err));
+            }
+        }
         let Self {
             running,
             info,
@@ -333,24 +533,32 @@ impl Scheduler {
                 ChunkOwner::Prefill { group } => {
                     totals.prompt_tokens += chunk.tokens.len() as u64;
                     let g = &mut running[group];
+                    if g.ended {
+                        continue;
+                    }
                     g.record_prompt_logprobs(chunk, logits, i);
                     g.prefilled += chunk.tokens.len();
                     if g.prefilled == g.job.prompt.len() && g.job.max_new_tokens > 0 {
-                        let last = logits
-                            .last_row(i)
-                            .expect("the last prefill chunk asks for logits");
+                        let Some(last) = logits.last_row(i) else {
+                            g.fail(missing_row(chunk).into());
+                            continue;
+                        };
                         let (kind, parts) = g.parts();
-                        match kind.after_prefill(parts, last, &mut cx) {
+                        match guarded(LOGITS_STAGE, || kind.after_prefill(parts, last, &mut cx)) {
                             Ok(d) => draws.extend(d.into_iter().map(|d| (group, d))),
                             Err(err) => g.fail(err),
                         }
                     }
                 }
                 ChunkOwner::Decode { group, seq } => {
-                    let row = logits
-                        .last_row(i)
-                        .expect("decode chunks ask for their last row");
-                    step_rows[group].push((seq, row));
+                    let g = &mut running[group];
+                    if g.ended {
+                        continue;
+                    }
+                    match logits.last_row(i) {
+                        Some(row) => step_rows[group].push((seq, row)),
+                        None => g.fail(missing_row(chunk).into()),
+                    }
                 }
             }
         }
@@ -360,7 +568,7 @@ impl Scheduler {
                 continue;
             }
             let (kind, parts) = g.parts();
-            match kind.on_step_rows(parts, rows, &mut cx) {
+            match guarded(LOGITS_STAGE, || kind.on_step_rows(parts, rows, &mut cx)) {
                 Ok(d) => draws.extend(d.into_iter().map(|d| (group, d))),
                 Err(err) => g.fail(err),
             }
@@ -369,8 +577,13 @@ impl Scheduler {
     }
 
     /// Samples each `(group, draw)` row in one batched call; each token is accepted by its
-    /// sequence (stops checked).
+    /// sequence (stops checked). A row whose sampling or acceptance panics fails its group.
     fn sample_draws(&mut self, draws: &[(usize, Draw<'_>)]) {
+        let draws: Vec<(usize, Draw<'_>)> = draws
+            .iter()
+            .filter(|(g, _)| !self.running[*g].ended)
+            .copied()
+            .collect();
         let batch_rows: Vec<BatchRow<'_>> = draws
             .iter()
             .map(|&(g, d)| {
@@ -382,11 +595,25 @@ impl Scheduler {
                 }
             })
             .collect();
-        let sampled = self.sampling.sample(&batch_rows);
-        self.totals.generated_tokens += sampled.len() as u64;
+        let sampled = self.sampling.try_sample(&batch_rows);
         let codec = self.codec.as_deref();
         for (&(g, d), token) in draws.iter().zip(sampled) {
             let group = &mut self.running[g];
+            if group.ended {
+                // An earlier row of the same request failed.
+                continue;
+            }
+            let token = match token {
+                Ok(token) => token,
+                Err(message) => {
+                    group.fail(EngineError::Panicked {
+                        stage: SAMPLE_STAGE,
+                        message,
+                    });
+                    continue;
+                }
+            };
+            self.totals.generated_tokens += 1;
             let top = group.job.params.logprobs.map(|k| top_logprobs(d.row, k));
             let ctx = SeqCtx {
                 job: &group.job,
@@ -395,25 +622,29 @@ impl Scheduler {
             };
             let seq = &mut group.seqs[d.seq];
             seq.mask = None;
-            if let Err(err) = seq.accept(token, top, &ctx) {
+            if let Err(err) = guarded(ACCEPT_STAGE, || seq.accept(token, top, &ctx)) {
                 group.fail(err);
             }
         }
     }
 
-    fn fail_batch(&mut self, backend: &mut dyn Backend, owners: &[ChunkOwner], err: BackendError) {
+    /// The forward failed: every request in the batch fails with its error (their slots,
+    /// which may hold partially appended state, are released by [`Scheduler::finish_groups`]).
+    fn fail_batch(&mut self, owners: &[ChunkOwner], err: BackendError) {
         for owner in owners {
-            let group = match *owner {
-                ChunkOwner::Prefill { group } | ChunkOwner::Decode { group, .. } => group,
-            };
-            self.running[group].fail(EngineError::Backend(err.clone()));
+            self.running[owner.group()].fail(EngineError::Backend(err.clone()));
         }
-        // Slots of failed groups may hold partially appended state: drop it.
-        self.finish_groups(backend);
     }
 
     fn drop_cancelled(&mut self, backend: &mut dyn Backend) {
-        self.waiting.retain(|job| !job.reply.is_disconnected());
+        let shared = &self.shared;
+        self.waiting.retain(|w| {
+            let keep = !w.job.reply.is_disconnected();
+            if !keep {
+                shared.left_queue();
+            }
+            keep
+        });
         for g in &mut self.running {
             if g.job.reply.is_disconnected() {
                 g.ended = true;
@@ -422,7 +653,7 @@ impl Scheduler {
         self.finish_groups(backend);
     }
 
-    /// Sends what is new to streaming requests (not `FINAL_ONLY`).
+    /// Queues what is new for streaming requests (not `FINAL_ONLY`).
     fn stream_updates(&mut self) {
         for g in &mut self.running {
             let Replier::Stream(tx) = &g.job.reply else {
@@ -437,22 +668,25 @@ impl Scheduler {
                 continue;
             }
             let first = !std::mem::replace(&mut g.prompt_sent, true);
-            let _ = tx.send(Ok(StreamUpdate {
-                prompt_len: job.prompt.len(),
-                sequences,
-                finished: false,
-                prompt_logprobs: if first { g.prompt_lp.clone() } else { None },
-                topk_prompt_logprobs: if first {
-                    g.topk_prompt_lp.clone()
-                } else {
-                    None
-                },
-            }));
+            self.outbox.push(Outgoing::Stream(
+                tx.clone(),
+                Ok(StreamUpdate {
+                    prompt_len: job.prompt.len(),
+                    sequences,
+                    finished: false,
+                    prompt_logprobs: if first { g.prompt_lp.clone() } else { None },
+                    topk_prompt_logprobs: if first {
+                        g.topk_prompt_lp.clone()
+                    } else {
+                        None
+                    },
+                }),
+            ));
         }
     }
 
-    /// Replies to and removes groups whose sequences are all done, returning their slots and
-    /// their KV reservation.
+    /// Removes groups whose sequences are all done (or that failed or were cancelled),
+    /// returning their slots and their KV reservation, and queues their replies.
     fn finish_groups(&mut self, backend: &mut dyn Backend) {
         let mut i = 0;
         while i < self.running.len() {
@@ -460,20 +694,61 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let g = self.running.swap_remove(i);
-            for &slot in &g.slots {
+            // Released while the group is still running, so a backend that panics here
+            // leaves it to `recover`, which fails it, rather than dropping its reply.
+            for &slot in &self.running[i].slots {
                 backend.release(slot);
                 self.sampling.remove(slot.0 as usize);
             }
+            let mut g = self.running.swap_remove(i);
             self.free_slots.extend(g.slots.iter().copied());
-            self.kv_reserved -= g.kv.bytes();
+            self.kv_reserved = self.kv_reserved.saturating_sub(g.kv.bytes());
             if g.ended {
                 self.totals.failed_requests += 1;
+                if let Some(err) = g.failure.take() {
+                    self.outbox.push(Outgoing::error(&g.job.reply, err));
+                }
                 continue;
             }
             self.totals.finished_requests += 1;
-            g.reply_final();
+            self.outbox.push(g.reply_final());
         }
+    }
+}
+
+/// Every slot of a pool of `n`, in the order they are handed out.
+fn all_slots(n: usize) -> Vec<SlotId> {
+    (0..n as u32).rev().map(SlotId).collect()
+}
+
+/// A backend returned logits without the row a chunk asked for.
+fn missing_row(chunk: &SeqChunk) -> BackendError {
+    BackendError::Runtime {
+        runtime: "backend",
+        message: format!(
+            "slot {:?}: no logits row for the chunk at position {}",
+            chunk.slot, chunk.start_pos
+        ),
+    }
+}
+
+/// What is wrong with a logits row the engine would use: `NaN`, `+inf`, or no finite value
+/// (`-inf` entries alone are a probability of 0, which a model may use to mask ids).
+fn non_finite(row: &[f32]) -> Option<&'static str> {
+    let (mut nan, mut pos_inf, mut finite) = (false, false, false);
+    for &x in row {
+        nan |= x.is_nan();
+        pos_inf |= x == f32::INFINITY;
+        finite |= x.is_finite();
+    }
+    if nan {
+        Some("NaN")
+    } else if pos_inf {
+        Some("+inf")
+    } else if !finite {
+        Some("only -inf")
+    } else {
+        None
     }
 }
 
@@ -501,6 +776,40 @@ impl Group {
                 .seqs
                 .iter()
                 .any(|s| !s.done && s.constraint.is_some() && s.mask.is_none())
+    }
+
+    /// The first logits row of chunk `index` that this group would sample from or score and
+    /// that is not usable ([`non_finite`]), as an error naming its slot and position. A
+    /// prefill chunk's rows are used for prompt logprobs (when asked for) and, at the prompt's
+    /// last position, for the first sample; a decode chunk's one row is always used.
+    fn non_finite_row(
+        &self,
+        chunk: &SeqChunk,
+        decode: bool,
+        logits: &Logits,
+        index: usize,
+    ) -> Option<BackendError> {
+        let rows = logits.chunk(index);
+        // The rows are the chunk's last positions.
+        let first_pos = chunk.start_pos + chunk.tokens.len() - rows.len();
+        let prompt_len = self.job.prompt.len();
+        for (r, row) in rows.enumerate() {
+            let position = first_pos + r;
+            let used = decode
+                || (position + 1 < prompt_len && self.job.prompt_logprobs.wanted())
+                || (position + 1 == prompt_len && self.job.max_new_tokens > 0);
+            if !used {
+                continue;
+            }
+            if let Some(found) = non_finite(row) {
+                return Some(BackendError::NonFiniteLogits {
+                    slot: chunk.slot,
+                    position,
+                    found,
+                });
+            }
+        }
+        None
     }
 
     /// Fills prompt logprobs from a prefill chunk's rows: row at position p predicts p + 1.
@@ -534,78 +843,81 @@ impl Group {
         !self.seqs.is_empty() && self.seqs.iter().all(|s| s.done)
     }
 
-    /// Replies with `err` and ends the group.
+    /// Ends the group with `err` (the first error wins), replied when it is removed.
     fn fail(&mut self, err: EngineError) {
         if !self.ended {
-            self.job.reply.fail(err);
+            self.failure = Some(err);
         }
         self.ended = true;
     }
 
-    /// Sends the final output: the sequences the kind keeps, in its order.
-    fn reply_final(mut self) {
+    /// The final output: the sequences the kind keeps, in its order.
+    fn reply_final(mut self) -> Outgoing {
         self.kind.finish(&self.job, &mut self.seqs);
         match &self.job.reply {
-            Replier::Final(tx) => {
-                let _ = tx.send(Ok(GenerateOutput {
+            Replier::Final(tx) => Outgoing::Final(
+                tx.clone(),
+                Ok(GenerateOutput {
                     prompt_len: self.job.prompt.len(),
                     sequences: self.seqs.into_iter().map(|s| s.out).collect(),
                     prompt_logprobs: self.prompt_lp,
                     topk_prompt_logprobs: self.topk_prompt_lp,
-                }));
-            }
+                }),
+            ),
             Replier::Stream(tx) => {
                 let job = &self.job;
                 let sequences = self.seqs.iter_mut().filter_map(|s| s.update(job)).collect();
                 let first = !self.prompt_sent;
-                let _ = tx.send(Ok(StreamUpdate {
-                    prompt_len: job.prompt.len(),
-                    sequences,
-                    finished: true,
-                    prompt_logprobs: if first { self.prompt_lp } else { None },
-                    topk_prompt_logprobs: if first { self.topk_prompt_lp } else { None },
-                }));
+                Outgoing::Stream(
+                    tx.clone(),
+                    Ok(StreamUpdate {
+                        prompt_len: job.prompt.len(),
+                        sequences,
+                        finished: true,
+                        prompt_logprobs: if first { self.prompt_lp } else { None },
+                        topk_prompt_logprobs: if first { self.topk_prompt_lp } else { None },
+                    }),
+                )
             }
         }
     }
 }
 
-/// Computes every pending guided mask; a failure ends only its own request.
+/// Computes every pending guided mask; a failure or panic ends only its own request.
 fn compute_masks(running: &mut [Group], vocab: usize) {
     for g in running.iter_mut().filter(|g| g.needs_masks()) {
-        let result = if g.seqs.is_empty() {
-            let mut mask = TokenMask::none(vocab);
-            let r = g
-                .job
-                .constraint
-                .as_mut()
-                .expect("needs_masks checked")
-                .compute_mask(&mut mask);
-            g.first_mask = Some(mask);
-            r
-        } else {
-            g.seqs
-                .iter_mut()
-                .filter(|s| !s.done && s.mask.is_none())
-                .filter_map(|s| {
-                    let c = s.constraint.as_mut()?;
-                    let mut mask = TokenMask::none(vocab);
-                    let r = c.compute_mask(&mut mask);
-                    s.mask = Some(mask);
-                    Some(r)
-                })
-                .collect()
-        };
+        let result = guarded(MASK_STAGE, || {
+            g.compute_masks(vocab).map_err(EngineError::Guided)
+        });
         if let Err(err) = result {
-            g.fail(EngineError::Guided(err));
+            g.fail(err);
         }
     }
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
+impl Group {
+    /// This step's guided masks: the first one (before any sequence exists), or each live
+    /// constrained sequence's.
+    fn compute_masks(&mut self, vocab: usize) -> Result<(), crate::guided::GuidedError> {
+        if self.seqs.is_empty() {
+            let Some(constraint) = self.job.constraint.as_mut() else {
+                return Ok(());
+            };
+            let mut mask = TokenMask::none(vocab);
+            let r = constraint.compute_mask(&mut mask);
+            self.first_mask = Some(mask);
+            return r;
+        }
+        self.seqs
+            .iter_mut()
+            .filter(|s| !s.done && s.mask.is_none())
+            .filter_map(|s| {
+                let c = s.constraint.as_mut()?;
+                let mut mask = TokenMask::none(vocab);
+                let r = c.compute_mask(&mut mask);
+                s.mask = Some(mask);
+                Some(r)
+            })
+            .collect()
+    }
 }

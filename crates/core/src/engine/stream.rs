@@ -14,18 +14,39 @@ type Item = Result<StreamUpdate, EngineError>;
 pub struct GenerateStream {
     rx: flume::Receiver<Item>,
     stream: Option<flume::r#async::RecvStream<'static, Item>>,
+    /// Set when the request was refused before it reached the engine (validation, KV budget).
+    rejected: bool,
 }
 
 impl GenerateStream {
     pub(crate) fn new(rx: flume::Receiver<Item>) -> Self {
-        Self { rx, stream: None }
+        Self {
+            rx,
+            stream: None,
+            rejected: false,
+        }
     }
 
     /// A stream that yields one error and ends.
     pub(crate) fn failed(err: EngineError) -> Self {
         let (tx, rx) = flume::bounded(1);
         let _ = tx.send(Err(err));
-        Self::new(rx)
+        Self {
+            rejected: true,
+            ..Self::new(rx)
+        }
+    }
+
+    /// The error of a request refused at submit (invalid parameters, a KV reservation that can
+    /// never fit, an engine that has shut down), taken out of the stream; `None` for a request
+    /// the engine accepted. Servers call it before they start a response, so a bad streaming
+    /// request gets the same 4xx as the same body without `stream`.
+    pub fn take_rejection(&mut self) -> Option<EngineError> {
+        if !self.rejected {
+            return None;
+        }
+        self.rejected = false;
+        self.rx.try_recv().ok().and_then(Result::err)
     }
 
     /// Blocks until the next update; `None` once the request is over.

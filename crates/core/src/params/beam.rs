@@ -57,6 +57,16 @@ impl BeamSearchParams {
                 format!("must be a finite number >= 0, got {}", self.temperature),
             ));
         }
+        if self.temperature > 0.0 && !(1.0 / self.temperature).is_finite() {
+            return Err(ValidationError::field(
+                "temperature",
+                format!(
+                    "must be 0 or at least {:e} (its inverse scales the logits), got {:e}",
+                    1.0 / f32::MAX,
+                    self.temperature
+                ),
+            ));
+        }
         if !self.length_penalty.is_finite() {
             return Err(ValidationError::field(
                 "length_penalty",

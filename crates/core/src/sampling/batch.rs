@@ -2,6 +2,7 @@
 //! sampling knobs and state, so one call samples a whole batch of rows whose requests differ.
 //! Slots are inserted and removed as requests come and go; rows are sampled in parallel.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use crate::TokenId;
@@ -96,17 +97,37 @@ impl SamplingBatch {
     }
 
     /// Samples every row (in parallel when the batch is large) and records the tokens.
+    ///
+    /// Panics if sampling a row panicked (see [`SamplingBatch::try_sample`], which the engine
+    /// uses, for the form that reports it per row).
     pub fn sample(&mut self, rows: &[BatchRow<'_>]) -> Vec<SampledToken> {
-        let mut rngs: Vec<SeqRng> = rows.iter().map(|r| self.rng[r.slot].clone()).collect();
+        self.try_sample(rows)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|msg| panic!("sampling a row panicked: {msg}")))
+            .collect()
+    }
+
+    /// Samples every row (in parallel when the batch is large) and records the tokens of the
+    /// rows that succeeded. A row whose sampling panicked (e.g. a logits row that does not
+    /// match its slot's state) is `Err(panic message)`; its slot's random stream and history
+    /// are left as they were, and the other rows are unaffected.
+    pub fn try_sample(&mut self, rows: &[BatchRow<'_>]) -> Vec<Result<SampledToken, String>> {
+        let mut rngs: Vec<SeqRng> = rows
+            .iter()
+            .map(|r| self.rng.get(r.slot).cloned().unwrap_or(SeqRng::new(0, 0)))
+            .collect();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(rows.len().div_ceil(ROWS_PER_THREAD))
             .max(1);
         let this = &*self;
-        let out: Vec<SampledToken> = if threads == 1 {
+        let guarded = |row: &BatchRow<'_>, rng: &mut SeqRng| {
+            catch_unwind(AssertUnwindSafe(|| this.sample_row(row, rng))).map_err(panic_message)
+        };
+        let out: Vec<Result<SampledToken, String>> = if threads == 1 {
             rows.iter()
                 .zip(&mut rngs)
-                .map(|(row, rng)| this.sample_row(row, rng))
+                .map(|(row, rng)| guarded(row, rng))
                 .collect()
         } else {
             let per = rows.len().div_ceil(threads);
@@ -115,23 +136,34 @@ impl SamplingBatch {
                     .chunks(per)
                     .zip(rngs.chunks_mut(per))
                     .map(|(rows, rngs)| {
-                        scope.spawn(move || {
+                        let n = rows.len();
+                        let handle = scope.spawn(move || {
                             rows.iter()
                                 .zip(rngs)
-                                .map(|(row, rng)| this.sample_row(row, rng))
+                                .map(|(row, rng)| guarded(row, rng))
                                 .collect::<Vec<_>>()
-                        })
+                        });
+                        (n, handle)
                     })
                     .collect();
                 handles
                     .into_iter()
-                    .flat_map(|h| h.join().expect("sampling does not panic"))
+                    .flat_map(|(n, h)| {
+                        // Each row is guarded, so a helper thread only fails if something
+                        // outside the rows panicked: then all of its rows failed.
+                        h.join().unwrap_or_else(|panic| {
+                            let msg = panic_message(panic);
+                            vec![Err(msg); n]
+                        })
+                    })
                     .collect()
             })
         };
         for ((row, rng), s) in rows.iter().zip(rngs).zip(&out) {
-            self.rng[row.slot] = rng;
-            self.history[row.slot].push(s.token);
+            if let Ok(s) = s {
+                self.rng[row.slot] = rng;
+                self.history[row.slot].push(s.token);
+            }
         }
         out
     }
@@ -149,6 +181,15 @@ impl SamplingBatch {
         }
         sample_processed(row.logits, Some(&processed), self.knobs[row.slot], rng)
     }
+}
+
+/// The message of a caught panic (`&str` or `String` payloads; anything else is "unknown").
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[cfg(test)]
@@ -203,6 +244,37 @@ mod tests {
         }
         batch.remove(3);
         assert!(batch.history(3).output().is_empty());
+    }
+
+    #[test]
+    fn a_row_whose_sampling_panics_fails_alone() {
+        let p = SamplingParams::greedy(1);
+        let good: Vec<f32> = (0..8).map(|j| j as f32).collect();
+        // An empty row (a backend whose rows do not match the vocabulary) has no argmax.
+        let empty: Vec<f32> = Vec::new();
+        for rows_per_kind in [1, 8] {
+            let mut batch = SamplingBatch::new(32);
+            let mut rows = Vec::new();
+            for i in 0..2 * rows_per_kind {
+                batch.insert(i, slot(&p, i as u64));
+                rows.push(BatchRow {
+                    slot: i,
+                    logits: if i % 2 == 0 { &good } else { &empty },
+                    mask: None,
+                });
+            }
+            let out = batch.try_sample(&rows);
+            assert_eq!(out.len(), rows.len());
+            for (i, r) in out.iter().enumerate() {
+                if i % 2 == 0 {
+                    assert_eq!(r.as_ref().map(|s| s.token), Ok(7), "row {i}");
+                    assert_eq!(batch.history(i).output(), &[7]);
+                } else {
+                    assert!(r.is_err(), "row {i}: {r:?}");
+                    assert!(batch.history(i).output().is_empty());
+                }
+            }
+        }
     }
 
     #[test]

@@ -60,7 +60,9 @@ pub fn sample_processed(
 ) -> SampledToken {
     let raw_lse = logsumexp(raw);
     let row = processed.unwrap_or(raw);
-    if knobs.temperature <= 0.0 {
+    // A temperature so small that 1 / T overflows is greedy (the limit as T -> 0), not a
+    // distribution of NaN weights.
+    if knobs.temperature <= 0.0 || !(1.0 / knobs.temperature).is_finite() {
         let token = argmax(row);
         let row_lse = if processed.is_some() {
             logsumexp(row)
@@ -279,6 +281,19 @@ mod tests {
         assert_eq!(s.token, 3);
         assert!((s.logprob - crate::sampling::logprobs::token_logprob(&ROW, 3)).abs() < 1e-7);
         assert_eq!(s.processed_logprob, s.logprob);
+    }
+
+    #[test]
+    fn a_temperature_whose_inverse_overflows_is_greedy() {
+        // 1 / 1e-45 is +inf in f32: the draw would weigh every token NaN or 0.
+        let p = params(|p| p.temperature = 1e-45);
+        let c = draws(&ROW, &p, 50);
+        assert_eq!(c, vec![0, 0, 0, 50, 0]);
+        let s = sample_token(&ROW, &p, &mut SeqRng::new(0, 0));
+        assert!(
+            s.logprob.is_finite() && s.processed_logprob.is_finite(),
+            "{s:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::text::{TextCodec, TextError};
 
 /// Ids 0..=25 are `a`..=`z`, 26 is a space, 27/28 are the two bytes of "é", 29 "!", 30 "?",
 /// 31 (EOS) is the special `<eos>`.
-struct Letters;
+pub(super) struct Letters;
 
 impl TextCodec for Letters {
     fn encode(&self, text: &str) -> Result<Vec<TokenId>, TextError> {
@@ -42,8 +42,8 @@ impl TextCodec for Letters {
 }
 
 /// Allows only even ids, and EOS once four tokens were committed.
-struct EvenOnly {
-    committed: usize,
+pub(super) struct EvenOnly {
+    pub(super) committed: usize,
 }
 
 impl TokenConstraint for EvenOnly {
@@ -74,7 +74,7 @@ impl TokenConstraint for EvenOnly {
     }
 }
 
-struct EvenDecoder;
+pub(super) struct EvenDecoder;
 
 impl GuidedDecoder for EvenDecoder {
     fn compile(

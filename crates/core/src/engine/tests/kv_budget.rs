@@ -180,7 +180,7 @@ fn admission_leaves_room_for_a_growth_copy_so_no_admitted_request_fails() {
 }
 
 #[test]
-fn a_big_request_at_the_head_is_not_overtaken_by_small_ones() {
+fn a_big_request_at_the_head_is_not_overtaken_by_long_ones() {
     // Three slots of 4 + 200 positions fit; the big request (n = 3) needs all three.
     let (prompt, max_tokens) = (4, 200);
     let len = prompt + max_tokens;
@@ -203,9 +203,115 @@ fn a_big_request_at_the_head_is_not_overtaken_by_small_ones() {
     for p in later {
         p.wait().unwrap();
     }
-    // The small ones behind the big request fit beside the first, yet started after the big one.
+    // The ones behind the big request fit beside the first, yet started after the big one:
+    // each may run 200 steps, longer than the big one's bypass window.
+    assert!(max_tokens > crate::engine::budget::FAIR_BYPASS_WINDOW_STEPS);
     let order = counters.prefill_order.lock().unwrap().clone();
     assert_eq!(order, vec![1, 2, 3, 4, 5]);
+}
+
+/// The step at which the sequence whose prompt starts with `first` was prefilled (the `nth`
+/// such sequence).
+fn prefill_step(counters: &Counters, first: TokenId, nth: usize) -> usize {
+    let steps = counters.prefill_steps.lock().unwrap();
+    steps
+        .iter()
+        .filter(|(t, _)| *t == first)
+        .nth(nth)
+        .unwrap_or_else(|| panic!("no prefill {nth} of {first}: {steps:?}"))
+        .1
+}
+
+#[test]
+fn a_short_request_passes_a_big_one_blocked_on_the_budget() {
+    // The budget holds three slots of 4 + 200 positions: the first request holds one, so the
+    // big one (n = 3) waits for it to finish, 200 steps.
+    let (prompt, max_tokens) = (4, 200);
+    let len = prompt + max_tokens;
+    let budget = 3 * slot_bytes(len) + headroom(len);
+    let (e, counters, gate) = gated_engine(256, budget);
+    let request = |first: TokenId, n: usize, max_tokens: usize| {
+        let params = SamplingParams {
+            n,
+            ..sampled(1.0, first as u64, max_tokens)
+        };
+        e.generate(GenerateRequest::new(vec![first; prompt], params))
+    };
+    let running = request(1, 1, max_tokens);
+    let big = request(2, 3, max_tokens);
+    let short = request(3, 1, 2);
+    let long = request(4, 1, max_tokens);
+    drop(gate);
+    // The short request fits beside the first and ends within the bypass window: it passes
+    // the blocked big one and is done long before the first request ends.
+    assert_eq!(short.wait().unwrap().sequences[0].tokens.len(), 2);
+    assert!(prefill_step(&counters, 3, 0) <= 1);
+    running.wait().unwrap();
+    assert_eq!(big.wait().unwrap().sequences.len(), 3);
+    long.wait().unwrap();
+    // The long one may not pass; the big one started as soon as the first request was done
+    // (its prefill, then 199 decode steps), not a step later for the short one.
+    let order = counters.prefill_order.lock().unwrap().clone();
+    assert_eq!(order, vec![1, 3, 2, 4]);
+    assert_eq!(
+        prefill_step(&counters, 2, 0),
+        prefill_step(&counters, 1, 0) + max_tokens
+    );
+    let stats = e.stats().unwrap();
+    assert_eq!(
+        (stats.kv_reserved_bytes, stats.finished_requests_total),
+        (0, 4)
+    );
+}
+
+#[test]
+fn short_requests_pass_a_blocked_one_only_within_its_bypass_window() {
+    use crate::engine::budget::FAIR_BYPASS_WINDOW_STEPS as WINDOW;
+    // Slots are the limit: three in all. The first request holds one for 200 steps and the big
+    // one needs all three; a stream of short requests (8 tokens each) would keep two slots busy
+    // forever if they could always pass it.
+    let (backend, counters, gate) = FakeBackend::gated(256);
+    let config = EngineConfig {
+        max_num_seqs: 3,
+        max_num_batched_tokens: 64,
+        kv_budget_bytes: Some(1 << 30),
+    };
+    let e = Engine::start(backend, config).unwrap();
+    let request = |first: TokenId, n: usize, max_tokens: usize, seed: u64| {
+        let params = SamplingParams {
+            n,
+            ..sampled(1.0, seed, max_tokens)
+        };
+        e.generate(GenerateRequest::new(vec![first; 4], params))
+    };
+    let max_tokens = 200;
+    let running = request(1, 1, max_tokens, 1);
+    let big = request(2, 3, max_tokens, 2);
+    let shorts: Vec<_> = (0..60).map(|i| request(5, 1, 8, 10 + i)).collect();
+    drop(gate);
+    running.wait().unwrap();
+    assert_eq!(big.wait().unwrap().sequences.len(), 3);
+    for s in shorts {
+        assert_eq!(s.wait().unwrap().sequences[0].tokens.len(), 8);
+    }
+    let steps = counters.prefill_steps.lock().unwrap().clone();
+    let big_step = prefill_step(&counters, 2, 0);
+    let passed: Vec<usize> = steps
+        .iter()
+        .filter(|&&(t, step)| t == 5 && step < big_step)
+        .map(|&(_, step)| step)
+        .collect();
+    // Short ones passed, each admitted early enough to end (prefill + 8 steps) within the
+    // window; after it, none did, though slots were free until the first request ended.
+    assert!(passed.len() >= 2, "{steps:?}");
+    assert!(
+        passed.iter().all(|&step| step + 9 <= WINDOW + 1),
+        "{passed:?}"
+    );
+    assert!(passed.len() < 60, "some waited for the big one: {steps:?}");
+    // The big one started the step after the first request ended: nothing delayed it.
+    assert_eq!(big_step, prefill_step(&counters, 1, 0) + max_tokens);
+    assert_eq!(e.stats().unwrap().finished_requests_total, 62);
 }
 
 #[test]

@@ -29,6 +29,15 @@ struct Counters {
     peak_slots: AtomicUsize,
     /// The first prompt token of each sequence prefilled from position 0, in order.
     prefill_order: Mutex<Vec<TokenId>>,
+    /// `(first prompt token, step)` of each prefill from position 0: the step is the number
+    /// of forward passes before it.
+    prefill_steps: Mutex<Vec<(TokenId, usize)>>,
+    /// Forward passes started so far.
+    steps: AtomicUsize,
+    /// When set, the next `release` clears it and panics (a backend bug outside `forward`).
+    panic_on_release: std::sync::atomic::AtomicBool,
+    /// When set, `kv_usage` panics (kills the engine thread: used to test `Shutdown`).
+    panic_on_kv_usage: std::sync::atomic::AtomicBool,
 }
 
 /// One slot's fake KV: the tokens it caches, in storage that counts itself live while it exists.
@@ -85,6 +94,9 @@ impl KvStorage for FakeStore {
 /// Bytes one fake KV position costs.
 const KV_BYTES_PER_TOKEN: u64 = 1024;
 
+/// Given a slot's history, the value to fill its logits row with (`None`: the model's row).
+type RowOverride = fn(&[TokenId]) -> Option<f32>;
+
 /// A backend whose KV state is the token history, kept in a [`KvTable`] (granule growth, byte
 /// budget) like the real backends'.
 struct FakeBackend {
@@ -94,6 +106,12 @@ struct FakeBackend {
     counters: Arc<Counters>,
     /// When set, each forward pass waits for a permit; dropping the sender opens the gate.
     gate: Option<flume::Receiver<()>>,
+    /// Whether a chunk holding [`POISON`] fails the forward.
+    poison: bool,
+    /// Overrides every value of a logits row: given the slot's history, `Some(value)`.
+    bad_rows: Option<RowOverride>,
+    /// Each forward pass sleeps this long first (a long prefill).
+    delay: Option<std::time::Duration>,
 }
 
 impl FakeBackend {
@@ -116,6 +134,9 @@ impl FakeBackend {
                 },
                 counters: counters.clone(),
                 gate: None,
+                poison: true,
+                bad_rows: None,
+                delay: None,
             },
             counters,
         )
@@ -167,9 +188,13 @@ impl Backend for FakeBackend {
         {
             self.gate = None;
         }
+        let step = self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        if let Some(delay) = self.delay {
+            std::thread::sleep(delay);
+        }
         let mut data = Vec::new();
         for c in &batch.chunks {
-            if c.tokens.contains(&POISON) {
+            if self.poison && c.tokens.contains(&POISON) {
                 return Err(BackendError::Runtime {
                     runtime: "fake",
                     message: "poisoned".into(),
@@ -186,6 +211,8 @@ impl Backend for FakeBackend {
             if c.start_pos == 0 {
                 let mut order = self.counters.prefill_order.lock().unwrap();
                 order.push(c.tokens[0]);
+                let mut steps = self.counters.prefill_steps.lock().unwrap();
+                steps.push((c.tokens[0], step));
             }
             self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
             self.counters
@@ -199,7 +226,11 @@ impl Backend for FakeBackend {
             for (i, &t) in c.tokens.iter().enumerate() {
                 hist.push(t);
                 if i + rows >= c.tokens.len() {
-                    data.extend(fake_logits(hist));
+                    let mut row = fake_logits(hist);
+                    if let Some(value) = self.bad_rows.and_then(|f| f(hist)) {
+                        row.fill(value);
+                    }
+                    data.extend(row);
                 }
             }
             self.kv.advance(c.slot, c.tokens.len());
@@ -208,6 +239,13 @@ impl Backend for FakeBackend {
     }
 
     fn release(&mut self, slot: SlotId) {
+        if self
+            .counters
+            .panic_on_release
+            .swap(false, Ordering::Relaxed)
+        {
+            panic!("fake release bug");
+        }
         self.kv.release(slot);
     }
 
@@ -225,6 +263,9 @@ impl Backend for FakeBackend {
     }
 
     fn kv_usage(&self) -> KvUsage {
+        if self.counters.panic_on_kv_usage.load(Ordering::Relaxed) {
+            panic!("fake kv_usage bug");
+        }
         self.kv.usage()
     }
 
@@ -612,4 +653,6 @@ fn pending_block_on<F: std::future::Future>(fut: F) -> F::Output {
 }
 
 mod fields;
+mod hostile;
 mod kv_budget;
+mod props;
