@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod fields;
 pub mod llama;
 pub mod plan;
 
