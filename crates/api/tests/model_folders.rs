@@ -363,3 +363,42 @@ fn nan_weights_exit_1_saying_the_logits_are_not_finite() {
     write_safetensors(&weights, &header, &data);
     both_fail("NaN weights", &f.0, &["produced NaN logits"]);
 }
+
+#[test]
+fn serve_on_a_lying_folder_exits_1_instead_of_listening() {
+    let f = Folder::tiny();
+    f.set("rms_norm_eps", json!(-1));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_infermux"))
+        .args([
+            "serve",
+            "--model",
+            f.0.to_str().unwrap(),
+            "--backend",
+            "candle",
+        ])
+        .args(["--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running infermux serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("infermux serve kept running on a folder whose config lies");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rms_norm_eps is -1"), "{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "{stderr}"
+    );
+}
