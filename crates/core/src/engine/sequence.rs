@@ -178,7 +178,9 @@ impl Seq {
         let text = detok.text();
         let end = match self.text_limit {
             Some(end) => end,
-            None => text.len() - job.stop.as_ref().map_or(0, |s| s.holdback(text)),
+            None => text
+                .len()
+                .saturating_sub(job.stop.as_ref().map_or(0, |s| s.holdback(text))),
         };
         &text[..end]
     }
@@ -203,7 +205,14 @@ impl Seq {
             logprobs: out.logprobs[t0..].to_vec(),
             processed_logprobs: out.processed_logprobs.as_ref().map(|p| p[t0..].to_vec()),
             top_logprobs: out.top_logprobs.as_ref().map(|p| p[t0..].to_vec()),
-            text: self.visible_text(job)[b0..].to_string(),
+            // A stop pattern can match text that was already streamed (only stop strings are
+            // held back): the final text is then shorter than what was sent, and a delta
+            // has nothing new to add.
+            text: self
+                .visible_text(job)
+                .get(b0..)
+                .unwrap_or_default()
+                .to_string(),
             finish_reason: self.done.then_some(out.finish_reason),
             stop_reason: if self.done {
                 out.stop_reason.clone()

@@ -17,7 +17,7 @@ use crate::guided::GuidedDecodingParams;
 
 pub use beam::BeamSearchParams;
 pub use generation_config::GenerationConfig;
-pub use validate::MAX_TOP_LOGPROBS;
+pub use validate::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
 
 /// Which log-probabilities a sampled token carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -55,6 +55,18 @@ fn each_bad_field_is_named() {
     assert_eq!(bad(|p| p.stop = vec![String::new()]), "stop");
     assert_eq!(bad(|p| p.stop_pattern = Some("(".into())), "stop_pattern");
     assert_eq!(bad(|p| p.bad_words = vec![" ".into()]), "bad_words");
+    assert_eq!(bad(|p| p.stop = vec!["x".into(); 1025]), "stop");
+    assert_eq!(bad(|p| p.stop = vec!["x".repeat(4097)]), "stop");
+    assert_eq!(bad(|p| p.bad_words = vec!["x".into(); 1025]), "bad_words");
+    assert_eq!(bad(|p| p.bad_words = vec!["x".repeat(4097)]), "bad_words");
+    for ok in [vec!["x".into(); 1024], vec!["x".repeat(4096)]] {
+        let p = SamplingParams {
+            stop: ok.clone(),
+            bad_words: ok,
+            ..SamplingParams::default()
+        };
+        p.validate().unwrap();
+    }
     assert_eq!(bad(|p| p.max_tokens = Some(0)), "max_tokens");
     assert_eq!(bad(|p| p.min_tokens = 17), "min_tokens");
     assert_eq!(bad(|p| p.logprobs = Some(MAX_TOP_LOGPROBS + 1)), "logprobs");

@@ -7,6 +7,13 @@ use crate::error::ValidationError;
 /// Largest top-logprobs count a request may ask for, per token.
 pub const MAX_TOP_LOGPROBS: usize = 1024;
 
+/// Most stop strings (and, separately, bad words) a request may list: each is matched against
+/// every token's text, so the list is per-token work.
+pub const MAX_STOP_STRINGS: usize = 1024;
+
+/// Longest stop string or bad word, in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 4096;
+
 /// Largest compiled size of a `stop_pattern` regex, in bytes.
 const STOP_PATTERN_SIZE_LIMIT: usize = 1 << 20;
 
@@ -62,6 +69,23 @@ impl SamplingParams {
         in_range("min_p", self.min_p, 0.0, 1.0)?;
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty");
+        }
+        for (field, list) in [("stop", &self.stop), ("bad_words", &self.bad_words)] {
+            if list.len() > MAX_STOP_STRINGS {
+                return bad(
+                    field,
+                    format!("at most {MAX_STOP_STRINGS} entries, got {}", list.len()),
+                );
+            }
+            if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+                return bad(
+                    field,
+                    format!(
+                        "entries are at most {MAX_STOP_STRING_BYTES} bytes, got one of {}",
+                        long.len()
+                    ),
+                );
+            }
         }
         if let Some(pattern) = &self.stop_pattern {
             compile_stop_pattern(pattern)?;

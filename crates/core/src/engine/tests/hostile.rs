@@ -9,7 +9,7 @@ use super::fields::{EvenDecoder, Letters};
 use super::*;
 use crate::engine::BeamSearchRequest;
 use crate::guided::{GuidedDecoder, GuidedDecodingParams, GuidedError, TokenConstraint, TokenMask};
-use crate::params::BeamSearchParams;
+use crate::params::{BeamSearchParams, OutputKind};
 
 /// Every slot is free, nothing is reserved, allocated, running or waiting.
 fn assert_all_free(e: &Engine) {
@@ -566,5 +566,62 @@ fn streams_refused_at_submit_hand_their_error_to_take_rejection() {
     let updates: Vec<StreamUpdate> = ok.map(Result::unwrap).collect();
     assert!(updates.last().unwrap().finished);
     assert_eq!(updates.last().unwrap().sequences[0].tokens.len(), 4);
+    assert_all_free(&e);
+}
+
+#[test]
+fn a_stop_pattern_that_cuts_streamed_text_ends_the_stream_cleanly() {
+    let (backend, _) = FakeBackend::new(64);
+    let tools = EngineTools {
+        codec: Some(Arc::new(Letters)),
+        guided: None,
+    };
+    let e = Engine::start_with(backend, EngineConfig::default(), tools).unwrap();
+    // Letters only, so every token is text; the pattern first matches at the third letter,
+    // from the start of text the stream has already shown.
+    let params = SamplingParams {
+        stop_pattern: Some("[a-z]{3}".into()),
+        allowed_token_ids: Some((0..26).collect()),
+        output_kind: OutputKind::Delta,
+        ..sampled(1.0, 5, 10)
+    };
+    for kind in [OutputKind::Delta, OutputKind::Cumulative] {
+        let params = SamplingParams {
+            output_kind: kind,
+            ..params.clone()
+        };
+        let updates: Vec<StreamUpdate> = e
+            .generate_stream(GenerateRequest::new(vec![1, 2], params.clone()))
+            .map(Result::unwrap)
+            .collect();
+        let last = updates.last().unwrap();
+        assert!(last.finished, "{updates:?}");
+        let seq = &last.sequences[0];
+        assert_eq!(
+            seq.finish_reason,
+            Some(FinishReason::StopString),
+            "{updates:?}"
+        );
+        assert_eq!(
+            seq.tokens.len(),
+            if kind == OutputKind::Delta { 1 } else { 3 }
+        );
+        let streamed: String = updates
+            .iter()
+            .flat_map(|u| &u.sequences)
+            .map(|s| s.text.as_str())
+            .collect();
+        assert!(!streamed.is_empty(), "text was shown before the match");
+        // The final reply agrees with the non-streamed request: the match is cut.
+        let out = e
+            .generate(GenerateRequest::new(vec![1, 2], params))
+            .wait()
+            .unwrap();
+        assert_eq!(out.sequences[0].text.as_deref(), Some(""));
+        if kind == OutputKind::Cumulative {
+            assert_eq!(seq.text, "");
+        }
+    }
+    assert_serves(&e);
     assert_all_free(&e);
 }
