@@ -450,6 +450,7 @@ fn stats_answer_at_once_during_a_long_forward() {
         slowest < Duration::from_millis(50),
         "stats took {slowest:?}"
     );
+    eprintln!("stats during a 2 s forward: slowest of 100 calls {slowest:?}");
     let stats = stats.unwrap();
     // Published after admission, before the forward: the request shows as running.
     assert_eq!(
