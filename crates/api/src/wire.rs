@@ -2,11 +2,17 @@
 //! shared by the server and the remote client so both sides agree by construction.
 
 use infermux_core::{ModelInput, SamplingParams};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Body of `POST /v1/sample` (Tinker's `sample` arguments). The reply is a
 /// [`SampleResponse`](crate::SampleResponse).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `num_samples` is the sample count; `sampling_params.n` is not a second one. A body that
+/// sets `sampling_params.n` explicitly to another value is refused (400 naming
+/// `sampling_params.n`, see [`SampleRequest::conflicting_n`]) rather than silently ignored;
+/// serializing writes `sampling_params.n = num_samples`, so this crate's own client never
+/// conflicts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SampleRequest {
     /// The prompt, as token chunks.
@@ -27,6 +33,54 @@ pub struct SampleRequest {
 
 fn one() -> usize {
     1
+}
+
+impl SampleRequest {
+    /// `sampling_params.n` when `raw` (the JSON this request was read from) sets it explicitly
+    /// to a value other than `num_samples`: a conflict the server rejects.
+    pub fn conflicting_n(&self, raw: &[u8]) -> Option<usize> {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default)]
+            sampling_params: Option<Params>,
+        }
+        #[derive(Deserialize)]
+        struct Params {
+            #[serde(default)]
+            n: Option<serde::de::IgnoredAny>,
+        }
+        let explicit = serde_json::from_slice::<Body>(raw)
+            .ok()
+            .and_then(|b| b.sampling_params)
+            .is_some_and(|p| p.n.is_some());
+        (explicit && self.sampling_params.n != self.num_samples).then_some(self.sampling_params.n)
+    }
+}
+
+impl Serialize for SampleRequest {
+    /// The fields as declared, with `sampling_params.n` set to `num_samples` (the one count).
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            prompt: &'a ModelInput,
+            num_samples: usize,
+            sampling_params: &'a SamplingParams,
+            include_prompt_logprobs: bool,
+            topk_prompt_logprobs: usize,
+        }
+        let params = SamplingParams {
+            n: self.num_samples,
+            ..self.sampling_params.clone()
+        };
+        Wire {
+            prompt: &self.prompt,
+            num_samples: self.num_samples,
+            sampling_params: &params,
+            include_prompt_logprobs: self.include_prompt_logprobs,
+            topk_prompt_logprobs: self.topk_prompt_logprobs,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Body of `POST /v1/compute_logprobs`.
@@ -65,4 +119,45 @@ pub struct ErrorDetail {
     /// A machine-readable code, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> SampleRequest {
+        serde_json::from_str(raw).unwrap()
+    }
+
+    #[test]
+    fn an_explicit_n_other_than_num_samples_conflicts() {
+        let prompt = r#""prompt": {"chunks": []}"#;
+        for (body, conflict) in [
+            (format!(r#"{{{prompt}, "num_samples": 2}}"#), None),
+            (
+                format!(r#"{{{prompt}, "num_samples": 2, "sampling_params": {{"n": 2}}}}"#),
+                None,
+            ),
+            (
+                format!(r#"{{{prompt}, "num_samples": 2, "sampling_params": {{"n": 3}}}}"#),
+                Some(3),
+            ),
+            (
+                format!(r#"{{{prompt}, "sampling_params": {{"n": 4, "max_tokens": 1}}}}"#),
+                Some(4),
+            ),
+        ] {
+            let req = parse(&body);
+            assert_eq!(req.conflicting_n(body.as_bytes()), conflict, "{body}");
+        }
+        // What this crate sends never conflicts.
+        let req = SampleRequest {
+            num_samples: 5,
+            ..parse(&format!("{{{prompt}}}"))
+        };
+        let sent = serde_json::to_vec(&req).unwrap();
+        let back: SampleRequest = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(back.conflicting_n(&sent), None);
+        assert_eq!((back.num_samples, back.sampling_params.n), (5, 5));
+    }
 }

@@ -201,3 +201,103 @@ fn stop_logprobs_guided_and_beam_flags() {
     };
     assert!(score(&beams[0]) >= score(&beams[2]));
 }
+
+/// Runs `infermux` with exactly `args` (no model flags added).
+fn infermux_raw(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infermux"))
+        .args(args)
+        .output()
+        .expect("running infermux")
+}
+
+#[test]
+fn huge_numbers_in_every_flag_are_usage_errors_or_refusals_never_panics() {
+    const MAX: &str = "18446744073709551615";
+    const PAST: &str = "18446744073709551616";
+    let prompt = ["--prompt-tokens", "504,3575"];
+    // (extra flags of `sample`, expected exit code, a word stderr must contain)
+    let sample_cases: &[(&[&str], i32, &str)] = &[
+        (&["--max-tokens", MAX], 1, "max_tokens"),
+        (&["--max-tokens", PAST], 2, "--max-tokens"),
+        (&["--max-tokens", "-1"], 2, "--max-tokens"),
+        (&["--max-tokens", "2", "--num-samples", MAX], 1, "n"),
+        (&["--max-tokens", "2", "--logprobs", MAX], 1, "logprobs"),
+        (&["--max-tokens", "2", "--beam-width", MAX], 1, "beam_width"),
+        (&["--max-tokens", MAX, "--beam-width", "2"], 1, "max_tokens"),
+        (
+            &["--max-tokens", "2", "--top-k", "99999999999"],
+            2,
+            "--top-k",
+        ),
+        (
+            &["--max-tokens", "2", "--temperature", "1e39"],
+            1,
+            "temperature",
+        ),
+        (&["--max-tokens", "2", "--top-p", "1e39"], 1, "top_p"),
+        (&["--max-tokens", "2", "--min-p", "NaN"], 1, "min_p"),
+        (&["--max-tokens", "2", "--seed", PAST], 2, "--seed"),
+    ];
+    let mut failures = Vec::new();
+    let mut check = |args: Vec<&str>, code: i32, word: &str, out: Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() != Some(code) || !stderr.contains(word) {
+            failures.push(format!(
+                "{args:?}: exit {:?} (want {code}), stderr: {}",
+                out.status.code(),
+                stderr.trim()
+            ));
+        }
+    };
+    for (extra, code, word) in sample_cases {
+        let args: Vec<&str> = ["sample"]
+            .iter()
+            .chain(prompt.iter())
+            .chain(extra.iter())
+            .copied()
+            .collect();
+        let out = infermux(&args);
+        check(args, *code, word, out);
+    }
+    let ids_past_u32 = [
+        "sample",
+        "--prompt-tokens",
+        "4294967296",
+        "--max-tokens",
+        "2",
+    ];
+    check(
+        ids_past_u32.to_vec(),
+        2,
+        "--prompt-tokens",
+        infermux(&ids_past_u32),
+    );
+    let ids_past_vocab = ["logprobs", "--prompt-tokens", "1,4294967295"];
+    check(
+        ids_past_vocab.to_vec(),
+        1,
+        "out of range",
+        infermux(&ids_past_vocab),
+    );
+
+    let model = model_dir();
+    let model = model.to_str().unwrap();
+    for (flag, value) in [
+        ("--port", "65536"),
+        ("--max-num-seqs", MAX),
+        ("--max-num-seqs", "0"),
+        ("--max-num-batched-tokens", MAX),
+        ("--max-concurrent-requests", MAX),
+        ("--max-sequences-per-request", PAST),
+        ("--max-queue", MAX),
+        ("--max-body-bytes", MAX),
+        ("--request-timeout-secs", MAX),
+        ("--sse-keep-alive-secs", MAX),
+        ("--kv-cache-memory-bytes", "99999999999T"),
+    ] {
+        let args = vec!["serve", "--model", model, flag, value];
+        let out = infermux_raw(&args);
+        check(args, 2, flag, out);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use infermux_core::{
-    FinishReason, GuidedDecodingParams, ModelInput, OutputKind, SamplingParams, TokenId,
-    TopLogprobs,
+    EngineError, FinishReason, GenerateStream, GuidedDecodingParams, ModelInput, OutputKind,
+    SamplingParams, TokenId, TopLogprobs, ValidationError,
 };
 
 use super::error::ApiError;
@@ -17,8 +17,111 @@ use super::openai::{
 };
 use crate::{ChatMessage, SamplingClient, Tokenizer};
 
-/// Most top alternatives chat `top_logprobs` may ask for (OpenAI's limit).
-const MAX_CHAT_TOP_LOGPROBS: usize = 20;
+/// Most top alternatives chat `top_logprobs` and completions `logprobs` may ask for (OpenAI's
+/// chat limit, vLLM's default `max_logprobs`).
+pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Runs `f` on tokio's blocking pool: request preparation (tokenizing, chat templates, stop and
+/// grammar compilation, up to the grammar engine's compile limit) must not stall the async
+/// workers that serve every other connection.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        if e.is_panic() {
+            ApiError::internal("preparing the request panicked")
+        } else {
+            ApiError::internal("the server is shutting down")
+        }
+    })
+}
+
+/// Submits one prompt as an engine stream, prepared off the async workers; a request the
+/// engine refuses at submit (validation, KV budget, shutdown) is the error, before any output.
+pub(crate) async fn submit_stream(
+    client: &SamplingClient,
+    prompt: Vec<TokenId>,
+    params: SamplingParams,
+) -> Result<GenerateStream, ApiError> {
+    let client = client.clone();
+    let mut stream =
+        blocking(move || client.sample_stream(ModelInput::from_ints(prompt), params)).await?;
+    match stream.take_rejection() {
+        Some(err) => Err(ApiError::from_engine(&err)),
+        None => Ok(stream),
+    }
+}
+
+/// The checks the engine would make of each prompt that do not depend on the request's
+/// parameters (empty, token ids past the vocabulary), made for all prompts before any is
+/// submitted, so that a request whose later prompts are submitted later still fails up front.
+pub(crate) fn check_prompts(prompts: &[Prompt], vocab_size: usize) -> Result<(), ApiError> {
+    for p in prompts {
+        if p.tokens.is_empty() {
+            return Err(EngineError::from(ValidationError::EmptyPrompt).into());
+        }
+        if let Some((position, &token)) = p
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab_size)
+        {
+            let err = ValidationError::TokenOutOfRange {
+                token,
+                position,
+                vocab_size,
+            };
+            return Err(EngineError::from(err).into());
+        }
+    }
+    Ok(())
+}
+
+/// The order to submit `prompts` in: the longest first (if it fits the context and the KV
+/// budget, every other does, so those rejections come before any output), then the rest in
+/// their order.
+pub(crate) fn submission_order(prompts: &[Prompt]) -> Vec<usize> {
+    let longest = (0..prompts.len())
+        .max_by_key(|&i| (prompts[i].tokens.len(), std::cmp::Reverse(i)))
+        .unwrap_or(0);
+    std::iter::once(longest)
+        .chain((0..prompts.len()).filter(|&i| i != longest))
+        .collect()
+}
+
+/// Prompts of one request kept in the engine at once: half of the engine's sequence slots
+/// (at least one prompt), so a later request finds free slots and enters the engine at once.
+pub(crate) fn prompt_window(max_num_seqs: usize, samples: usize) -> usize {
+    ((max_num_seqs / 2).max(1) / samples.max(1)).max(1)
+}
+
+/// Rejects a request of `prompts` × `samples` sequences past `cap` (naming `prompt` when the
+/// prompt count alone exceeds it, else `samples_field`).
+pub(crate) fn check_sequences(
+    prompts: usize,
+    samples: usize,
+    cap: usize,
+    samples_field: &str,
+) -> Result<(), ApiError> {
+    if prompts > cap {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "at most {cap} prompts per request (--max-sequences-per-request), got {prompts}"
+            ),
+        ));
+    }
+    match prompts.checked_mul(samples) {
+        Some(total) if total <= cap => Ok(()),
+        total => Err(ApiError::invalid(
+            samples_field,
+            format!(
+                "{prompts} prompt(s) × {samples} samples = {} sequences, more than the {cap} per request (--max-sequences-per-request)",
+                total.map_or_else(|| "too many".to_string(), |t| t.to_string())
+            ),
+        )),
+    }
+}
 
 /// The engine parameters of a request's shared fields; `max_tokens` as resolved by the caller.
 pub(crate) fn sampling_params(
@@ -199,9 +302,9 @@ pub(crate) fn chat_logprobs_count(
     top: Option<usize>,
 ) -> Result<Option<usize>, ApiError> {
     match (logprobs.unwrap_or(false), top) {
-        (_, Some(k)) if k > MAX_CHAT_TOP_LOGPROBS => Err(ApiError::invalid(
+        (_, Some(k)) if k > MAX_TOP_LOGPROBS => Err(ApiError::invalid(
             "top_logprobs",
-            format!("`top_logprobs` must be at most {MAX_CHAT_TOP_LOGPROBS}, got {k}"),
+            format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}"),
         )),
         (false, Some(k)) if k > 0 => Err(ApiError::invalid(
             "top_logprobs",
@@ -252,9 +355,10 @@ pub(crate) async fn generate(
         .truncate_prompt_tokens
         .map_or(prompt.len(), |k| k.min(prompt.len()));
     if params.samples_drawn() > n {
-        let r = client
-            .sample(ModelInput::from_ints(prompt), n, params, false, 0)
-            .await?;
+        let c = client.clone();
+        let reply =
+            blocking(move || c.sample(ModelInput::from_ints(prompt), n, params, false, 0)).await?;
+        let r = reply.await?;
         metrics.ttft.observe(arrived.elapsed());
         return Ok(Generation {
             prompt_len,
@@ -274,7 +378,7 @@ pub(crate) async fn generate(
         });
     }
     params.output_kind = OutputKind::Delta;
-    let mut stream = client.sample_stream(ModelInput::from_ints(prompt), params);
+    let mut stream = submit_stream(client, prompt, params).await?;
     let mut out = Generation {
         prompt_len,
         choices: vec![ChoiceOut::default(); n],

@@ -2,7 +2,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use infermux_core::{EngineError, ValidationError};
+use infermux_core::{EngineError, GuidedError, ValidationError};
 
 use crate::Error;
 use crate::wire::{ErrorBody, ErrorDetail};
@@ -119,6 +119,31 @@ impl ApiError {
         .with_code("request_timeout")
     }
 
+    /// An error reply of `status` without a field to blame (what hyper, the router or a panic
+    /// left without a body): `invalid_request_error` for 4xx, `server_error` for 5xx.
+    pub fn status(status: StatusCode, message: impl Into<String>) -> Self {
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let code = status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+            .replace([' ', '-'], "_");
+        Self::new(status, kind, message.into(), None).with_code(&code)
+    }
+
+    /// 405: `method` is not served on `path`.
+    pub fn method_not_allowed(method: &str, path: &str, allowed: Option<&str>) -> Self {
+        let allowed = allowed.map_or_else(String::new, |a| format!(" (allowed: {a})"));
+        Self::status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} is not allowed on {path}{allowed}"),
+        )
+    }
+
     /// 500: the engine failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
@@ -151,6 +176,10 @@ impl ApiError {
     pub fn from_engine(err: &EngineError) -> Self {
         match err {
             EngineError::Invalid(v) => Self::invalid(param_of(v), v.to_string()),
+            // A grammar past the grammar engine's limits (found while decoding) is the client's.
+            EngineError::Guided(GuidedError::Invalid { .. }) => {
+                Self::invalid("guided_decoding", err.to_string())
+            }
             _ => Self::internal(err.to_string()),
         }
     }
@@ -168,7 +197,6 @@ impl ApiError {
 fn param_of(err: &ValidationError) -> &'static str {
     match err {
         ValidationError::InvalidField { field, .. } => match *field {
-            "guided_decoding" => "response_format",
             "topk_prompt_logprobs" => "logprobs",
             other => other,
         },

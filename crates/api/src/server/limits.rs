@@ -1,4 +1,8 @@
 //! Request limits: body size, concurrency with a bounded waiting queue, per-request timeout.
+//!
+//! Admission counts sequences, not requests: a request weighs the sequences it keeps in the
+//! engine at once (prompts in its submission window × samples drawn per prompt), so one request
+//! with hundreds of prompts takes as many places as it uses and cannot pass for one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,39 +17,62 @@ use super::error::ApiError;
 /// What one server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Generation requests served at once (the engine batches them); more wait in the queue.
+    /// Admission places: sequences served at once, summed over requests (a request weighs the
+    /// sequences it keeps in the engine at once; a plain one weighs 1). More wait in the queue.
     pub max_concurrent_requests: usize,
+    /// Most sequences one request may ask for (prompts × samples drawn); 400 beyond.
+    pub max_sequences_per_request: usize,
     /// Requests that may wait for a concurrency slot; past that the server answers 429.
     pub max_queue: usize,
     /// Largest request body, in bytes (413 beyond).
     pub max_body_bytes: usize,
     /// Wall-clock limit of one request, queueing included (504 beyond); `None`: no limit.
     pub request_timeout: Option<Duration>,
+    /// Interval of SSE keep-alive comments while a stream has nothing to send (waiting in the
+    /// engine's queue, behind a long prefill); `None`: none.
+    pub sse_keep_alive: Option<Duration>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_concurrent_requests: 64,
+            max_sequences_per_request: 256,
             max_queue: 256,
             max_body_bytes: 8 << 20,
             request_timeout: Some(Duration::from_secs(600)),
+            sse_keep_alive: Some(Duration::from_secs(15)),
         }
     }
 }
 
-/// Admission control: a semaphore of `max_concurrent_requests` permits and a bounded queue.
+/// Most places one request can hold (tokio's semaphores take `u32` permit counts).
+const MAX_PLACES: usize = 1 << 24;
+
+/// Admission control: a semaphore of `max_concurrent_requests` places and a bounded queue.
 #[derive(Debug)]
 pub(crate) struct Admission {
     permits: Arc<Semaphore>,
     capacity: usize,
+    /// Requests holding places now.
+    running: Arc<AtomicUsize>,
     queued: AtomicUsize,
     max_queue: usize,
     timeout: Option<Duration>,
 }
 
-/// A held concurrency slot; dropping it admits the next queued request.
-pub(crate) type Permit = OwnedSemaphorePermit;
+/// A request's held places; dropping it admits the next queued requests.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    _places: OwnedSemaphorePermit,
+    running: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Decrements the queue count when a waiting request leaves the queue (admitted or dropped).
 struct Queued<'a>(&'a AtomicUsize);
@@ -58,45 +85,61 @@ impl Drop for Queued<'_> {
 
 impl Admission {
     pub(crate) fn new(limits: &Limits) -> Self {
-        let capacity = limits.max_concurrent_requests.max(1);
+        let capacity = limits.max_concurrent_requests.clamp(1, MAX_PLACES);
         Self {
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
+            running: Arc::default(),
             queued: AtomicUsize::new(0),
             max_queue: limits.max_queue,
             timeout: limits.request_timeout,
         }
     }
 
-    /// The deadline of a request that starts now.
+    /// The deadline of a request that starts now (none for a timeout past the clock's range).
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.timeout.map(|t| Instant::now() + t)
+        self.timeout.and_then(|t| Instant::now().checked_add(t))
     }
 
-    /// Waits for a concurrency slot, or fails at once with 429 when the queue is full.
-    pub(crate) async fn admit(&self) -> Result<Permit, ApiError> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        let before = self.queued.fetch_add(1, Ordering::SeqCst);
-        let _queued = Queued(&self.queued);
-        if before >= self.max_queue {
-            return Err(ApiError::overloaded());
-        }
-        self.permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::internal("the server is shutting down"))
+    /// Waits for `weight` places (at most the capacity, so a heavy request runs alone rather
+    /// than never), or fails at once with 429 when the queue is full. Waiters are served in
+    /// arrival order.
+    pub(crate) async fn admit(&self, weight: usize) -> Result<Permit, ApiError> {
+        let places = weight.clamp(1, self.capacity) as u32;
+        let permit = match self.permits.clone().try_acquire_many_owned(places) {
+            Ok(permit) => permit,
+            Err(_) => {
+                let before = self.queued.fetch_add(1, Ordering::SeqCst);
+                let _queued = Queued(&self.queued);
+                if before >= self.max_queue {
+                    return Err(ApiError::overloaded());
+                }
+                self.permits
+                    .clone()
+                    .acquire_many_owned(places)
+                    .await
+                    .map_err(|_| ApiError::internal("the server is shutting down"))?
+            }
+        };
+        self.running.fetch_add(1, Ordering::SeqCst);
+        Ok(Permit {
+            _places: permit,
+            running: self.running.clone(),
+        })
     }
 
-    /// Runs `work` under a concurrency slot and the deadline (504 past it).
-    pub(crate) async fn run<T, F>(&self, deadline: Option<Instant>, work: F) -> Result<T, ApiError>
+    /// Runs `work` under `weight` places and the deadline (504 past it).
+    pub(crate) async fn run<T, F>(
+        &self,
+        deadline: Option<Instant>,
+        weight: usize,
+        work: F,
+    ) -> Result<T, ApiError>
     where
         F: Future<Output = Result<T, ApiError>>,
     {
         let admitted = async {
-            let _permit = self.admit().await?;
+            let _permit = self.admit(weight).await?;
             work.await
         };
         self.within(deadline, admitted).await
@@ -124,8 +167,13 @@ impl Admission {
         ApiError::timeout(self.timeout.map_or(0.0, |t| t.as_secs_f64()))
     }
 
-    /// Requests holding a concurrency slot now.
+    /// Requests holding places now.
     pub(crate) fn in_flight(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// Places held now (sequences of admitted requests).
+    pub(crate) fn places_in_use(&self) -> usize {
         self.capacity - self.permits.available_permits()
     }
 
@@ -152,20 +200,67 @@ mod tests {
             ..Limits::default()
         };
         let admission = Arc::new(Admission::new(&limits));
-        let first = admission.admit().await.unwrap();
+        let first = admission.admit(1).await.unwrap();
         let waiting = {
             let a = admission.clone();
-            tokio::spawn(async move { a.admit().await.map(drop) })
+            tokio::spawn(async move { a.admit(1).await.map(drop) })
         };
         while admission.queued() == 0 {
             tokio::task::yield_now().await;
         }
-        let rejected = admission.admit().await.unwrap_err();
+        let rejected = admission.admit(1).await.unwrap_err();
         assert_eq!(rejected.status, axum::http::StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(rejected.retry_after, Some(1));
         drop(first);
         waiting.await.unwrap().unwrap();
         assert_eq!(admission.queued(), 0);
         assert_eq!(admission.in_flight(), 0);
+    }
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_weigh_their_sequences_and_heavy_ones_run_alone() {
+        let limits = Limits {
+            max_concurrent_requests: 8,
+            max_queue: 4,
+            ..Limits::default()
+        };
+        let admission = Arc::new(Admission::new(&limits));
+        let six = admission.admit(6).await.unwrap();
+        assert_eq!(admission.places_in_use(), 6);
+        let two = admission.admit(2).await.unwrap();
+        assert_eq!((admission.in_flight(), admission.places_in_use()), (2, 8));
+        // A third request does not fit until places free up.
+        let waiting = {
+            let a = admission.clone();
+            tokio::spawn(async move { a.admit(3).await.map(drop) })
+        };
+        while admission.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(two);
+        tokio::task::yield_now().await;
+        assert_eq!(admission.queued(), 1, "3 places do not fit in the 2 freed");
+        drop(six);
+        waiting.await.unwrap().unwrap();
+        // Heavier than the capacity: admitted alone, not never.
+        let heavy = admission.admit(1000).await.unwrap();
+        assert_eq!(admission.places_in_use(), 8);
+        drop(heavy);
+        assert_eq!((admission.in_flight(), admission.places_in_use()), (0, 0));
+        assert_eq!(admission.queued(), 0);
+    }
+
+    #[test]
+    fn a_timeout_past_the_clock_means_no_deadline() {
+        let admission = Admission::new(&Limits {
+            request_timeout: Some(Duration::from_secs(u64::MAX)),
+            ..Limits::default()
+        });
+        assert_eq!(admission.deadline(), None);
     }
 }

@@ -89,8 +89,10 @@ pub(crate) struct Metrics {
 pub(crate) struct Snapshot<'a> {
     /// Per model: its name and its engine's stats (`None` if the engine is gone).
     pub(crate) engines: Vec<(&'a str, Option<EngineStats>)>,
-    /// Requests holding a concurrency slot.
+    /// Requests holding admission places.
     pub(crate) in_flight: usize,
+    /// Places they hold (sequences).
+    pub(crate) places_in_use: usize,
     /// Requests waiting for one.
     pub(crate) queued: usize,
     /// `max_concurrent_requests`.
@@ -255,17 +257,22 @@ impl Metrics {
         for (name, help, value) in [
             (
                 "infermux_http_requests_in_flight",
-                "Requests holding a concurrency slot.",
+                "Requests admitted (holding admission places).",
                 snap.in_flight,
             ),
             (
+                "infermux_http_sequences_in_flight",
+                "Admission places held: the sequences admitted requests keep in the engine at once.",
+                snap.places_in_use,
+            ),
+            (
                 "infermux_http_requests_queued",
-                "Requests waiting for a concurrency slot.",
+                "Requests waiting for admission places.",
                 snap.queued,
             ),
             (
                 "infermux_http_max_concurrent_requests",
-                "The concurrency limit.",
+                "Admission places (--max-concurrent-requests), in sequences.",
                 snap.capacity,
             ),
         ] {
@@ -328,6 +335,7 @@ mod tests {
         let text = m.render(&Snapshot {
             engines: vec![("m", None), ("k", Some(stats))],
             in_flight: 0,
+            places_in_use: 0,
             queued: 0,
             capacity: 4,
         });

@@ -21,11 +21,13 @@
 //! Dropping a request — the client closing its connection or an SSE stream — drops the engine
 //! future or stream, which cancels the request and frees its KV slots.
 
+mod conn;
 mod convert;
 mod error;
 mod limits;
 mod metrics;
 pub mod openai;
+mod panic;
 mod routes;
 mod sse;
 
@@ -66,7 +68,7 @@ pub(crate) struct ServedModel {
 pub(crate) struct AppState {
     pub(crate) models: Vec<ServedModel>,
     pub(crate) admission: Admission,
-    pub(crate) metrics: metrics::Metrics,
+    pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) limits: Limits,
 }
 
@@ -87,38 +89,44 @@ impl AppState {
         &self.models[0]
     }
 
-    /// Each model's engine stats (`None` where the engine is gone), read off the async threads.
-    pub(crate) async fn engine_stats(&self) -> Vec<(String, Option<EngineStats>)> {
-        let engines: Vec<(String, infermux_core::Engine)> = self
-            .models
+    /// Each model's engine stats (`None` where the engine is gone): the snapshot each engine
+    /// publishes, read without waiting for its thread (so also during a long prefill).
+    pub(crate) fn engine_stats(&self) -> Vec<(String, Option<EngineStats>)> {
+        self.models
             .iter()
-            .map(|m| (m.name.clone(), m.client.engine().clone()))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            engines
-                .into_iter()
-                .map(|(name, engine)| (name, engine.stats().ok()))
-                .collect()
-        })
-        .await
-        .unwrap_or_default()
+            .map(|m| (m.name.clone(), m.client.engine().stats().ok()))
+            .collect()
     }
 }
 
 /// The server's routes over one model, ready to serve or to nest in a larger axum app.
 pub fn router(client: SamplingClient, config: &ServerConfig) -> Router {
+    build(one_model(client, config), &config.limits).0
+}
+
+/// The served name of `client` under `config`, with it.
+fn one_model(client: SamplingClient, config: &ServerConfig) -> Vec<(String, SamplingClient)> {
     let name = config
         .served_model_name
         .clone()
         .unwrap_or_else(|| client.get_base_model());
-    router_for_models(vec![(name, client)], &config.limits)
+    vec![(name, client)]
 }
 
 /// The server's routes over several models, chosen by the requests' `model` field (the native
 /// endpoints use the first). Panics if `models` is empty.
 pub fn router_for_models(models: Vec<(String, SamplingClient)>, limits: &Limits) -> Router {
+    build(models, limits).0
+}
+
+/// The routes and the metrics they count replies in.
+fn build(
+    models: Vec<(String, SamplingClient)>,
+    limits: &Limits,
+) -> (Router, Arc<metrics::Metrics>) {
     assert!(!models.is_empty(), "a server needs at least one model");
     let created = convert::unix_now();
+    let metrics = Arc::new(metrics::Metrics::default());
     let state = Arc::new(AppState {
         models: models
             .into_iter()
@@ -129,34 +137,51 @@ pub fn router_for_models(models: Vec<(String, SamplingClient)>, limits: &Limits)
             })
             .collect(),
         admission: Admission::new(limits),
-        metrics: metrics::Metrics::default(),
+        metrics: metrics.clone(),
         limits: *limits,
     });
-    Router::new()
+    let router = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/sample", post(routes::sample))
         .route("/v1/compute_logprobs", post(routes::compute_logprobs))
         .route("/v1/models", get(routes::models))
-        .route("/v1/models/{id}", get(routes::model))
+        .route("/v1/models/{*id}", get(routes::model))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            routes::count_replies,
+            metrics.clone(),
+            routes::finish_reply,
         ))
-        .with_state(state)
+        .with_state(state);
+    (router, metrics)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves (then finishes open requests).
+/// Requests hyper refuses before routing (malformed, headers too large) get the JSON error
+/// body too; [`serve_model`] also counts them in `/metrics`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
+    axum::serve(conn::JsonErrorListener::new(listener, None), app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves `client` as [`router`] sets it up, on `listener`, until `shutdown` resolves.
+pub async fn serve_model(
+    listener: tokio::net::TcpListener,
+    client: SamplingClient,
+    config: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (app, metrics) = build(one_model(client, config), &config.limits);
+    axum::serve(conn::JsonErrorListener::new(listener, Some(metrics)), app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -239,12 +264,12 @@ pub fn spawn(
         .build()?;
     let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
     let local = listener.local_addr()?;
-    let app = router(client, config);
+    let config = config.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("infermux-server".into())
         .spawn(move || {
-            runtime.block_on(serve(listener, app, async {
+            runtime.block_on(serve_model(listener, client, &config, async {
                 let _ = stopped.await;
             }))
         })?;

@@ -22,6 +22,17 @@ pub enum PromptInput {
     TokenLists(Vec<Vec<TokenId>>),
 }
 
+impl PromptInput {
+    /// How many prompts it holds.
+    pub fn count(&self) -> usize {
+        match self {
+            Self::Text(_) | Self::Tokens(_) => 1,
+            Self::Texts(ts) => ts.len(),
+            Self::TokenLists(ls) => ls.len(),
+        }
+    }
+}
+
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -194,7 +205,8 @@ with_knobs! {
         /// Tokens to generate per choice (default 16).
         #[serde(default)]
         pub max_tokens: Option<usize>,
-        /// Return this many top alternatives per token (and each token's logprob).
+        /// Return this many top alternatives per token (and each token's logprob), at most 20;
+        /// alternatives with equal text collapse (see [`TopMap`]).
         #[serde(default)]
         pub logprobs: Option<usize>,
         /// Prepend the prompt to each choice's text (and its logprobs, with `logprobs`).
@@ -291,6 +303,11 @@ impl Usage {
 }
 
 /// `(token text, logprob)` pairs serialized as a JSON object in their order (best first).
+///
+/// OpenAI's completions `top_logprobs` is a text → logprob map, so alternatives that decode to
+/// the same text (e.g. two byte-level tokens of one invalid UTF-8 prefix, both `"\u{fffd}"`)
+/// collapse into one key: the most probable of them is kept, and fewer than `logprobs` entries
+/// may come back. Chat logprobs (a list with `bytes`) keep every alternative.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TopMap(pub Vec<(String, f32)>);
 

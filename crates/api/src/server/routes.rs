@@ -1,29 +1,40 @@
 //! The HTTP handlers.
+//!
+//! Each generation handler parses and prepares its request (JSON, tokenizing, chat template)
+//! on tokio's blocking pool, checks what it can before admission (the fields, the sequence cap,
+//! each prompt's token ids), is admitted by its weight in sequences, then submits its prompts
+//! (the engine compiles stops and grammars at submit, also on the blocking pool) at most a
+//! window at a time, and only then starts a reply: a request the engine refuses gets the same
+//! status and body streamed or not.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures_util::future::try_join_all;
-use infermux_core::ModelInput;
+use futures_util::StreamExt;
+use futures_util::stream;
+use infermux_core::{SamplingParams, TokenId};
 
 use super::convert::{
-    Generation, chat_logprobs, chat_logprobs_count, chat_prompt, completion_logprobs,
-    completion_prompts, finish_str, generate, generated_logprobs, request_id, sampling_params,
-    unix_now,
+    Generation, MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs, chat_logprobs_count,
+    chat_prompt, check_prompts, check_sequences, completion_logprobs, completion_prompts,
+    finish_str, generate, generated_logprobs, prompt_window, request_id, sampling_params,
+    submission_order, submit_stream, unix_now,
 };
 use super::error::{ApiError, parse_json};
+use super::metrics::Metrics;
 use super::openai::{
     ChatChoice, ChatMessageOut, ChatRequest, ChatResponse, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
 };
-use super::sse::{self, EchoPrompt, Flavor, StreamSpec};
+use super::sse::{self, EchoPrompt, Flavor, StreamSpec, Submitter};
 use super::{AppState, ServedModel};
 use crate::wire::{ComputeLogprobsRequest, ComputeLogprobsResponse, SampleRequest};
 
@@ -41,6 +52,15 @@ fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     })
 }
 
+/// The body parsed as `T`, off the async workers (a body may be megabytes of JSON).
+async fn parse_body<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &AppState,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes = body_bytes(state, body)?;
+    blocking(move || parse_json(&bytes)).await?
+}
+
 fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
     match result {
         Ok(value) => Json(value).into_response(),
@@ -48,10 +68,21 @@ fn reply<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
     }
 }
 
+/// The field that names the samples of a request: `best_of` when it draws more than `n`.
+fn samples_field(params: &SamplingParams, n_field: &'static str) -> &'static str {
+    if params.samples_drawn() > params.n {
+        "best_of"
+    } else {
+        n_field
+    }
+}
+
 /// `POST /v1/completions`.
 pub(crate) async fn completions(State(state): Shared, body: Body) -> Response {
     let arrived = Instant::now();
-    match completions_inner(state, body, arrived).await {
+    let deadline = state.admission.deadline();
+    let inner = completions_inner(state.clone(), body, arrived, deadline);
+    match state.admission.within(deadline, inner).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -61,14 +92,22 @@ async fn completions_inner(
     state: Arc<AppState>,
     body: Body,
     arrived: Instant,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
-    let deadline = state.admission.deadline();
-    let req: CompletionRequest = parse_json(&body_bytes(&state, body)?)?;
+    let req: CompletionRequest = parse_body(&state, body).await?;
     let served = state.model(req.model.as_deref())?;
     let client = served.client.clone();
     let tokenizer = client.get_tokenizer();
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
+    }
+    if let Some(k) = req.logprobs
+        && k > MAX_TOP_LOGPROBS
+    {
+        return Err(ApiError::invalid(
+            "logprobs",
+            format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}"),
+        ));
     }
     let knobs = req.knobs();
     let stream = knobs.stream.unwrap_or(false);
@@ -92,7 +131,22 @@ async fn completions_inner(
             "`best_of` > `n` cannot stream",
         ));
     }
-    let prompts = completion_prompts(&tokenizer, req.prompt)?;
+    let samples = params.samples_drawn();
+    check_sequences(
+        req.prompt.count(),
+        samples,
+        state.limits.max_sequences_per_request,
+        samples_field(&params, "n"),
+    )?;
+    let prompts = {
+        let tokenizer = tokenizer.clone();
+        let input = req.prompt;
+        blocking(move || completion_prompts(&tokenizer, input)).await??
+    };
+    check_prompts(&prompts, client.engine().info().vocab_size)?;
+    let window = prompt_window(client.engine().config().max_num_seqs, samples);
+    let weight = prompts.len().min(window).saturating_mul(samples);
+    let order = submission_order(&prompts);
     let id = request_id("cmpl");
     let created = unix_now();
     let n = params.n;
@@ -120,27 +174,17 @@ async fn completions_inner(
                 echo,
             },
         };
+        let queue = order
+            .iter()
+            .map(|&i| (i, prompts[i].tokens.clone()))
+            .collect();
         return start_stream(
-            &state,
-            &client,
-            spec,
-            prompts.into_iter().map(|p| p.tokens).collect(),
-            params,
-            arrived,
-            deadline,
+            &state, &client, spec, queue, window, params, weight, arrived, deadline,
         )
         .await;
     }
-    let work = try_join_all(prompts.iter().map(|p| {
-        generate(
-            &client,
-            p.tokens.clone(),
-            params.clone(),
-            arrived,
-            &state.metrics,
-        )
-    }));
-    let gens = state.admission.run(deadline, work).await;
+    let work = run_windowed(&state, &client, &prompts, order, window, &params, arrived);
+    let gens = state.admission.run(deadline, weight, work).await;
     let gens = observe(&state, arrived, gens)?;
     let mut choices = Vec::with_capacity(gens.len() * n);
     for (p, g) in gens.iter().enumerate() {
@@ -206,6 +250,36 @@ async fn completions_inner(
     .into_response())
 }
 
+/// Generates every prompt, at most `window` of them in the engine at once (the next one is
+/// submitted as one finishes), in `order`; the generations come back in prompt order.
+async fn run_windowed(
+    state: &AppState,
+    client: &crate::SamplingClient,
+    prompts: &[Prompt],
+    order: Vec<usize>,
+    window: usize,
+    params: &SamplingParams,
+    arrived: Instant,
+) -> Result<Vec<Generation>, ApiError> {
+    let mut gens: Vec<Option<Generation>> = vec![None; prompts.len()];
+    let mut running = stream::iter(order)
+        .map(|i| {
+            let tokens = prompts[i].tokens.clone();
+            let params = params.clone();
+            async move {
+                generate(client, tokens, params, arrived, &state.metrics)
+                    .await
+                    .map(|g| (i, g))
+            }
+        })
+        .buffer_unordered(window.max(1));
+    while let Some(done) = running.next().await {
+        let (i, g) = done?;
+        gens[i] = Some(g);
+    }
+    Ok(gens.into_iter().map(Option::unwrap_or_default).collect())
+}
+
 fn include_usage(knobs: &super::openai::Knobs) -> bool {
     knobs
         .stream_options
@@ -221,29 +295,49 @@ fn observe<T>(state: &AppState, arrived: Instant, r: Result<T, ApiError>) -> Res
     r
 }
 
-/// Admits a streaming request and starts its engine streams.
+/// Admits a streaming request, submits its first window of prompts (the first alone, so a
+/// request the engine refuses fails before any other is submitted) and, when the engine took
+/// them all, starts the SSE reply; a refusal is the reply instead, with its status.
+#[allow(clippy::too_many_arguments)]
 async fn start_stream(
     state: &Arc<AppState>,
     client: &crate::SamplingClient,
     spec: StreamSpec,
-    prompts: Vec<Vec<infermux_core::TokenId>>,
-    mut params: infermux_core::SamplingParams,
+    mut queue: VecDeque<(usize, Vec<TokenId>)>,
+    window: usize,
+    mut params: SamplingParams,
+    weight: usize,
     arrived: Instant,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
     let permit = state
         .admission
-        .within(deadline, state.admission.admit())
+        .within(deadline, state.admission.admit(weight))
         .await?;
     params.output_kind = infermux_core::OutputKind::Delta;
-    let streams = prompts
-        .into_iter()
-        .map(|p| client.sample_stream(ModelInput::from_ints(p), params.clone()))
+    let mut streams = Vec::with_capacity(window.min(queue.len()));
+    if let Some((i, tokens)) = queue.pop_front() {
+        streams.push((i, submit_stream(client, tokens, params.clone()).await?));
+    }
+    let rest: Vec<_> = std::iter::from_fn(|| queue.pop_front())
+        .take(window.saturating_sub(1))
         .collect();
+    let started = futures_util::future::try_join_all(rest.into_iter().map(|(i, tokens)| {
+        let params = params.clone();
+        async move { Ok::<_, ApiError>((i, submit_stream(client, tokens, params).await?)) }
+    }))
+    .await?;
+    streams.extend(started);
+    let submitter = Submitter {
+        client: client.clone(),
+        params,
+        queue,
+    };
     Ok(sse::respond(
         state.clone(),
         spec,
         streams,
+        submitter,
         client.get_tokenizer(),
         permit,
         arrived,
@@ -254,7 +348,9 @@ async fn start_stream(
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat(State(state): Shared, body: Body) -> Response {
     let arrived = Instant::now();
-    match chat_inner(state, body, arrived).await {
+    let deadline = state.admission.deadline();
+    let inner = chat_inner(state.clone(), body, arrived, deadline);
+    match state.admission.within(deadline, inner).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -264,9 +360,9 @@ async fn chat_inner(
     state: Arc<AppState>,
     body: Body,
     arrived: Instant,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<Response, ApiError> {
-    let deadline = state.admission.deadline();
-    let req: ChatRequest = parse_json(&body_bytes(&state, body)?)?;
+    let req: ChatRequest = parse_body(&state, body).await?;
     let served = state.model(req.model.as_deref())?;
     let client = served.client.clone();
     let tokenizer = client.get_tokenizer();
@@ -274,11 +370,14 @@ async fn chat_inner(
     let mut params = sampling_params(&knobs, req.max_completion_tokens.or(req.max_tokens))?;
     params.logprobs = chat_logprobs_count(req.logprobs, req.top_logprobs)?;
     let want_logprobs = params.logprobs.is_some();
-    let prompt = chat_prompt(
-        &tokenizer,
-        &req.messages,
-        req.add_generation_prompt.unwrap_or(true),
-    )?;
+    let samples = params.samples_drawn();
+    check_sequences(1, samples, state.limits.max_sequences_per_request, "n")?;
+    let prompt = {
+        let tokenizer = tokenizer.clone();
+        let messages = req.messages;
+        let add = req.add_generation_prompt.unwrap_or(true);
+        blocking(move || chat_prompt(&tokenizer, &messages, add)).await??
+    };
     let id = request_id("chatcmpl");
     let created = unix_now();
     let n = params.n;
@@ -297,15 +396,21 @@ async fn chat_inner(
             &state,
             &client,
             spec,
-            vec![prompt],
+            VecDeque::from([(0, prompt)]),
+            1,
             params,
+            samples,
             arrived,
             deadline,
         )
         .await;
     }
     let work = generate(&client, prompt, params, arrived, &state.metrics);
-    let g = observe(&state, arrived, state.admission.run(deadline, work).await)?;
+    let g = observe(
+        &state,
+        arrived,
+        state.admission.run(deadline, samples, work).await,
+    )?;
     let choices = g
         .choices
         .iter()
@@ -337,21 +442,47 @@ pub(crate) async fn sample(State(state): Shared, body: Body) -> Response {
     let arrived = Instant::now();
     let result = async {
         let deadline = state.admission.deadline();
-        let req: SampleRequest = parse_json(&body_bytes(&state, body)?)?;
+        let bytes = body_bytes(&state, body)?;
+        let (req, conflict) = blocking(move || {
+            parse_json::<SampleRequest>(&bytes).map(|req| {
+                let conflict = req.conflicting_n(&bytes);
+                (req, conflict)
+            })
+        })
+        .await??;
+        if let Some(n) = conflict {
+            return Err(ApiError::invalid(
+                "sampling_params.n",
+                format!(
+                    "`sampling_params.n` ({n}) differs from `num_samples` ({}); `num_samples` is the sample count: leave `n` out or make them equal",
+                    req.num_samples
+                ),
+            ));
+        }
+        let params = SamplingParams {
+            n: req.num_samples,
+            ..req.sampling_params
+        };
+        let samples = params.samples_drawn();
+        check_sequences(
+            1,
+            samples,
+            state.limits.max_sequences_per_request,
+            samples_field(&params, "num_samples"),
+        )?;
         let client = state.default_model().client.clone();
         let work = async {
-            client
-                .sample(
-                    req.prompt,
-                    req.num_samples,
-                    req.sampling_params,
-                    req.include_prompt_logprobs,
-                    req.topk_prompt_logprobs,
-                )
-                .await
-                .map_err(ApiError::from)
+            let (prompt, n) = (req.prompt, req.num_samples);
+            let (include, topk) = (req.include_prompt_logprobs, req.topk_prompt_logprobs);
+            let pending =
+                blocking(move || client.sample(prompt, n, params, include, topk)).await?;
+            pending.await.map_err(ApiError::from)
         };
-        observe(&state, arrived, state.admission.run(deadline, work).await)
+        observe(
+            &state,
+            arrived,
+            state.admission.run(deadline, samples, work).await,
+        )
     }
     .await;
     reply(result)
@@ -362,13 +493,18 @@ pub(crate) async fn compute_logprobs(State(state): Shared, body: Body) -> Respon
     let arrived = Instant::now();
     let result = async {
         let deadline = state.admission.deadline();
-        let req: ComputeLogprobsRequest = parse_json(&body_bytes(&state, body)?)?;
+        let req: ComputeLogprobsRequest = parse_body(&state, body).await?;
         let client = state.default_model().client.clone();
         let work = async {
-            let logprobs = client.compute_logprobs(req.prompt).await?;
+            let pending = blocking(move || client.compute_logprobs(req.prompt)).await?;
+            let logprobs = pending.await?;
             Ok(ComputeLogprobsResponse { logprobs })
         };
-        observe(&state, arrived, state.admission.run(deadline, work).await)
+        observe(
+            &state,
+            arrived,
+            state.admission.run(deadline, 1, work).await,
+        )
     }
     .await;
     reply(result)
@@ -393,15 +529,51 @@ pub(crate) async fn models(State(state): Shared) -> Response {
     .into_response()
 }
 
-/// `GET /v1/models/{id}`.
-pub(crate) async fn model(State(state): Shared, Path(id): Path<String>) -> Response {
+/// `GET /v1/models/{id}` (the id percent-decoded; an undecodable one is a 400).
+pub(crate) async fn model(State(state): Shared, request: Request) -> Response {
+    let raw = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/models/")
+        .unwrap_or_default();
+    let id = match percent_decode(raw) {
+        Some(id) => id,
+        None => {
+            return ApiError::invalid("model", format!("the model id {raw:?} is not valid UTF-8"))
+                .into_response();
+        }
+    };
     reply(state.model(Some(&id)).map(card))
 }
 
-/// `GET /health`: 200 while every engine answers, 503 otherwise.
+/// `%XX` escapes of a path segment decoded; `None` when the result is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `GET /health`: 200 while every engine is up, 503 otherwise. It reads the engines' published
+/// stats ([`infermux_core::Engine::stats`] does not wait for the engine thread), so it answers
+/// at once during a long prefill.
 pub(crate) async fn health(State(state): Shared) -> Response {
-    let stats = state.engine_stats().await;
-    if stats.iter().all(|(_, s)| s.is_some()) {
+    if state.engine_stats().iter().all(|(_, s)| s.is_some()) {
         Json(serde_json::json!({ "status": "ok" })).into_response()
     } else {
         (
@@ -414,16 +586,17 @@ pub(crate) async fn health(State(state): Shared) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub(crate) async fn metrics(State(state): Shared) -> Response {
-    let stats = state.engine_stats().await;
+    let stats = state.engine_stats();
     let snapshot = super::metrics::Snapshot {
         engines: stats.iter().map(|(name, s)| (name.as_str(), *s)).collect(),
         in_flight: state.admission.in_flight(),
+        places_in_use: state.admission.places_in_use(),
         queued: state.admission.queued(),
         capacity: state.admission.capacity(),
     };
     (
         [(
-            axum::http::header::CONTENT_TYPE,
+            header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render(&snapshot),
@@ -436,9 +609,29 @@ pub(crate) async fn not_found(request: Request) -> Response {
     ApiError::no_route(request.uri().path()).into_response()
 }
 
-/// Counts every reply by route and status.
-pub(crate) async fn count_replies(State(state): Shared, request: Request, next: Next) -> Response {
-    let route = match request.uri().path() {
+/// A wrong method on a known route: 405 in the error shape (the router adds `Allow`).
+pub(crate) async fn method_not_allowed(request: Request) -> Response {
+    let allowed = match request.uri().path() {
+        "/v1/completions" | "/v1/chat/completions" | "/v1/sample" | "/v1/compute_logprobs" => {
+            "POST"
+        }
+        _ => "GET",
+    };
+    let mut response = ApiError::method_not_allowed(
+        request.method().as_str(),
+        request.uri().path(),
+        Some(allowed),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+/// The route label of a path in `infermux_http_requests_total`.
+fn route_label(path: &str) -> &'static str {
+    match path {
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/sample" => "/v1/sample",
@@ -447,8 +640,175 @@ pub(crate) async fn count_replies(State(state): Shared, request: Request, next: 
         "/metrics" => "/metrics",
         p if p.starts_with("/v1/models") => "/v1/models",
         _ => "other",
+    }
+}
+
+/// The outermost layer: a handler that panics answers 500 in the error shape; an error reply
+/// some layer left without a JSON body (the router's 405, an extractor's rejection) gets one;
+/// every reply is counted by route and status.
+pub(crate) async fn finish_reply(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(request.uri().path());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = match super::panic::CatchPanic::new(next.run(request)).await {
+        Ok(response) => response,
+        Err(message) => {
+            ApiError::internal(format!("the request handler panicked: {message}")).into_response()
+        }
     };
-    let response = next.run(request).await;
-    state.metrics.count_reply(route, response.status().as_u16());
+    let response = json_error_body(response, &method, &path);
+    metrics.count_reply(route, response.status().as_u16());
     response
+}
+
+/// An error status without a JSON body becomes the same status with an OpenAI error body
+/// (headers such as `Allow` kept).
+fn json_error_body(response: Response, method: &axum::http::Method, path: &str) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let error = if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allowed = parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        ApiError::method_not_allowed(method.as_str(), path, allowed.as_deref())
+    } else {
+        ApiError::status(
+            status,
+            format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("error")
+            ),
+        )
+    };
+    let fresh = error.into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in fresh.headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Response::from_parts(parts, fresh.into_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use std::io::{Read, Write};
+
+    /// Sends `raw` to `addr` and reads the reply to its end (off the runtime's workers).
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+        let raw = raw.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            conn.write_all(&raw).unwrap();
+            let mut out = Vec::new();
+            let _ = conn.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .await
+        .unwrap()
+    }
+
+    fn error_json(reply: &str) -> serde_json::Value {
+        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {reply}"))
+    }
+
+    #[tokio::test]
+    async fn panics_wrong_methods_and_protocol_errors_answer_in_the_error_shape() {
+        let metrics = Arc::new(Metrics::default());
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                post(|| async {
+                    if true {
+                        panic!("handler bug");
+                    }
+                    "unreachable"
+                }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                metrics.clone(),
+                finish_reply,
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = super::super::conn::JsonErrorListener::new(listener, Some(metrics.clone()));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let reply = exchange(
+            addr,
+            b"POST /boom HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 500"), "{reply}");
+        let v = error_json(&reply);
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("handler bug")
+        );
+
+        let reply = exchange(
+            addr,
+            b"DELETE /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+        assert!(
+            reply.to_ascii_lowercase().contains("\r\nallow: get"),
+            "{reply}"
+        );
+        assert_eq!(error_json(&reply)["error"]["code"], "method_not_allowed");
+
+        let reply = exchange(addr, b"NOT A REQUEST\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert_eq!(error_json(&reply)["error"]["type"], "invalid_request_error");
+
+        let mut huge = b"GET /ok HTTP/1.1\r\nhost: x\r\n".to_vec();
+        for i in 0..200 {
+            huge.extend(format!("x-h{i}: v\r\n").bytes());
+        }
+        huge.extend(b"\r\n");
+        let reply = exchange(addr, &huge).await;
+        assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+        assert_eq!(
+            error_json(&reply)["error"]["code"],
+            "request_header_fields_too_large"
+        );
+
+        let text = metrics.render(&super::super::metrics::Snapshot {
+            engines: Vec::new(),
+            in_flight: 0,
+            places_in_use: 0,
+            queued: 0,
+            capacity: 1,
+        });
+        for series in [
+            "infermux_http_requests_total{route=\"other\",status=\"500\"} 1",
+            "infermux_http_requests_total{route=\"other\",status=\"405\"} 1",
+            "infermux_http_requests_total{route=\"other\",status=\"400\"} 1",
+            "infermux_http_requests_total{route=\"other\",status=\"431\"} 1",
+        ] {
+            assert!(text.contains(series), "no {series} in\n{text}");
+        }
+    }
 }

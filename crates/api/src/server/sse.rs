@@ -1,32 +1,38 @@
 //! Server-sent events: OpenAI completion and chat chunks from the engine's delta streams.
 //!
-//! The response body owns the engine streams, the request's concurrency permit and its
+//! The response body owns the engine streams, the request's admission permit and its
 //! deadline: when the client goes away the body is dropped, which drops the streams, which
-//! cancels the requests and frees their KV slots.
+//! cancels the requests and frees their KV slots. A request with more prompts than its window
+//! submits the next prompt as one finishes. Keep-alive comments (`:`) go out whenever no event
+//! did for the configured interval: while the request waits in the engine's queue, behind a
+//! long prefill, or between slow tokens.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
-use axum::response::Response;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
-use infermux_core::{EngineError, GenerateStream, StreamUpdate, TokenId};
+use infermux_core::{EngineError, GenerateStream, SamplingParams, StreamUpdate, TokenId};
 use serde::Serialize;
 
 use super::AppState;
-use super::convert::{chat_logprobs, completion_logprobs, finish_str, generated_logprobs};
+use super::convert::{
+    chat_logprobs, completion_logprobs, finish_str, generated_logprobs, submit_stream,
+};
 use super::error::ApiError;
 use super::limits::Permit;
 use super::openai::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
-use crate::Tokenizer;
+use crate::{SamplingClient, Tokenizer};
 
 /// The last event of every stream.
-const DONE: &str = "data: [DONE]\n\n";
+const DONE: &str = "[DONE]";
 
 /// Which chunk shapes a stream emits.
 pub(crate) enum Flavor {
@@ -56,6 +62,14 @@ pub(crate) struct StreamSpec {
     pub(crate) flavor: Flavor,
 }
 
+/// The prompts of a request not submitted yet, and how to submit them.
+pub(crate) struct Submitter {
+    pub(crate) client: SamplingClient,
+    pub(crate) params: SamplingParams,
+    /// `(prompt index, tokens)`, in submission order.
+    pub(crate) queue: VecDeque<(usize, Vec<TokenId>)>,
+}
+
 type Tagged = (usize, Result<StreamUpdate, EngineError>);
 
 enum Phase {
@@ -67,6 +81,7 @@ enum Phase {
 struct Run {
     spec: StreamSpec,
     streams: SelectAll<BoxStream<'static, Tagged>>,
+    submitter: Submitter,
     prompts: usize,
     tokenizer: Tokenizer,
     state: Arc<AppState>,
@@ -88,26 +103,29 @@ impl Drop for Run {
     }
 }
 
-/// An SSE response streaming `streams` (one per prompt, in prompt order).
+fn tag(i: usize, s: GenerateStream) -> BoxStream<'static, Tagged> {
+    StreamExt::map(s, move |item| (i, item)).boxed()
+}
+
+/// An SSE response streaming `streams` (tagged with their prompt index) and then the prompts
+/// `submitter` still holds, as earlier ones finish.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn respond(
     state: Arc<AppState>,
     spec: StreamSpec,
-    streams: Vec<GenerateStream>,
+    streams: Vec<(usize, GenerateStream)>,
+    submitter: Submitter,
     tokenizer: Tokenizer,
     permit: Permit,
     arrived: Instant,
     deadline: Option<tokio::time::Instant>,
 ) -> Response {
-    let prompts = streams.len();
+    let prompts = streams.len() + submitter.queue.len();
     let choices = prompts * spec.n;
+    let keep_alive = state.limits.sse_keep_alive;
     let run = Run {
-        streams: stream::select_all(
-            streams
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| StreamExt::map(s, move |item| (i, item)).boxed()),
-        ),
+        streams: stream::select_all(streams.into_iter().map(|(i, s)| tag(i, s))),
+        submitter,
         prompts,
         spec,
         tokenizer,
@@ -122,35 +140,38 @@ pub(crate) fn respond(
         first_token: true,
         phase: Phase::Start,
     };
-    let body = stream::unfold(run, |mut run| async move {
-        let bytes = run.next_chunk().await?;
-        Some((Ok::<_, Infallible>(Bytes::from(bytes)), run))
-    });
-    let mut response = Response::new(Body::from_stream(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    let events = stream::unfold(run, |mut run| async move {
+        let batch = run.next_chunk().await?;
+        Some((stream::iter(batch), run))
+    })
+    .flatten()
+    .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    let mut response = match keep_alive {
+        Some(every) => Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(every))
+            .into_response(),
+        None => Sse::new(events).into_response(),
+    };
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    debug_assert!(response.headers().contains_key(header::CONTENT_TYPE));
     response
 }
 
-/// `data: {json}\n\n`.
-fn event(out: &mut String, value: &impl Serialize) {
-    out.push_str("data: ");
-    out.push_str(&serde_json::to_string(value).unwrap_or_default());
-    out.push_str("\n\n");
+/// One event's data: the JSON of `value`.
+fn event(out: &mut Vec<String>, value: &impl Serialize) {
+    out.push(serde_json::to_string(value).unwrap_or_default());
 }
 
 impl Run {
-    async fn next_chunk(&mut self) -> Option<String> {
+    /// The data of the next events (at least one), or `None` after the last.
+    async fn next_chunk(&mut self) -> Option<Vec<String>> {
         match self.phase {
             Phase::Done => None,
             Phase::Start => {
                 self.phase = Phase::Running;
-                let mut out = String::new();
+                let mut out = Vec::new();
                 if let Flavor::Chat { .. } = self.spec.flavor {
                     for index in 0..self.prompts * self.spec.n {
                         let delta = ChatDelta {
@@ -181,21 +202,31 @@ impl Run {
                     }
                 };
                 match item {
+                    None if !self.submitter.queue.is_empty() => {
+                        if let Err(e) = self.submit_next().await {
+                            return Some(self.finish_with_error(&e));
+                        }
+                    }
                     None => {
                         self.phase = Phase::Done;
-                        let mut out = String::new();
+                        let mut out = Vec::new();
                         if self.spec.include_usage {
                             let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
                             self.usage_chunk(&mut out, usage);
                         }
-                        out.push_str(DONE);
+                        out.push(DONE.to_string());
                         return Some(out);
                     }
                     Some((_, Err(e))) => {
                         return Some(self.finish_with_error(&ApiError::from_engine(&e)));
                     }
                     Some((p, Ok(update))) => {
-                        let out = self.render(p, update);
+                        let finished = update.finished;
+                        let mut out = self.render(p, update);
+                        if finished && let Err(e) = self.submit_next().await {
+                            out.extend(self.finish_with_error(&e));
+                            return Some(out);
+                        }
                         if !out.is_empty() {
                             return Some(out);
                         }
@@ -205,14 +236,28 @@ impl Run {
         }
     }
 
-    fn finish_with_error(&mut self, err: &ApiError) -> String {
+    fn finish_with_error(&mut self, err: &ApiError) -> Vec<String> {
         self.phase = Phase::Done;
-        format!("{}{DONE}", err.sse_event())
+        vec![
+            serde_json::to_string(&err.body).unwrap_or_default(),
+            DONE.to_string(),
+        ]
+    }
+
+    /// Submits the next waiting prompt, if any (a prompt of this request just finished).
+    async fn submit_next(&mut self) -> Result<(), ApiError> {
+        let Some((i, tokens)) = self.submitter.queue.pop_front() else {
+            return Ok(());
+        };
+        let params = self.submitter.params.clone();
+        let stream = submit_stream(&self.submitter.client, tokens, params).await?;
+        self.streams.push(tag(i, stream));
+        Ok(())
     }
 
     /// The chunks of one engine update of prompt `p`.
-    fn render(&mut self, p: usize, update: StreamUpdate) -> String {
-        let mut out = String::new();
+    fn render(&mut self, p: usize, update: StreamUpdate) -> Vec<String> {
+        let mut out = Vec::new();
         let n = self.spec.n;
         if !self.seen_prompt[p] {
             self.seen_prompt[p] = true;
@@ -268,7 +313,7 @@ impl Run {
     }
 
     /// With `echo`: each choice of prompt `p` first gets the prompt (and its logprobs).
-    fn echo(&mut self, out: &mut String, p: usize, update: &StreamUpdate) {
+    fn echo(&mut self, out: &mut Vec<String>, p: usize, update: &StreamUpdate) {
         let Flavor::Completion {
             logprobs,
             echo: Some(prompts),
@@ -301,7 +346,7 @@ impl Run {
 
     fn completion_chunk(
         &self,
-        out: &mut String,
+        out: &mut Vec<String>,
         index: usize,
         text: String,
         logprobs: Option<super::openai::CompletionLogprobs>,
@@ -327,7 +372,7 @@ impl Run {
 
     fn chat_chunk(
         &self,
-        out: &mut String,
+        out: &mut Vec<String>,
         index: usize,
         delta: ChatDelta,
         logprobs: Option<super::openai::ChatLogprobs>,
@@ -352,7 +397,7 @@ impl Run {
     }
 
     /// The last chunk of `include_usage`: no choices, the request's usage.
-    fn usage_chunk(&self, out: &mut String, usage: Usage) {
+    fn usage_chunk(&self, out: &mut Vec<String>, usage: Usage) {
         match self.spec.flavor {
             Flavor::Completion { .. } => event(
                 out,

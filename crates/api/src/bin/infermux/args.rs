@@ -153,29 +153,57 @@ pub struct ServeArgs {
     /// The name clients give as `model` (default: the model folder's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Generation requests served at once; more wait in the queue.
-    #[arg(long, default_value_t = 64)]
+    /// Admission places, in sequences: a request takes as many as the sequences it keeps in
+    /// the engine at once (prompts in its window × samples; a plain request 1). More wait in
+    /// the queue.
+    #[arg(long, default_value_t = 64, value_parser = count(1, 1 << 24))]
     pub max_concurrent_requests: usize,
-    /// Requests that may wait for a slot; past that the server answers 429 with Retry-After.
-    #[arg(long, default_value_t = 256)]
+    /// Most sequences one request may ask for: prompts × samples drawn (n or best_of); 400
+    /// beyond, naming `prompt` or `n`/`best_of`.
+    #[arg(long, default_value_t = 256, value_parser = count(1, 1 << 24))]
+    pub max_sequences_per_request: usize,
+    /// Requests that may wait for places; past that the server answers 429 with Retry-After.
+    #[arg(long, default_value_t = 256, value_parser = count(0, 1 << 24))]
     pub max_queue: usize,
     /// Largest request body in bytes (413 beyond).
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = 8 << 20, value_parser = count(1, 1 << 32))]
     pub max_body_bytes: usize,
     /// Wall-clock limit per request in seconds, queueing included (504 beyond; 0: none).
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub request_timeout_secs: u64,
-    /// Most sequences (KV slots) the engine decodes at once.
-    #[arg(long, default_value_t = 64)]
+    /// Seconds between SSE keep-alive comments while a stream has nothing to send (0: none).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
+    pub sse_keep_alive_secs: u64,
+    /// Most sequences (KV slots) the engine decodes at once. One request keeps at most half of
+    /// them busy, so a later request starts at once.
+    #[arg(long, default_value_t = 64, value_parser = count(1, 1 << 16))]
     pub max_num_seqs: usize,
     /// Most tokens in one forward pass (longer prompts are prefilled in chunks).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = count(1, 1 << 24))]
     pub max_num_batched_tokens: usize,
     /// KV cache budget in bytes (vLLM's flag): plain bytes or with a suffix, binary (4GiB,
     /// 512MiB, 2G, 64K) or decimal (2GB, 500MB, 3k). Requests whose KV does not fit yet wait;
     /// one that never fits is a 400. Default: 40% of the memory available at start.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub kv_cache_memory_bytes: Option<u64>,
+}
+
+/// Largest number of seconds a time flag takes (ten years).
+const MAX_SECS: u64 = 10 * 366 * 24 * 3600;
+
+/// A parser of whole numbers in `min..=max` (clap's ranges exist for fixed-width types only):
+/// a value outside is a usage error naming the range, not a huge allocation or an overflow.
+fn count(min: usize, max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s| {
+        let value: u128 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a whole number"))?;
+        usize::try_from(value)
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| format!("{s} is not in {min}..={max}"))
+    }
 }
 
 /// A byte count: plain (`1073741824`) or a number (fractions allowed) with a unit. `KiB`,
@@ -224,6 +252,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_bounded() {
+        let parse = count(1, 64);
+        assert_eq!(parse("64"), Ok(64));
+        for bad in ["0", "65", "-1", "1e3", "18446744073709551616", "x"] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
 
     #[test]
     fn byte_counts_parse_with_binary_and_decimal_units() {

@@ -195,6 +195,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_body_bytes: args.max_body_bytes,
             request_timeout: (args.request_timeout_secs > 0)
                 .then(|| std::time::Duration::from_secs(args.request_timeout_secs)),
+            sse_keep_alive: (args.sse_keep_alive_secs > 0)
+                .then(|| std::time::Duration::from_secs(args.sse_keep_alive_secs)),
+            max_sequences_per_request: args.max_sequences_per_request,
         },
         served_model_name: args.served_model_name.clone(),
     };
@@ -208,14 +211,13 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let local = listener.local_addr()?;
-        let app = server::router(client, &config);
         let host = match local {
             std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
             std::net::SocketAddr::V4(a) => a.ip().to_string(),
         };
         println!("listening on http://{host}:{}", local.port());
         std::io::stdout().flush()?;
-        server::serve(listener, app, server::shutdown_signal())
+        server::serve_model(listener, client, &config, server::shutdown_signal())
             .await
             .context("serving")
     })
