@@ -37,7 +37,9 @@ fn one() -> usize {
 
 impl SampleRequest {
     /// `sampling_params.n` when `raw` (the JSON this request was read from) sets it explicitly
-    /// to a value other than `num_samples`: a conflict the server rejects.
+    /// to a value other than `num_samples`: a conflict the server rejects. `n: 1` is the
+    /// default that every serialized vLLM/EasyDeL `SamplingParams` carries (and older clients
+    /// send beside `num_samples`), so it counts as unset.
     pub fn conflicting_n(&self, raw: &[u8]) -> Option<usize> {
         #[derive(Deserialize)]
         struct Body {
@@ -53,7 +55,8 @@ impl SampleRequest {
             .ok()
             .and_then(|b| b.sampling_params)
             .is_some_and(|p| p.n.is_some());
-        (explicit && self.sampling_params.n != self.num_samples).then_some(self.sampling_params.n)
+        let n = self.sampling_params.n;
+        (explicit && n != 1 && n != self.num_samples).then_some(n)
     }
 }
 
@@ -113,11 +116,11 @@ pub struct ErrorDetail {
     /// `invalid_request_error`, `overloaded_error`, `server_error`, ...
     #[serde(rename = "type")]
     pub kind: String,
-    /// The request field at fault, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The request field at fault, if any (`null` otherwise: OpenAI always sends the key).
+    #[serde(default)]
     pub param: Option<String>,
-    /// A machine-readable code, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A machine-readable code, if any (`null` otherwise, as OpenAI sends it).
+    #[serde(default)]
     pub code: Option<String>,
 }
 
@@ -145,6 +148,15 @@ mod tests {
             (
                 format!(r#"{{{prompt}, "sampling_params": {{"n": 4, "max_tokens": 1}}}}"#),
                 Some(4),
+            ),
+            // A full SamplingParams (an older client, or vLLM's defaults) carries `n: 1`.
+            (
+                format!(r#"{{{prompt}, "num_samples": 4, "sampling_params": {{"n": 1}}}}"#),
+                None,
+            ),
+            (
+                format!(r#"{{{prompt}, "sampling_params": {{"n": 0}}}}"#),
+                Some(0),
             ),
         ] {
             let req = parse(&body);

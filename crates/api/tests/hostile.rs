@@ -268,7 +268,7 @@ fn http_cases() -> Vec<Case> {
         post("completions: guided_regex a{1000000000}", C, completion(json!({"guided_regex": "a{1000000000}"})), BAD, OneOf(&["guided_decoding", "guided_regex"])),
         post("completions: guided_regex unbalanced", C, completion(json!({"guided_regex": "(ab"})), BAD, OneOf(&["guided_decoding", "guided_regex"])),
         post("completions: guided_choice of 20000 options", C, completion(json!({"guided_choice": choice_20k})), BAD, OneOf(&["guided_decoding", "guided_choice"])),
-        post("completions: guided_choice empty", C, completion(json!({"guided_choice": []})), BAD, OneOf(&["guided_decoding", "guided_choice"])),
+        post("completions: guided_choice empty", C, completion(json!({"guided_choice": []})), BAD, OneOf(&["guided_decoding*", "guided_choice"])),
         post("completions: guided_json invalid schema", C, completion(json!({"guided_json": {"type": 12}})), BAD, OneOf(&["guided_decoding", "guided_json"])),
         post("completions: guided_grammar not a grammar", C, completion(json!({"guided_grammar": "start: ((("})), BAD, OneOf(&["guided_decoding", "guided_grammar"])),
         post("completions: two guided constraints", C, completion(json!({"guided_regex": "a+", "guided_choice": ["a"]})), BAD, OneOf(&["guided_decoding", "guided_regex", "guided_choice"])),
@@ -757,8 +757,8 @@ fn cli_cases(files: &Files) -> Vec<CliCase> {
         case("logprobs: --prompt-tokens out of vocabulary", "logprobs", &["--prompt-tokens", "1,999999"], REFUSED, &["prompt"]),
         case("logprobs: empty --prompt", "logprobs", &["--prompt", ""], REFUSED, &["prompt"]),
         case("logprobs: 9000 tokens (context)", "logprobs", &["--prompt-tokens", tokens_9000], REFUSED, &["prompt"]),
-        case("serve: --max-num-seqs 0", "serve", &["--max-num-seqs", "0", "--port", "0"], REFUSED, &["max_num_seqs", "--max-num-seqs"]),
-        case("serve: --max-num-batched-tokens 0", "serve", &["--max-num-batched-tokens", "0", "--port", "0"], REFUSED, &["max_num_batched_tokens", "--max-num-batched-tokens"]),
+        case("serve: --max-num-seqs 0", "serve", &["--max-num-seqs", "0", "--port", "0"], USAGE, &["max_num_seqs", "--max-num-seqs"]),
+        case("serve: --max-num-batched-tokens 0", "serve", &["--max-num-batched-tokens", "0", "--port", "0"], USAGE, &["max_num_batched_tokens", "--max-num-batched-tokens"]),
         case("serve: --host not an address", "serve", &["--host", "999.1.1.1", "--port", "0"], REFUSED, &["999.1.1.1"]),
     ]
 }

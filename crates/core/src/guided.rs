@@ -195,7 +195,7 @@ impl TokenMask {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GuidedError {
     /// The schema, regex or grammar is invalid, too large, or took too long to compile.
-    #[error("invalid {mode:?} constraint: {reason}")]
+    #[error("invalid `guided_decoding` ({mode:?} constraint): {reason}")]
     Invalid {
         /// The constraint kind.
         mode: GuidedMode,

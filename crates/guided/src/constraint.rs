@@ -44,6 +44,9 @@ pub struct LlgConstraint {
     eos: Arc<[TokenId]>,
     /// Ids the token trie knows (the model's vocabulary, padded past the tokenizer's).
     trie_vocab: usize,
+    /// The words of the last mask computed and not yet committed past: tells a token the
+    /// grammar engine offered and then refused from one it never offered.
+    offered: Vec<u32>,
 }
 
 impl LlgConstraint {
@@ -58,6 +61,7 @@ impl LlgConstraint {
             mode,
             eos,
             trie_vocab,
+            offered: Vec::new(),
         }
     }
 
@@ -105,6 +109,8 @@ impl TokenConstraint for LlgConstraint {
         if !len.is_multiple_of(32) && n == words.len() {
             words[len / 32] &= (1u32 << (len % 32)) - 1;
         }
+        self.offered.clear();
+        self.offered.extend_from_slice(words);
         if words.iter().all(|&w| w == 0) {
             // The grammar cannot be continued with this tokenizer's tokens: the request's fault.
             return Err(GuidedError::Invalid {
@@ -136,10 +142,27 @@ impl TokenConstraint for LlgConstraint {
             Ok(consumed) => consumed,
             Err(e) => return Err(self.failure(e)),
         };
-        if consumed == 0 {
+        let was_offered = self
+            .offered
+            .get(token as usize / 32)
+            .is_some_and(|w| w & (1 << (token % 32)) != 0);
+        self.offered.clear();
+        if consumed == 0 && !was_offered {
             return Err(GuidedError::Runtime(format!(
                 "token {token} is not allowed by the constraint here"
             )));
+        }
+        if consumed == 0 {
+            // llguidance refuses a token its own mask offered when the grammar needs bytes no
+            // token of the vocabulary spells (SmolLM2 has no token for some bytes, e.g. 0xF1):
+            // the request's grammar cannot be followed with this tokenizer.
+            return Err(GuidedError::Invalid {
+                mode: self.mode,
+                reason: format!(
+                    "the constraint needs bytes that no token of this vocabulary spells (token \
+                     {token}, offered by the grammar engine, was refused)"
+                ),
+            });
         }
         Ok(())
     }
@@ -154,6 +177,7 @@ impl TokenConstraint for LlgConstraint {
             mode: self.mode,
             eos: self.eos.clone(),
             trie_vocab: self.trie_vocab,
+            offered: self.offered.clone(),
         })
     }
 }

@@ -348,3 +348,64 @@ fn cached_grammars_give_fresh_constraints() {
     assert!(!mask.allows(ids("}")[0]));
     assert!(cached < Duration::from_millis(50), "{cached:?}");
 }
+
+/// Every token the mask allows is accepted by commit, on choices whose options hold control
+/// characters and 4-byte UTF-8 characters.
+#[test]
+fn every_allowed_token_commits_on_byte_level_choices() {
+    let dec = decoder();
+    for options in [
+        vec!["%\u{0}\u{f464e}\u{fffd}=", "x4"],
+        vec!["caf\u{e9} \u{1f600}", "x"],
+    ] {
+        let params = GuidedDecodingParams::choice(options.clone());
+        // Depth-first over a few paths: at each step try the first few allowed tokens.
+        let first: Box<dyn TokenConstraint> = Box::new(dec.constraint(&params).unwrap());
+        let mut stack = vec![(first, Vec::<u32>::new())];
+        let mut checked = 0;
+        while let Some((mut c, path)) = stack.pop() {
+            if path.len() > 12 || c.is_finished() {
+                continue;
+            }
+            let mut mask = TokenMask::none(VOCAB);
+            c.compute_mask(&mut mask).unwrap();
+            for id in allowed(&mask).into_iter().take(6) {
+                let mut next = c.fork();
+                next.commit(id).unwrap_or_else(|e| {
+                    panic!("{options:?}: after {path:?}, token {id} allowed by the mask but refused: {e}")
+                });
+                checked += 1;
+                let mut longer = path.clone();
+                longer.push(id);
+                stack.push((next, longer));
+            }
+        }
+        assert!(checked > 0);
+    }
+}
+
+/// SmolLM2's vocabulary has no token for the byte 0xF1, so an option spelled with it cannot be
+/// produced; llguidance's mask then still offers a token that commit refuses (found by the wire
+/// fuzz). That is the request's grammar, not a server fault: a typed request error.
+#[test]
+fn a_choice_this_vocabulary_cannot_spell_is_a_request_error() {
+    let params = GuidedDecodingParams::choice(["%D\u{5bbe5}.", "IHv"]);
+    let mut c = decoder().constraint(&params).unwrap();
+    let (percent, d) = (ids("%"), ids("D"));
+    c.commit(percent[0]).unwrap();
+    c.commit(d[0]).unwrap();
+    let mut mask = TokenMask::none(VOCAB);
+    c.compute_mask(&mut mask).unwrap();
+    let offered = allowed(&mask);
+    let refused = offered
+        .iter()
+        .find_map(|&id| c.fork().commit(id).err())
+        .expect("a token of the mask is refused");
+    match refused {
+        GuidedError::Invalid { mode, reason } => {
+            assert_eq!(mode, GuidedMode::Choice);
+            assert!(reason.contains("vocabulary"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

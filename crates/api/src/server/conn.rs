@@ -46,6 +46,7 @@ impl Listener for JsonErrorListener {
                 inner: io,
                 metrics: self.metrics.clone(),
                 replacement: None,
+                mid_buffer: false,
             },
             addr,
         )
@@ -63,12 +64,21 @@ pub(crate) struct JsonErrorIo<T> {
     /// The reply being written instead of hyper's: bytes, how many are written, and how many
     /// bytes of hyper's buffer to report written once it is.
     replacement: Option<(Vec<u8>, usize, usize)>,
+    /// The last write took only part of hyper's buffer, so the next one starts inside a
+    /// message, where no reply head can begin.
+    mid_buffer: bool,
 }
 
 /// The status of hyper's own error reply, if `buf` starts with one: a 400, 414 or 431 head
 /// without `content-type` and without a body.
 fn automatic_reply(buf: &[u8]) -> Option<StatusCode> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    // Cheap first: hyper's own replies are a 4xx status line and a head of a few lines, so
+    // a buffer that starts otherwise (every body, every other reply) is not scanned.
+    if !(buf.starts_with(b"HTTP/1.1 4") || buf.starts_with(b"HTTP/1.0 4")) {
+        return None;
+    }
+    let head = &buf[..buf.len().min(MAX_AUTOMATIC_HEAD)];
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&buf[..end]).ok()?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next()?;
@@ -90,6 +100,9 @@ fn automatic_reply(buf: &[u8]) -> Option<StatusCode> {
     }
     StatusCode::from_u16(status).ok()
 }
+
+/// hyper's error heads are under 200 bytes; nothing longer is looked at.
+const MAX_AUTOMATIC_HEAD: usize = 1024;
 
 /// The JSON reply that replaces hyper's `status`.
 fn json_reply(status: StatusCode) -> Vec<u8> {
@@ -126,6 +139,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrorIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.replacement.is_none()
+            && !this.mid_buffer
             && let Some(status) = automatic_reply(buf)
         {
             if let Some(m) = &this.metrics {
@@ -134,7 +148,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrorIo<T> {
             this.replacement = Some((json_reply(status), 0, buf.len()));
         }
         let Some((bytes, written, claimed)) = &mut this.replacement else {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
+            let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = result {
+                this.mid_buffer = n < buf.len();
+            }
+            return result;
         };
         while *written < bytes.len() {
             match Pin::new(&mut this.inner).poll_write(cx, &bytes[*written..]) {
@@ -198,5 +216,71 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "uri_too_long");
+    }
+
+    /// Takes at most `chunk` bytes per write.
+    struct Trickle {
+        out: Vec<u8>,
+        chunk: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.chunk);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Writes `buf` the way hyper does: again with the rest after each short write.
+    fn write_all(io: &mut JsonErrorIo<Trickle>, mut buf: &[u8]) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while !buf.is_empty() {
+            match Pin::new(&mut *io).poll_write(&mut cx, buf) {
+                Poll::Ready(Ok(n)) => buf = &buf[n..],
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_resumed_after_a_short_write_is_never_taken_for_a_reply_head() {
+        let mut io = JsonErrorIo {
+            inner: Trickle {
+                out: Vec::new(),
+                chunk: 17,
+            },
+            metrics: None,
+            replacement: None,
+            mid_buffer: false,
+        };
+        // A reply whose rest, after the first 17-byte write, reads like hyper's bodiless 400.
+        let mut reply = b"HTTP/1.1 200 OK\r\n".to_vec();
+        reply.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        write_all(&mut io, &reply);
+        assert_eq!(io.inner.out, reply);
+        // A fresh buffer that is hyper's reply is still replaced.
+        io.inner.out.clear();
+        write_all(
+            &mut io,
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(
+            io.inner
+                .out
+                .starts_with(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json")
+        );
     }
 }

@@ -19,14 +19,30 @@ use crate::{ChatMessage, SamplingClient, Tokenizer};
 
 /// Most top alternatives chat `top_logprobs` and completions `logprobs` may ask for (OpenAI's
 /// chat limit, vLLM's default `max_logprobs`).
-pub(crate) const MAX_TOP_LOGPROBS: usize = 20;
+pub(crate) const OPENAI_MAX_TOP_LOGPROBS: usize = 20;
 
-/// Runs `f` on tokio's blocking pool: request preparation (tokenizing, chat templates, stop and
-/// grammar compilation, up to the grammar engine's compile limit) must not stall the async
-/// workers that serve every other connection.
+/// Preparations running at once: enough that a few slow grammar compiles do not hold up a
+/// plain request, few enough that a flood of big bodies cannot crowd the engine thread off
+/// the cores (tokio's blocking pool alone would run up to 512).
+fn preparation_places() -> &'static tokio::sync::Semaphore {
+    static PLACES: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PLACES.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        tokio::sync::Semaphore::new((4 * cores).max(8))
+    })
+}
+
+/// Runs `f` on tokio's blocking pool, at most [`preparation_places`] at once: request
+/// preparation (tokenizing, chat templates, stop and grammar compilation, up to the grammar
+/// engine's compile limit) must not stall the async workers that serve every other
+/// connection.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
+    let _place = preparation_places()
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("the server is shutting down"))?;
     tokio::task::spawn_blocking(f).await.map_err(|e| {
         if e.is_panic() {
             ApiError::internal("preparing the request panicked")
@@ -81,9 +97,11 @@ pub(crate) fn check_prompts(prompts: &[Prompt], vocab_size: usize) -> Result<(),
 /// budget, every other does, so those rejections come before any output), then the rest in
 /// their order.
 pub(crate) fn submission_order(prompts: &[Prompt]) -> Vec<usize> {
-    let longest = (0..prompts.len())
-        .max_by_key(|&i| (prompts[i].tokens.len(), std::cmp::Reverse(i)))
-        .unwrap_or(0);
+    let Some(longest) =
+        (0..prompts.len()).max_by_key(|&i| (prompts[i].tokens.len(), std::cmp::Reverse(i)))
+    else {
+        return Vec::new();
+    };
     std::iter::once(longest)
         .chain((0..prompts.len()).filter(|&i| i != longest))
         .collect()
@@ -302,9 +320,9 @@ pub(crate) fn chat_logprobs_count(
     top: Option<usize>,
 ) -> Result<Option<usize>, ApiError> {
     match (logprobs.unwrap_or(false), top) {
-        (_, Some(k)) if k > MAX_TOP_LOGPROBS => Err(ApiError::invalid(
+        (_, Some(k)) if k > OPENAI_MAX_TOP_LOGPROBS => Err(ApiError::invalid(
             "top_logprobs",
-            format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}"),
+            format!("`top_logprobs` must be at most {OPENAI_MAX_TOP_LOGPROBS}, got {k}"),
         )),
         (false, Some(k)) if k > 0 => Err(ApiError::invalid(
             "top_logprobs",

@@ -184,6 +184,17 @@ impl ApiError {
         }
     }
 
+    /// The error with its `param` renamed where a route spells a core field differently
+    /// (completions' `logprobs` with `echo` is the core's `topk_prompt_logprobs`).
+    pub(crate) fn renamed(mut self, renames: &[(&str, &str)]) -> Self {
+        if let Some(param) = &mut self.body.error.param
+            && let Some((_, to)) = renames.iter().find(|(from, _)| param == from)
+        {
+            *param = (*to).to_string();
+        }
+        self
+    }
+
     /// The SSE event that reports this error inside a stream.
     pub fn sse_event(&self) -> String {
         format!(
@@ -196,10 +207,9 @@ impl ApiError {
 /// The request field a validation error is about.
 fn param_of(err: &ValidationError) -> &'static str {
     match err {
-        ValidationError::InvalidField { field, .. } => match *field {
-            "topk_prompt_logprobs" => "logprobs",
-            other => other,
-        },
+        ValidationError::InvalidField { field, .. } => field,
+        // Scoring asks for no completion: the prompt alone is too long.
+        ValidationError::ContextOverflow { max_tokens: 0, .. } => "prompt",
         ValidationError::ContextOverflow { .. } | ValidationError::KvBudgetExceeded { .. } => {
             "max_tokens"
         }

@@ -1,6 +1,7 @@
 //! Request limits: body size, concurrency with a bounded waiting queue, per-request timeout.
 //!
-//! Admission counts sequences, not requests: a request weighs the sequences it keeps in the
+//! Admission counts requests and sequences: a request takes one of `max_concurrent_requests`
+//! request places and as many of `max_concurrent_sequences` sequence places as it keeps in the
 //! engine at once (prompts in its submission window × samples drawn per prompt), so one request
 //! with hundreds of prompts takes as many places as it uses and cannot pass for one.
 
@@ -17,9 +18,11 @@ use super::error::ApiError;
 /// What one server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Admission places: sequences served at once, summed over requests (a request weighs the
-    /// sequences it keeps in the engine at once; a plain one weighs 1). More wait in the queue.
+    /// Requests served at once (the engine batches them); more wait in the queue.
     pub max_concurrent_requests: usize,
+    /// Sequences served at once, summed over requests: a request weighs the sequences it keeps
+    /// in the engine at once (a plain one 1). More wait in the queue.
+    pub max_concurrent_sequences: usize,
     /// Most sequences one request may ask for (prompts × samples drawn); 400 beyond.
     pub max_sequences_per_request: usize,
     /// Requests that may wait for a concurrency slot; past that the server answers 429.
@@ -37,6 +40,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_concurrent_requests: 64,
+            max_concurrent_sequences: 256,
             max_sequences_per_request: 256,
             max_queue: 256,
             max_body_bytes: 8 << 20,
@@ -49,11 +53,17 @@ impl Default for Limits {
 /// Most places one request can hold (tokio's semaphores take `u32` permit counts).
 const MAX_PLACES: usize = 1 << 24;
 
-/// Admission control: a semaphore of `max_concurrent_requests` places and a bounded queue.
+/// Admission control: a semaphore of request places, one of sequence places, and a bounded
+/// queue. A request takes its request place first, then its sequence places, both in arrival
+/// order.
 #[derive(Debug)]
 pub(crate) struct Admission {
-    permits: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
     capacity: usize,
+    sequences: Arc<Semaphore>,
+    sequence_capacity: usize,
+    /// Sequence places held by admitted requests.
+    sequences_held: Arc<AtomicUsize>,
     /// Requests holding places now.
     running: Arc<AtomicUsize>,
     queued: AtomicUsize,
@@ -64,13 +74,17 @@ pub(crate) struct Admission {
 /// A request's held places; dropping it admits the next queued requests.
 #[derive(Debug)]
 pub(crate) struct Permit {
-    _places: OwnedSemaphorePermit,
+    _request: OwnedSemaphorePermit,
+    sequences: OwnedSemaphorePermit,
     running: Arc<AtomicUsize>,
+    sequences_held: Arc<AtomicUsize>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.running.fetch_sub(1, Ordering::SeqCst);
+        self.sequences_held
+            .fetch_sub(self.sequences.num_permits(), Ordering::SeqCst);
     }
 }
 
@@ -86,9 +100,13 @@ impl Drop for Queued<'_> {
 impl Admission {
     pub(crate) fn new(limits: &Limits) -> Self {
         let capacity = limits.max_concurrent_requests.clamp(1, MAX_PLACES);
+        let sequence_capacity = limits.max_concurrent_sequences.clamp(1, MAX_PLACES);
         Self {
-            permits: Arc::new(Semaphore::new(capacity)),
+            requests: Arc::new(Semaphore::new(capacity)),
             capacity,
+            sequences: Arc::new(Semaphore::new(sequence_capacity)),
+            sequence_capacity,
+            sequences_held: Arc::default(),
             running: Arc::default(),
             queued: AtomicUsize::new(0),
             max_queue: limits.max_queue,
@@ -101,30 +119,52 @@ impl Admission {
         self.timeout.and_then(|t| Instant::now().checked_add(t))
     }
 
-    /// Waits for `weight` places (at most the capacity, so a heavy request runs alone rather
-    /// than never), or fails at once with 429 when the queue is full. Waiters are served in
-    /// arrival order.
+    /// Waits for a request place and `weight` sequence places (at most the capacity, so a
+    /// heavy request runs alone rather than never), or fails at once with 429 when the queue
+    /// is full. Waiters are served in arrival order.
     pub(crate) async fn admit(&self, weight: usize) -> Result<Permit, ApiError> {
-        let places = weight.clamp(1, self.capacity) as u32;
-        let permit = match self.permits.clone().try_acquire_many_owned(places) {
-            Ok(permit) => permit,
-            Err(_) => {
+        let places = weight.clamp(1, self.sequence_capacity) as u32;
+        let now = self
+            .requests
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .and_then(|request| {
+                let sequences = self.sequences.clone().try_acquire_many_owned(places).ok()?;
+                Some((request, sequences))
+            });
+        let (request, sequences) = match now {
+            Some(held) => held,
+            None => {
                 let before = self.queued.fetch_add(1, Ordering::SeqCst);
                 let _queued = Queued(&self.queued);
                 if before >= self.max_queue {
                     return Err(ApiError::overloaded());
                 }
-                self.permits
+                let closed = |_| ApiError::internal("the server is shutting down");
+                let request = self
+                    .requests
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(closed)?;
+                let sequences = self
+                    .sequences
                     .clone()
                     .acquire_many_owned(places)
                     .await
-                    .map_err(|_| ApiError::internal("the server is shutting down"))?
+                    .map_err(closed)?;
+                (request, sequences)
             }
         };
         self.running.fetch_add(1, Ordering::SeqCst);
+        self.sequences_held
+            .fetch_add(sequences.num_permits(), Ordering::SeqCst);
         Ok(Permit {
-            _places: permit,
+            _request: request,
+            sequences,
             running: self.running.clone(),
+            sequences_held: self.sequences_held.clone(),
         })
     }
 
@@ -172,9 +212,10 @@ impl Admission {
         self.running.load(Ordering::SeqCst)
     }
 
-    /// Places held now (sequences of admitted requests).
+    /// Sequence places held now by admitted requests (not those handed to a waiter that is
+    /// still short of its weight).
     pub(crate) fn places_in_use(&self) -> usize {
-        self.capacity - self.permits.available_permits()
+        self.sequences_held.load(Ordering::SeqCst)
     }
 
     /// Requests waiting for a slot now.
@@ -225,7 +266,7 @@ mod weight_tests {
     #[tokio::test]
     async fn requests_weigh_their_sequences_and_heavy_ones_run_alone() {
         let limits = Limits {
-            max_concurrent_requests: 8,
+            max_concurrent_sequences: 8,
             max_queue: 4,
             ..Limits::default()
         };
@@ -253,6 +294,31 @@ mod weight_tests {
         drop(heavy);
         assert_eq!((admission.in_flight(), admission.places_in_use()), (0, 0));
         assert_eq!(admission.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_apart_from_their_sequences() {
+        let limits = Limits {
+            max_concurrent_requests: 2,
+            max_concurrent_sequences: 100,
+            max_queue: 4,
+            ..Limits::default()
+        };
+        let admission = Arc::new(Admission::new(&limits));
+        let a = admission.admit(1).await.unwrap();
+        let b = admission.admit(1).await.unwrap();
+        let waiting = {
+            let a = admission.clone();
+            tokio::spawn(async move { a.admit(1).await.map(drop) })
+        };
+        while admission.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!((admission.in_flight(), admission.places_in_use()), (2, 2));
+        drop(a);
+        waiting.await.unwrap().unwrap();
+        drop(b);
+        assert_eq!((admission.in_flight(), admission.places_in_use()), (0, 0));
     }
 
     #[test]

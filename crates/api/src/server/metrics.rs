@@ -272,7 +272,7 @@ impl Metrics {
             ),
             (
                 "infermux_http_max_concurrent_requests",
-                "Admission places (--max-concurrent-requests), in sequences.",
+                "Requests served at once (--max-concurrent-requests).",
                 snap.capacity,
             ),
         ] {

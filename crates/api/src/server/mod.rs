@@ -153,6 +153,10 @@ fn build(
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
+            limits.max_body_bytes,
+            routes::refuse_declared_oversize,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             metrics.clone(),
             routes::finish_reply,
         ))

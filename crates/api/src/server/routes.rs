@@ -23,7 +23,7 @@ use futures_util::stream;
 use infermux_core::{SamplingParams, TokenId};
 
 use super::convert::{
-    Generation, MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs, chat_logprobs_count,
+    Generation, OPENAI_MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs, chat_logprobs_count,
     chat_prompt, check_prompts, check_sequences, completion_logprobs, completion_prompts,
     finish_str, generate, generated_logprobs, prompt_window, request_id, sampling_params,
     submission_order, submit_stream, unix_now,
@@ -84,7 +84,9 @@ pub(crate) async fn completions(State(state): Shared, body: Body) -> Response {
     let inner = completions_inner(state.clone(), body, arrived, deadline);
     match state.admission.within(deadline, inner).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => e
+            .renamed(&[("topk_prompt_logprobs", "logprobs")])
+            .into_response(),
     }
 }
 
@@ -102,11 +104,11 @@ async fn completions_inner(
         return Err(ApiError::invalid("suffix", "`suffix` is not supported"));
     }
     if let Some(k) = req.logprobs
-        && k > MAX_TOP_LOGPROBS
+        && k > OPENAI_MAX_TOP_LOGPROBS
     {
         return Err(ApiError::invalid(
             "logprobs",
-            format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}, got {k}"),
+            format!("`logprobs` must be at most {OPENAI_MAX_TOP_LOGPROBS}, got {k}"),
         ));
     }
     let knobs = req.knobs();
@@ -663,6 +665,26 @@ pub(crate) async fn finish_reply(
     let response = json_error_body(response, &method, &path);
     metrics.count_reply(route, response.status().as_u16());
     response
+}
+
+/// 413 at once for a body whose declared `Content-Length` is over the limit, before any of it
+/// is read (otherwise the body extractor waits for bytes a lying client never sends).
+pub(crate) async fn refuse_declared_oversize(
+    State(max_body_bytes): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(len) if len > max_body_bytes as u64 => {
+            ApiError::too_large(max_body_bytes).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// An error status without a JSON body becomes the same status with an OpenAI error body

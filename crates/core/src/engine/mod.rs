@@ -252,15 +252,6 @@ impl Engine {
                 GenerateRequest::new(request.prompt, params),
                 Replier::Final(tx),
             )?;
-            if job.slots_needed() > self.config.max_num_seqs {
-                return Err(ValidationError::field(
-                    "beam_width",
-                    format!(
-                        "needs 2 × beam_width KV slots, at most max_num_seqs ({})",
-                        self.config.max_num_seqs
-                    ),
-                ));
-            }
             job.kind = JobKind::Beam(request.params);
             self.check_kv(job)
         });

@@ -791,7 +791,8 @@ impl Group {
     ) -> Option<BackendError> {
         let rows = logits.chunk(index);
         // The rows are the chunk's last positions.
-        let first_pos = chunk.start_pos + chunk.tokens.len() - rows.len();
+        // (Saturating: a backend that returned more rows than tokens is not a reason to panic.)
+        let first_pos = (chunk.start_pos + chunk.tokens.len()).saturating_sub(rows.len());
         let prompt_len = self.job.prompt.len();
         for (r, row) in rows.enumerate() {
             let position = first_pos + r;

@@ -102,6 +102,7 @@ impl Processors {
     }
 
     /// Edits `row` in place for a sequence with `history`, under an optional guided `mask`.
+    /// Soft suppressions (bad words, min_tokens) never leave a row with no finite logit.
     pub fn apply(&self, row: &mut [f32], history: &History, mask: Option<&TokenMask>) {
         for m in self.allowed.iter().chain(mask) {
             for (id, x) in row.iter_mut().enumerate() {
@@ -110,19 +111,30 @@ impl Processors {
                 }
             }
         }
+        // Bad words and min_tokens are soft: they never remove the last token the hard
+        // constraints (allowed_token_ids, guided decoding) leave, so a grammar that must end now
+        // ends (EOS) even under min_tokens, instead of a draw from a row with no finite logit.
         let out = history.output();
-        for word in &self.bad_words {
-            let (last, prefix) = word.split_last().expect("bad words are non-empty");
-            if out.ends_with(prefix)
-                && let Some(x) = row.get_mut(*last as usize)
-            {
-                *x = f32::NEG_INFINITY;
-            }
-        }
+        let mut soft: Vec<usize> = self
+            .bad_words
+            .iter()
+            .filter_map(|word| {
+                let (last, prefix) = word.split_last()?;
+                out.ends_with(prefix).then_some(*last as usize)
+            })
+            .collect();
         if out.len() < self.min_tokens {
-            for &id in &self.min_tokens_suppress {
-                if let Some(x) = row.get_mut(id as usize) {
-                    *x = f32::NEG_INFINITY;
+            soft.extend(self.min_tokens_suppress.iter().map(|&id| id as usize));
+        }
+        soft.retain(|&id| id < row.len());
+        if !soft.is_empty() {
+            let kept: Vec<f32> = soft.iter().map(|&id| row[id]).collect();
+            for &id in &soft {
+                row[id] = f32::NEG_INFINITY;
+            }
+            if !row.iter().any(|x| x.is_finite()) {
+                for (&id, &x) in soft.iter().zip(&kept) {
+                    row[id] = x;
                 }
             }
         }
@@ -209,6 +221,26 @@ mod tests {
             row[4].is_infinite() && row[0].is_infinite(),
             "EOS and stop id held back"
         );
+    }
+
+    #[test]
+    fn soft_suppression_never_removes_the_last_allowed_token() {
+        // Guided decoding allows only EOS (4) now; min_tokens would hold it back.
+        let mut mask = TokenMask::none(5);
+        mask.allow(4);
+        let p = SamplingParams {
+            min_tokens: 8,
+            ..SamplingParams::default()
+        };
+        let mut row = vec![1.0, -1.0, 2.0, 0.5, 3.0];
+        Processors::new(&p, vec![], &[4], 5).apply(&mut row, &history(&[0], &[1]), Some(&mask));
+        assert_eq!(row[4], 3.0, "the grammar's end beats min_tokens");
+        assert!(row[..4].iter().all(|x| x.is_infinite()));
+        // With another token left, min_tokens holds EOS back as usual.
+        mask.allow(2);
+        let mut row = vec![1.0, -1.0, 2.0, 0.5, 3.0];
+        Processors::new(&p, vec![], &[4], 5).apply(&mut row, &history(&[0], &[1]), Some(&mask));
+        assert!(row[4].is_infinite() && row[2] == 2.0);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct PromptArgs {
 #[derive(Debug, Args)]
 pub struct ChatArgs {
     /// Send --prompt as a user message through the model's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, requires = "prompt", conflicts_with = "prompt_tokens")]
     pub chat: bool,
 }
 
@@ -153,11 +153,14 @@ pub struct ServeArgs {
     /// The name clients give as `model` (default: the model folder's name).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Admission places, in sequences: a request takes as many as the sequences it keeps in
-    /// the engine at once (prompts in its window × samples; a plain request 1). More wait in
-    /// the queue.
+    /// Requests served at once (the engine batches them); more wait in the queue.
     #[arg(long, default_value_t = 64, value_parser = count(1, 1 << 24))]
     pub max_concurrent_requests: usize,
+    /// Sequences served at once, summed over requests: a request takes as many as it keeps in
+    /// the engine at once (prompts in its window × samples; a plain request 1). More wait in
+    /// the queue.
+    #[arg(long, default_value_t = 256, value_parser = count(1, 1 << 24))]
+    pub max_concurrent_sequences: usize,
     /// Most sequences one request may ask for: prompts × samples drawn (n or best_of); 400
     /// beyond, naming `prompt` or `n`/`best_of`.
     #[arg(long, default_value_t = 256, value_parser = count(1, 1 << 24))]

@@ -191,6 +191,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let config = ServerConfig {
         limits: Limits {
             max_concurrent_requests: args.max_concurrent_requests,
+            max_concurrent_sequences: args.max_concurrent_sequences,
             max_queue: args.max_queue,
             max_body_bytes: args.max_body_bytes,
             request_timeout: (args.request_timeout_secs > 0)
