@@ -585,11 +585,13 @@ fn small_request(addr: &str) -> f64 {
 
 #[test]
 fn a_small_request_is_not_starved_by_a_many_prompt_one() {
-    // 4 KV slots: one request keeps at most 2 prompts in the engine (half the slots), so a
-    // later request finds a slot at once and shares each step with 2 others (and their
-    // prefills). On this 2-core machine that measured 2.0-2.9x its time alone (without the
-    // window it waited behind the whole 300-prompt request: ~16 s); the bound is 3x + 0.2 s.
-    let server = Server::start(&["--max-num-seqs", "4", "--max-sequences-per-request", "300"]);
+    // 2 KV slots: one request keeps at most 1 prompt in the engine (half the slots), so a
+    // later request finds a slot at once and shares each step with one other sequence (and its
+    // prefills). On this 2-core machine (AMD EPYC, quiet) that measured 1.4-1.5x its time alone
+    // (66-75 ms alone, median 101-109 ms behind; with 4 slots 1.8-2.1x); without the window it
+    // waited behind the whole 300-prompt request: ~16 s. The bound is 2x + 0.1 s (the slack
+    // covers the other tests of this binary running at the same time).
+    let server = Server::start(&["--max-num-seqs", "2", "--max-sequences-per-request", "300"]);
     small_request(&server.addr);
     let alone = (0..3)
         .map(|_| small_request(&server.addr))
@@ -624,7 +626,7 @@ fn a_small_request_is_not_starved_by_a_many_prompt_one() {
         "the big request ended before the measurement"
     );
     assert!(
-        behind[1] < 3.0 * alone + 0.2,
+        behind[1] < 2.0 * alone + 0.1,
         "{:.3} s behind the big request vs {alone:.3} s alone",
         behind[1]
     );
