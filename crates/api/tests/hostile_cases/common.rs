@@ -191,7 +191,7 @@ fn parse_reply(raw: &[u8]) -> Result<RawReply, String> {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
     let body = if chunked {
-        dechunk(rest)
+        crate::server_support::dechunk(rest)
     } else {
         rest.to_vec()
     };
@@ -200,25 +200,6 @@ fn parse_reply(raw: &[u8]) -> Result<RawReply, String> {
         headers,
         body,
     })
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-        else {
-            return out;
-        };
-        if size == 0 || data.len() < eol + 2 + size {
-            return out;
-        }
-        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[(eol + 4 + size).min(data.len())..];
-    }
 }
 
 /// The value of `series` (`name{labels}` as written) in a Prometheus exposition.

@@ -189,7 +189,8 @@ fn parse_reply(raw: &[u8]) -> Reply {
     }
 }
 
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
+/// The body of a `Transfer-Encoding: chunked` reply (stops at the last chunk or bad input).
+pub fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
