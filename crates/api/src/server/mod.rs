@@ -1,7 +1,8 @@
 //! The HTTP server behind `infermux serve` (feature `server`): OpenAI-compatible
 //! `/v1/completions` and `/v1/chat/completions` (streaming as server-sent events), the native
 //! `/v1/sample` and `/v1/compute_logprobs` ([`crate::wire`] shapes), `/v1/models`, `/health`
-//! and Prometheus `/metrics`, with admission control (bounded concurrency and queue, 429 with
+//! (plus the liveness, readiness and info routes routers read, see `info`) and Prometheus
+//! `/metrics`, with admission control (bounded concurrency and queue, 429 with
 //! `Retry-After`), body-size and time limits. Every error is a [`crate::wire::ErrorBody`].
 //!
 //! Embed it in your own tokio service with [`router`], or run it with [`serve`] / [`spawn`]:
@@ -24,6 +25,7 @@
 mod conn;
 mod convert;
 mod error;
+mod info;
 mod limits;
 mod metrics;
 pub mod openai;
@@ -148,6 +150,14 @@ fn build(
         .route("/v1/models", get(routes::models))
         .route("/v1/models/{*id}", get(routes::model))
         .route("/health", get(routes::health))
+        .route("/health/live", get(info::live))
+        .route("/ping", get(info::live))
+        .route("/health/ready", get(info::ready))
+        .route("/health_generate", get(info::health_generate))
+        .route("/server_info", get(info::server_info))
+        .route("/get_server_info", get(info::server_info))
+        .route("/model_info", get(info::model_info))
+        .route("/get_model_info", get(info::model_info))
         .route("/metrics", get(routes::metrics))
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::not_found)

@@ -38,7 +38,7 @@ use super::sse::{self, EchoPrompt, Flavor, StreamSpec, Submitter};
 use super::{AppState, ServedModel};
 use crate::wire::{ComputeLogprobsRequest, ComputeLogprobsResponse, SampleRequest};
 
-type Shared = State<Arc<AppState>>;
+pub(crate) type Shared = State<Arc<AppState>>;
 type Body = Result<Bytes, BytesRejection>;
 
 /// The body's bytes, or 413/400.

@@ -302,6 +302,13 @@ impl Engine {
         self.shared.read()
     }
 
+    /// Time since the engine thread last made progress (it publishes its stats before every
+    /// step; an idle engine does not, so read this together with [`Engine::stats`]'s queue
+    /// and running counts). Readiness probes use it to spot an engine stuck in a step.
+    pub fn since_progress(&self) -> Option<std::time::Duration> {
+        self.shared.since_publish()
+    }
+
     fn submit<R: Failed>(&self, job: Job, reply: R) -> R {
         self.shared.submitted();
         match self.tx.send(Command::Submit(Box::new(job))) {

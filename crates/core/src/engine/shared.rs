@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::engine::scheduler::EngineStats;
 use crate::error::EngineError;
@@ -23,6 +24,9 @@ pub(crate) struct Shared {
     snapshot: Mutex<EngineStats>,
     /// Set when the engine thread exits, normally or by a panic.
     exited: AtomicBool,
+    /// When the engine thread last published (it publishes before every step), so a reader
+    /// can tell a busy engine that makes progress from one stuck inside a step.
+    published_at: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -42,6 +46,18 @@ impl Shared {
     /// Replaces the snapshot (its `waiting_requests` is ignored: the counter is fresher).
     pub fn publish(&self, stats: EngineStats) {
         *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+        *self
+            .published_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Time since the engine thread last published (`None` before its first publish).
+    pub fn since_publish(&self) -> Option<Duration> {
+        self.published_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|at| at.elapsed())
     }
 
     /// The latest snapshot with the live queue depth, or `Shutdown` once the engine thread
