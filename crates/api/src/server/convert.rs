@@ -12,8 +12,8 @@ use infermux_core::{
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{
-    ChatLogprobs, ChatMessageIn, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, Knobs,
-    MessageContent, PromptInput, TopMap,
+    ChatLogprobs, ChatMessageIn, ChatRequest, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
+    Knobs, MessageContent, PromptInput, TopMap,
 };
 use crate::{ChatMessage, SamplingClient, Tokenizer};
 
@@ -165,6 +165,27 @@ pub(crate) fn sampling_params(
                 .collect::<Result<_, _>>()?,
         ),
     };
+    if k.return_hidden_states == Some(true) {
+        return Err(ApiError::invalid(
+            "return_hidden_states",
+            "`return_hidden_states: true` is not supported: replies carry no hidden states",
+        ));
+    }
+    if let Some(p) = k.priority.filter(|p| *p != 0) {
+        return Err(ApiError::invalid(
+            "priority",
+            format!("`priority` {p} is not supported: the scheduler is FIFO (only 0 is accepted)"),
+        ));
+    }
+    let include_stop = match (k.include_stop_str_in_output, k.no_stop_trim) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(ApiError::invalid(
+                "no_stop_trim",
+                "`no_stop_trim` and `include_stop_str_in_output` mean the same and disagree",
+            ));
+        }
+        (a, b) => a.or(b).unwrap_or(false),
+    };
     Ok(SamplingParams {
         n: k.n.unwrap_or(1),
         temperature: k.temperature.unwrap_or(d.temperature),
@@ -182,7 +203,12 @@ pub(crate) fn sampling_params(
         min_tokens: k.min_tokens.unwrap_or(0),
         max_tokens,
         skip_special_tokens: k.skip_special_tokens.unwrap_or(true),
-        include_stop_str_in_output: k.include_stop_str_in_output.unwrap_or(false),
+        include_stop_str_in_output: include_stop,
+        spaces_between_special_tokens: k
+            .spaces_between_special_tokens
+            .unwrap_or(d.spaces_between_special_tokens),
+        allowed_token_ids: k.allowed_token_ids.clone(),
+        bad_words: k.bad_words.clone().unwrap_or_default(),
         truncate_prompt_tokens: k.truncate_prompt_tokens,
         guided_decoding: guided(k)?,
         ..d
@@ -240,13 +266,15 @@ pub(crate) struct Prompt {
 }
 
 /// The prompts of a completions request, tokenized.
+/// `add_special_tokens` lets the tokenizer add its BOS/EOS template to text prompts.
 pub(crate) fn completion_prompts(
     tokenizer: &Tokenizer,
     input: PromptInput,
+    add_special_tokens: bool,
 ) -> Result<Vec<Prompt>, ApiError> {
     let encode = |text: String| -> Result<Prompt, ApiError> {
         let tokens = tokenizer
-            .encode(&text, false)
+            .encode(&text, add_special_tokens)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
         Ok(Prompt {
             tokens,
@@ -269,11 +297,43 @@ pub(crate) fn completion_prompts(
     Ok(prompts)
 }
 
+/// How a chat request's messages become its prompt.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChatRender {
+    /// Open the assistant's turn after the messages.
+    pub(crate) add_generation_prompt: bool,
+    /// Continue the final assistant message: render without a generation prompt and cut
+    /// what the template writes after that message's text (its end-of-turn), as vLLM does.
+    pub(crate) continue_final_message: bool,
+    /// Let the tokenizer add its BOS/EOS template (chat templates usually write them).
+    pub(crate) add_special_tokens: bool,
+}
+
+impl ChatRender {
+    /// The render options of `req`; `continue_final_message` excludes an explicit
+    /// `add_generation_prompt: true`.
+    pub(crate) fn of(req: &ChatRequest) -> Result<Self, ApiError> {
+        let continue_final_message = req.continue_final_message.unwrap_or(false);
+        if continue_final_message && req.add_generation_prompt == Some(true) {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "`continue_final_message` and `add_generation_prompt` cannot both be true",
+            ));
+        }
+        Ok(Self {
+            add_generation_prompt: !continue_final_message
+                && req.add_generation_prompt.unwrap_or(true),
+            continue_final_message,
+            add_special_tokens: req.add_special_tokens.unwrap_or(false),
+        })
+    }
+}
+
 /// The chat template applied to `messages`, tokenized.
 pub(crate) fn chat_prompt(
     tokenizer: &Tokenizer,
     messages: &[ChatMessageIn],
-    add_generation_prompt: bool,
+    render: ChatRender,
 ) -> Result<Vec<TokenId>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
@@ -306,11 +366,27 @@ pub(crate) fn chat_prompt(
         };
         conversation.push(ChatMessage::new(m.role.clone(), content));
     }
-    let rendered = tokenizer
-        .apply_chat_template(&conversation, add_generation_prompt)
+    let mut rendered = tokenizer
+        .apply_chat_template(&conversation, render.add_generation_prompt)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    if render.continue_final_message {
+        let last = conversation.last().expect("checked non-empty above");
+        if last.role != "assistant" || last.content.is_empty() {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "`continue_final_message` needs a final assistant message with text",
+            ));
+        }
+        let Some(at) = rendered.rfind(last.content.as_str()) else {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "the chat template does not write the final message's text verbatim",
+            ));
+        };
+        rendered.truncate(at + last.content.len());
+    }
     tokenizer
-        .encode(&rendered, false)
+        .encode(&rendered, render.add_special_tokens)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 

@@ -120,6 +120,13 @@ pub struct Knobs {
     pub skip_special_tokens: Option<bool>,
     pub include_stop_str_in_output: Option<bool>,
     pub truncate_prompt_tokens: Option<usize>,
+    pub no_stop_trim: Option<bool>,
+    pub spaces_between_special_tokens: Option<bool>,
+    pub allowed_token_ids: Option<Vec<TokenId>>,
+    pub bad_words: Option<Vec<String>>,
+    pub add_special_tokens: Option<bool>,
+    pub return_hidden_states: Option<bool>,
+    pub priority: Option<i64>,
 }
 
 /// Declares a request struct with its own fields plus the shared [`Knobs`] fields.
@@ -158,6 +165,30 @@ macro_rules! with_knobs {
             #[serde(default)] pub truncate_prompt_tokens: Option<usize>,
             /// Accepted and ignored.
             #[serde(default)] pub user: Option<String>,
+            // vLLM / SGLang extension fields (routers such as sglang-router add some to every
+            // body they forward). Honoured where they mean something here, the others
+            // accepted at their no-op value; see the README's "Extension fields".
+            /// SGLang: keep the matched stop string in the output (`include_stop_str_in_output`).
+            #[serde(default)] pub no_stop_trim: Option<bool>,
+            /// vLLM: spaces between special tokens when detokenizing (default true).
+            #[serde(default)] pub spaces_between_special_tokens: Option<bool>,
+            /// vLLM: sample only among these token ids.
+            #[serde(default)] pub allowed_token_ids: Option<Vec<TokenId>>,
+            /// vLLM: words never to generate.
+            #[serde(default)] pub bad_words: Option<Vec<String>>,
+            /// vLLM: let the tokenizer add its special tokens (BOS) to text prompts
+            /// (default false on both routes here).
+            #[serde(default)] pub add_special_tokens: Option<bool>,
+            /// SGLang: hidden states in the reply; only `false` is supported.
+            #[serde(default)] pub return_hidden_states: Option<bool>,
+            /// vLLM: scheduling priority; only 0 (the FIFO scheduler) is supported.
+            #[serde(default)] pub priority: Option<i64>,
+            /// vLLM / SGLang request ids: accepted and ignored (replies carry their own id).
+            #[serde(default)] pub request_id: Option<String>,
+            /// SGLang's request id: accepted and ignored.
+            #[serde(default)] pub rid: Option<String>,
+            /// vLLM: the guided-decoding backend; accepted and ignored (llguidance runs).
+            #[serde(default)] pub guided_decoding_backend: Option<String>,
         }
 
         impl $name {
@@ -189,6 +220,13 @@ macro_rules! with_knobs {
                     skip_special_tokens: self.skip_special_tokens,
                     include_stop_str_in_output: self.include_stop_str_in_output,
                     truncate_prompt_tokens: self.truncate_prompt_tokens,
+                    no_stop_trim: self.no_stop_trim,
+                    spaces_between_special_tokens: self.spaces_between_special_tokens,
+                    allowed_token_ids: self.allowed_token_ids.clone(),
+                    bad_words: self.bad_words.clone(),
+                    add_special_tokens: self.add_special_tokens,
+                    return_hidden_states: self.return_hidden_states,
+                    priority: self.priority,
                 }
             }
         }
@@ -277,6 +315,17 @@ with_knobs! {
         /// Open the assistant's turn after the messages (default true).
         #[serde(default)]
         pub add_generation_prompt: Option<bool>,
+        /// vLLM / SGLang: continue the final (assistant) message instead of opening a new
+        /// turn; excludes `add_generation_prompt: true`.
+        #[serde(default)]
+        pub continue_final_message: Option<bool>,
+        /// SGLang: split reasoning from the answer; accepted and ignored (no reasoning parser
+        /// runs, the whole text is `content`).
+        #[serde(default)]
+        pub separate_reasoning: Option<bool>,
+        /// SGLang: stream reasoning separately; accepted and ignored, as `separate_reasoning`.
+        #[serde(default)]
+        pub stream_reasoning: Option<bool>,
     }
 }
 

@@ -23,10 +23,10 @@ use futures_util::stream;
 use infermux_core::{SamplingParams, TokenId};
 
 use super::convert::{
-    Generation, OPENAI_MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs, chat_logprobs_count,
-    chat_prompt, check_prompts, check_sequences, completion_logprobs, completion_prompts,
-    finish_str, generate, generated_logprobs, prompt_window, request_id, sampling_params,
-    submission_order, submit_stream, unix_now,
+    ChatRender, Generation, OPENAI_MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs,
+    chat_logprobs_count, chat_prompt, check_prompts, check_sequences, completion_logprobs,
+    completion_prompts, finish_str, generate, generated_logprobs, prompt_window, request_id,
+    sampling_params, submission_order, submit_stream, unix_now,
 };
 use super::error::{ApiError, parse_json};
 use super::metrics::Metrics;
@@ -143,7 +143,8 @@ async fn completions_inner(
     let prompts = {
         let tokenizer = tokenizer.clone();
         let input = req.prompt;
-        blocking(move || completion_prompts(&tokenizer, input)).await??
+        let add_special = knobs.add_special_tokens.unwrap_or(false);
+        blocking(move || completion_prompts(&tokenizer, input, add_special)).await??
     };
     check_prompts(&prompts, client.engine().info().vocab_size)?;
     let window = prompt_window(client.engine().config().max_num_seqs, samples);
@@ -374,11 +375,11 @@ async fn chat_inner(
     let want_logprobs = params.logprobs.is_some();
     let samples = params.samples_drawn();
     check_sequences(1, samples, state.limits.max_sequences_per_request, "n")?;
+    let render = ChatRender::of(&req)?;
     let prompt = {
         let tokenizer = tokenizer.clone();
         let messages = req.messages;
-        let add = req.add_generation_prompt.unwrap_or(true);
-        blocking(move || chat_prompt(&tokenizer, &messages, add)).await??
+        blocking(move || chat_prompt(&tokenizer, &messages, render)).await??
     };
     let id = request_id("chatcmpl");
     let created = unix_now();
