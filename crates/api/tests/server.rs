@@ -309,7 +309,6 @@ fn metrics_have_the_engine_gauges_and_histograms() {
     for series in [
         "# TYPE infermux_waiting_requests gauge",
         "# TYPE infermux_running_sequences gauge",
-        "# TYPE infermux_generation_tokens_per_second gauge",
         "# TYPE infermux_request_latency_seconds histogram",
         "# TYPE infermux_time_to_first_token_seconds histogram",
         "infermux_request_latency_seconds_bucket{le=\"+Inf\"} 1",

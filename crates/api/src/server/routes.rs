@@ -29,7 +29,7 @@ use super::convert::{
     sampling_params, submission_order, submit_stream, unix_now,
 };
 use super::error::{ApiError, parse_json};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, ModelSeries};
 use super::openai::{
     ChatChoice, ChatMessageOut, ChatRequest, ChatResponse, CompletionChoice, CompletionLogprobs,
     CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage,
@@ -186,7 +186,16 @@ async fn completions_inner(
         )
         .await;
     }
-    let work = run_windowed(&state, &client, &prompts, order, window, &params, arrived);
+    let work = run_windowed(
+        &state,
+        &served.name,
+        &client,
+        &prompts,
+        order,
+        window,
+        &params,
+        arrived,
+    );
     let gens = state.admission.run(deadline, weight, work).await;
     let gens = observe(&state, arrived, gens)?;
     let mut choices = Vec::with_capacity(gens.len() * n);
@@ -242,6 +251,12 @@ async fn completions_inner(
         gens.iter().map(Generation::completion_tokens).sum()
     };
     let usage = Usage::new(gens.iter().map(|g| g.prompt_len).sum(), completion);
+    let series = state.metrics.model_series(&served.name);
+    for c in &choices {
+        if let Some(reason) = c.finish_reason {
+            series.finished(reason);
+        }
+    }
     Ok(Json(CompletionResponse {
         id,
         object: "text_completion",
@@ -255,8 +270,10 @@ async fn completions_inner(
 
 /// Generates every prompt, at most `window` of them in the engine at once (the next one is
 /// submitted as one finishes), in `order`; the generations come back in prompt order.
+#[allow(clippy::too_many_arguments)]
 async fn run_windowed(
     state: &AppState,
+    model: &str,
     client: &crate::SamplingClient,
     prompts: &[Prompt],
     order: Vec<usize>,
@@ -265,12 +282,15 @@ async fn run_windowed(
     arrived: Instant,
 ) -> Result<Vec<Generation>, ApiError> {
     let mut gens: Vec<Option<Generation>> = vec![None; prompts.len()];
+    let metrics = state.metrics.for_model(model);
+    let series = state.metrics.model_series(model);
     let mut running = stream::iter(order)
         .map(|i| {
             let tokens = prompts[i].tokens.clone();
             let params = params.clone();
+            let (metrics, series) = (&metrics, &series);
             async move {
-                generate(client, tokens, params, arrived, &state.metrics)
+                generate_observed(client, tokens, params, arrived, metrics, series)
                     .await
                     .map(|g| (i, g))
             }
@@ -281,6 +301,24 @@ async fn run_windowed(
         gens[i] = Some(g);
     }
     Ok(gens.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// [`generate`] with vLLM's per-prompt observations: time to first token (through `metrics`,
+/// a [`Metrics::for_model`] handle), end-to-end latency, and its choices counted as `abort`
+/// if the request is dropped before it ends. Unstreamed replies observe no inter-token
+/// latency: the generation they get back carries no per-token timing.
+async fn generate_observed(
+    client: &crate::SamplingClient,
+    prompt: Vec<TokenId>,
+    params: SamplingParams,
+    arrived: Instant,
+    metrics: &Metrics,
+    series: &ModelSeries,
+) -> Result<Generation, ApiError> {
+    let tracked = series.track(params.n);
+    let g = generate(client, prompt, params, arrived, metrics).await;
+    tracked.end(g.is_ok(), arrived.elapsed());
+    g
 }
 
 fn include_usage(knobs: &super::openai::Knobs) -> bool {
@@ -408,7 +446,9 @@ async fn chat_inner(
         )
         .await;
     }
-    let work = generate(&client, prompt, params, arrived, &state.metrics);
+    let metrics = state.metrics.for_model(&served.name);
+    let series = state.metrics.model_series(&served.name);
+    let work = generate_observed(&client, prompt, params, arrived, &metrics, &series);
     let g = observe(
         &state,
         arrived,
@@ -428,7 +468,12 @@ async fn chat_inner(
                 .then(|| chat_logprobs(&tokenizer, &c.tokens, &c.logprobs, c.top.as_deref())),
             finish_reason: finish_str(c.finish),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    for c in &choices {
+        if let Some(reason) = c.finish_reason {
+            series.finished(reason);
+        }
+    }
     Ok(Json(ChatResponse {
         id,
         object: "chat.completion",
@@ -473,13 +518,23 @@ pub(crate) async fn sample(State(state): Shared, body: Body) -> Response {
             state.limits.max_sequences_per_request,
             samples_field(&params, "num_samples"),
         )?;
-        let client = state.default_model().client.clone();
+        let served = state.default_model();
+        let client = served.client.clone();
+        let series = state.metrics.model_series(&served.name);
         let work = async {
             let (prompt, n) = (req.prompt, req.num_samples);
             let (include, topk) = (req.include_prompt_logprobs, req.topk_prompt_logprobs);
+            let tracked = series.track(n);
             let pending =
                 blocking(move || client.sample(prompt, n, params, include, topk)).await?;
-            pending.await.map_err(ApiError::from)
+            let r = pending.await.map_err(ApiError::from);
+            tracked.end(r.is_ok(), arrived.elapsed());
+            if let Ok(r) = &r {
+                for s in &r.sequences {
+                    series.finished(s.finish_reason.as_openai_str());
+                }
+            }
+            r
         };
         observe(
             &state,

@@ -6,6 +6,11 @@
 //! submits the next prompt as one finishes. Keep-alive comments (`:`) go out whenever no event
 //! did for the configured interval: while the request waits in the engine's queue, behind a
 //! long prefill, or between slow tokens.
+//!
+//! Metrics: each prompt's first token (vLLM's time to first token), the gap between successive
+//! token events of each choice (inter-token latency), each prompt's end (end-to-end latency)
+//! and each choice's finish reason; choices still running when the reply ends without an
+//! engine error (client gone, deadline) count as `abort`.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -26,6 +31,7 @@ use super::convert::{
 };
 use super::error::ApiError;
 use super::limits::Permit;
+use super::metrics::{ModelSeries, Tracked};
 use super::openai::{
     ChatChunk, ChatChunkChoice, ChatDelta, CompletionChoice, CompletionResponse, Usage,
 };
@@ -94,6 +100,14 @@ struct Run {
     /// Characters sent so far per choice (for `text_offset`).
     sent_chars: Vec<usize>,
     first_token: bool,
+    /// vLLM series of the served model.
+    series: ModelSeries,
+    /// Per prompt: whether its first token came (for vLLM's per-prompt time to first token).
+    prompt_started: Vec<bool>,
+    /// Per submitted, unfinished prompt: counts its unfinished choices as aborted if dropped.
+    tracked: Vec<Option<Tracked>>,
+    /// Per choice: when its last token event was rendered.
+    last_token: Vec<Option<Instant>>,
     phase: Phase,
 }
 
@@ -123,6 +137,13 @@ pub(crate) fn respond(
     let prompts = streams.len() + submitter.queue.len();
     let choices = prompts * spec.n;
     let keep_alive = state.limits.sse_keep_alive;
+    let series = state.metrics.model_series(&spec.model);
+    let mut tracked: Vec<Option<Tracked>> = (0..prompts).map(|_| None).collect();
+    for (i, _) in &streams {
+        if let Some(t) = tracked.get_mut(*i) {
+            *t = Some(series.track(spec.n));
+        }
+    }
     let run = Run {
         streams: stream::select_all(streams.into_iter().map(|(i, s)| tag(i, s))),
         submitter,
@@ -138,6 +159,10 @@ pub(crate) fn respond(
         seen_prompt: vec![false; prompts],
         sent_chars: vec![0; choices],
         first_token: true,
+        series,
+        prompt_started: vec![false; prompts],
+        tracked,
+        last_token: vec![None; choices],
         phase: Phase::Start,
     };
     let events = stream::unfold(run, |mut run| async move {
@@ -217,7 +242,10 @@ impl Run {
                         out.push(DONE.to_string());
                         return Some(out);
                     }
-                    Some((_, Err(e))) => {
+                    Some((p, Err(e))) => {
+                        if let Some(t) = self.tracked.get_mut(p).and_then(Option::take) {
+                            t.end(false, self.arrived.elapsed());
+                        }
                         return Some(self.finish_with_error(&ApiError::from_engine(&e)));
                     }
                     Some((p, Ok(update))) => {
@@ -252,6 +280,9 @@ impl Run {
         let params = self.submitter.params.clone();
         let stream = submit_stream(&self.submitter.client, tokens, params).await?;
         self.streams.push(tag(i, stream));
+        if let Some(t) = self.tracked.get_mut(i) {
+            *t = Some(self.series.track(self.spec.n));
+        }
         Ok(())
     }
 
@@ -259,6 +290,7 @@ impl Run {
     fn render(&mut self, p: usize, update: StreamUpdate) -> Vec<String> {
         let mut out = Vec::new();
         let n = self.spec.n;
+        let now = Instant::now();
         if !self.seen_prompt[p] {
             self.seen_prompt[p] = true;
             self.prompt_tokens += update.prompt_len;
@@ -272,6 +304,21 @@ impl Run {
             if self.first_token && !s.tokens.is_empty() {
                 self.first_token = false;
                 self.state.metrics.ttft.observe(self.arrived.elapsed());
+            }
+            if !s.tokens.is_empty() {
+                if !self.prompt_started[p] {
+                    self.prompt_started[p] = true;
+                    self.series.first_token(now - self.arrived);
+                }
+                if let Some(before) = self.last_token[index].replace(now) {
+                    self.series.token_gap(now - before);
+                }
+            }
+            if let Some(reason) = s.finish_reason {
+                self.series.finished(reason.as_openai_str());
+                if let Some(t) = &mut self.tracked[p] {
+                    t.choice_finished();
+                }
             }
             self.completion_tokens += s.tokens.len();
             if s.tokens.is_empty() && s.text.is_empty() && s.finish_reason.is_none() {
@@ -308,6 +355,11 @@ impl Run {
                     self.chat_chunk(&mut out, index, delta, lp, finish);
                 }
             }
+        }
+        if update.finished
+            && let Some(t) = self.tracked.get_mut(p).and_then(Option::take)
+        {
+            t.end(true, now - self.arrived);
         }
         out
     }
