@@ -4,6 +4,7 @@ pub mod install;
 pub mod model;
 pub mod py_openai;
 pub mod py_router;
+pub mod py_sdks;
 pub mod runtimes;
 pub mod tokenizer;
 
@@ -64,11 +65,13 @@ pub struct Components {
     pub onnx: bool,
 }
 
-/// Installs the selected runtimes, the `openai` Python client (for the server's client test)
-/// and sglang-router (for the scale-out test), then prepares the model; returns the model folder.
+/// Installs the selected runtimes, the `openai` Python client (for the server's client test),
+/// sglang-router (for the scale-out test) and the official Tinker/Fireworks SDKs (for their
+/// tests), then prepares the model; returns the model folder.
 pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
     py_openai::ensure(root)?;
     py_router::ensure(root)?;
+    py_sdks::ensure(root)?;
     if components.torch {
         install::ensure(root, &runtimes::LIBTORCH)?;
     }
