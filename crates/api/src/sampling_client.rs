@@ -1,12 +1,16 @@
 //! `SamplingClient`: Tinker's sampling API over an in-process engine.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use infermux_core::backend::{WeightUpdateError, check_same_model, open_checkpoint};
+use infermux_core::engine::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
 use infermux_core::{
-    BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelInput,
-    PromptLogprobs, SamplingParams,
+    BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelConfig,
+    ModelInput, Pending, PromptLogprobs, SamplingParams,
 };
 
+use crate::BackendKind;
 use crate::error::Result;
 use crate::sampler::SamplerFuture;
 use crate::tokenizer::Tokenizer;
@@ -24,15 +28,27 @@ struct Inner {
     engine: Engine,
     tokenizer: Tokenizer,
     base_model: String,
+    /// The served model's config: a weight update's checkpoint must match it.
+    config: ModelConfig,
+    /// The backend serving it (an ONNX update folder may hold only a graph).
+    backend: BackendKind,
 }
 
 impl SamplingClient {
-    pub(crate) fn new(engine: Engine, tokenizer: Tokenizer, base_model: String) -> Self {
+    pub(crate) fn new(
+        engine: Engine,
+        tokenizer: Tokenizer,
+        base_model: String,
+        config: ModelConfig,
+        backend: BackendKind,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine,
                 tokenizer,
                 base_model,
+                config,
+                backend,
             }),
         }
     }
@@ -132,6 +148,65 @@ impl SamplingClient {
     /// Async form of [`SamplingClient::get_base_model`].
     pub async fn get_base_model_async(&self) -> String {
         self.get_base_model()
+    }
+
+    /// Replaces the served weights with the Hugging Face checkpoint folder `path` (the served
+    /// model's config and shapes; full or sharded safetensors) without restarting, loaded by
+    /// the backend's own loader. [`UpdateMode::Drain`]: running requests finish on the old
+    /// weights while new ones wait; [`UpdateMode::Abort`]: running and queued requests end at
+    /// once with `EngineError::Aborted`. Resolves once the new weights serve, with the new
+    /// [`SamplingClient::weight_version`]. A checkpoint of another model is a
+    /// [`WeightUpdateError::Mismatch`] naming each differing field, found before any request
+    /// is drained or aborted; on any error the old weights keep serving. The tokenizer is kept.
+    pub fn update_weights_from_disk(
+        &self,
+        path: impl Into<PathBuf>,
+        mode: UpdateMode,
+    ) -> Pending<WeightUpdateReport, WeightUpdateError> {
+        self.update_weights(WeightUpdate::new(path, mode))
+    }
+
+    /// [`SamplingClient::update_weights_from_disk`] with every option (version, keep paused).
+    pub fn update_weights(
+        &self,
+        update: WeightUpdate,
+    ) -> Pending<WeightUpdateReport, WeightUpdateError> {
+        // Checked here (config and safetensors headers, no tensor data), so a wrong folder
+        // fails at once: nothing drained, nothing aborted. The backend checks again as it loads.
+        match self.check_checkpoint(&update.path) {
+            Ok(()) => self.inner.engine.update_weights(update),
+            Err(err) => Pending::ready(Err(err)),
+        }
+    }
+
+    fn check_checkpoint(&self, path: &Path) -> std::result::Result<(), WeightUpdateError> {
+        let graph_only = self.inner.backend == BackendKind::Onnx
+            && !path.join("model.safetensors").is_file()
+            && !path.join("model.safetensors.index.json").is_file();
+        if graph_only {
+            let (config, _) = infermux_core::model::read_config(path)?;
+            check_same_model(path, &self.inner.config, &config)
+        } else {
+            open_checkpoint(path, &self.inner.config).map(drop)
+        }
+    }
+
+    /// Pauses generation: nothing steps until [`SamplingClient::continue_generation`]; running
+    /// requests keep their state and wait ([`PauseMode::InPlace`]) or end
+    /// ([`PauseMode::Abort`]); new requests queue.
+    pub fn pause_generation(&self, mode: PauseMode) -> SamplerFuture<PauseReport> {
+        self.inner.engine.pause(mode).map(|r| r)
+    }
+
+    /// Resumes generation after [`SamplingClient::pause_generation`].
+    pub fn continue_generation(&self) -> SamplerFuture<()> {
+        self.inner.engine.resume().map(|r| r)
+    }
+
+    /// The version of the weights served: `"0"` for those loaded at start, then each update's
+    /// `weight_version`, or the number of updates so far when it named none.
+    pub fn weight_version(&self) -> String {
+        self.inner.engine.weight_version()
     }
 
     /// The engine underneath, for stats and advanced use.

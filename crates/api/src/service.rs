@@ -113,7 +113,7 @@ impl ServiceClient {
         // The config first: it is cheap to check, and a config that lies fails before a
         // backend sizes anything from it (the backends check it again, with the weights'
         // headers, before reading any tensor).
-        infermux_core::model::read_config(path)?;
+        let (config, _) = infermux_core::model::read_config(path)?;
         let backend = load_backend(path, &self.options)?;
         if !path.join("tokenizer.json").is_file() {
             return Err(ModelError::MissingFile {
@@ -129,6 +129,12 @@ impl ServiceClient {
         };
         let engine = Engine::start_with(backend, self.options.engine, tools)
             .map_err(|e| Error::Engine(e.into()))?;
-        Ok(SamplingClient::new(engine, tokenizer, base_model))
+        Ok(SamplingClient::new(
+            engine,
+            tokenizer,
+            base_model,
+            config,
+            self.options.backend,
+        ))
     }
 }

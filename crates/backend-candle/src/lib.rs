@@ -21,8 +21,9 @@ mod weights;
 
 use std::path::Path;
 
+use infermux_core::backend::{WeightUpdateError, open_checkpoint};
 use infermux_core::kv::{KvTable, KvUsage};
-use infermux_core::model::{Llama, LlamaWeights};
+use infermux_core::model::{Llama, LlamaWeights, ModelConfig};
 use infermux_core::{
     Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId,
 };
@@ -66,10 +67,29 @@ pub struct CandleOptions {
 pub struct CandleBackend {
     info: ModelInfo,
     llama: Llama,
-    weights: LlamaWeights<CandleLinear, candle_core::Tensor, CandleEmbedding>,
+    weights: CandleWeights,
     rt: Runtime,
     kv: KvTable<SlotKv>,
     store: KvStore,
+}
+
+/// A model's weights in candle's handles.
+type CandleWeights = LlamaWeights<CandleLinear, candle_core::Tensor, CandleEmbedding>;
+
+/// Reads the weights of `dir` for the model of `cfg` into `rt`'s device and dtype: the one
+/// loader of a start and of a weight update.
+fn load_weights(
+    dir: &ModelDir,
+    cfg: &ModelConfig,
+    rt: &Runtime,
+) -> Result<(Llama, CandleWeights), CandleBackendError> {
+    let weights = Weights::open(&dir.weight_files, &rt.device, rt.dtype)?;
+    let llama = Llama::new(cfg.clone(), |name| weights.contains(name));
+    let loaded = llama.load(&mut Loader {
+        weights: &weights,
+        rt,
+    })?;
+    Ok((llama, loaded))
 }
 
 impl CandleBackend {
@@ -91,9 +111,7 @@ impl CandleBackend {
             && options.dtype == DType::F32
             && options.cpu_kernels == CpuKernels::Custom)
             .then_some(isa);
-        let weights = Weights::open(&dir.weight_files, &device, dtype)?;
         let cfg = &dir.config;
-        let llama = Llama::new(cfg.clone(), |name| weights.contains(name));
         let (cos, sin) = cfg.rope_tables(cfg.max_position_embeddings);
         let table = |v: &[f32]| {
             candle_core::Tensor::from_slice(
@@ -113,10 +131,7 @@ impl CandleBackend {
             dtype,
             cpu,
         };
-        let loaded = llama.load(&mut Loader {
-            weights: &weights,
-            rt: &rt,
-        })?;
+        let (llama, loaded) = load_weights(dir, cfg, &rt)?;
         let info = ModelInfo::from_config(
             cfg,
             dir.eos_token_ids.clone(),
@@ -210,6 +225,21 @@ impl Backend for CandleBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
+        let checkpoint = open_checkpoint(dir, &self.llama.config)?;
+        let (llama, weights) =
+            load_weights(&checkpoint, &self.llama.config, &self.rt).map_err(|e| {
+                WeightUpdateError::Load {
+                    path: dir.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
+        // Loaded in full: only now do the new weights replace the old.
+        self.llama = llama;
+        self.weights = weights;
+        Ok(())
     }
 }
 

@@ -27,6 +27,7 @@ mod session;
 
 use std::path::{Path, PathBuf};
 
+use infermux_core::backend::{WeightUpdateError, check_same_model};
 use infermux_core::{
     Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelConfig, ModelInfo, SeqChunk,
     SlotId,
@@ -51,6 +52,10 @@ pub struct OnnxOptions {
 /// A decoder graph loaded into ONNX Runtime.
 pub struct OnnxBackend {
     info: ModelInfo,
+    /// The served model's config (a weight update must match it).
+    config: ModelConfig,
+    /// How the session was opened (a weight update opens the new graph the same way).
+    options: OnnxOptions,
     session: ort::session::Session,
     io: GraphIo,
     kv: KvCache,
@@ -74,17 +79,8 @@ impl OnnxBackend {
         let dir = dir.as_ref();
         let (config, eos) = infermux_core::model::read_config(dir)?;
         let graph = session::find_graph(dir)?;
-        let (session, io) = session::open(&graph, &options)?;
-        if io.num_layers != config.num_layers {
-            return Err(OnnxBackendError::Graph {
-                path: graph,
-                reason: format!(
-                    "{} layers in the graph, {} in config.json",
-                    io.num_layers, config.num_layers
-                ),
-            });
-        }
-        Self::new(config, eos, session, io, options.device)
+        let (session, io) = open_graph(&graph, &config, &options)?;
+        Self::new(config, eos, session, io, options)
     }
 
     fn new(
@@ -92,8 +88,9 @@ impl OnnxBackend {
         eos: Vec<u32>,
         session: ort::session::Session,
         io: GraphIo,
-        device: Device,
+        options: OnnxOptions,
     ) -> Result<Self, OnnxBackendError> {
+        let device = options.device;
         let shape = KvShape {
             num_layers: config.num_layers,
             num_kv_heads: config.num_kv_heads,
@@ -107,6 +104,8 @@ impl OnnxBackend {
         let info = ModelInfo::from_config(&config, eos, dtype, device);
         Ok(Self {
             info,
+            config,
+            options,
             session,
             io,
             kv: KvCache::new(shape),
@@ -119,6 +118,52 @@ impl OnnxBackend {
     pub fn kv_stats(&self) -> KvStats {
         self.stats
     }
+
+    /// The graph of a weight update's folder, made as at start: a folder with safetensors is
+    /// exported (into `DIR/onnx`, or `DIR/onnx-f16` for an f16 graph, skipped when its marker
+    /// is current), a graph-only folder is used as it is.
+    fn update_graph(&self, dir: &Path) -> Result<PathBuf, OnnxBackendError> {
+        let has_weights = dir.join("model.safetensors").is_file()
+            || dir.join("model.safetensors.index.json").is_file();
+        if !has_weights {
+            return session::find_graph(dir);
+        }
+        let dtype = match self.io.kv_type {
+            KvType::F16 => export::ExportDtype::F16,
+            KvType::F32 => export::ExportDtype::F32,
+        };
+        let options = export::ExportOptions {
+            dtype,
+            ..Default::default()
+        };
+        let report =
+            export::export(dir, export::default_out_dir(dir, dtype), &options).map_err(|e| {
+                OnnxBackendError::Graph {
+                    path: dir.to_path_buf(),
+                    reason: format!("exporting the new weights: {e}"),
+                }
+            })?;
+        Ok(report.out_dir.join(export::GRAPH_FILE))
+    }
+}
+
+/// Opens `graph` and checks it against `config` (its layer count).
+fn open_graph(
+    graph: &Path,
+    config: &ModelConfig,
+    options: &OnnxOptions,
+) -> Result<(ort::session::Session, GraphIo), OnnxBackendError> {
+    let (session, io) = session::open(graph, options)?;
+    if io.num_layers != config.num_layers {
+        return Err(OnnxBackendError::Graph {
+            path: graph.to_path_buf(),
+            reason: format!(
+                "{} layers in the graph, {} in config.json",
+                io.num_layers, config.num_layers
+            ),
+        });
+    }
+    Ok((session, io))
 }
 
 /// Decode steps batch together; every other chunk runs alone.
@@ -187,5 +232,48 @@ impl Backend for OnnxBackend {
 
     fn cached_len(&self, slot: SlotId) -> usize {
         self.kv.len(slot)
+    }
+
+    /// Opens the new folder's graph (exported from its safetensors as at start) in a new
+    /// session; the old session serves until the new one is open and its interface matches.
+    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
+        let (config, _) = infermux_core::model::read_config(dir)?;
+        check_same_model(dir, &self.config, &config)?;
+        let load = |e: OnnxBackendError| WeightUpdateError::Load {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        };
+        let graph = self.update_graph(dir).map_err(load)?;
+        let (session, io) = open_graph(&graph, &self.config, &self.options).map_err(load)?;
+        if (io.kv_type, io.logits_type, io.has_position_ids)
+            != (
+                self.io.kv_type,
+                self.io.logits_type,
+                self.io.has_position_ids,
+            )
+        {
+            return Err(WeightUpdateError::Mismatch {
+                path: graph,
+                differences: vec![format!(
+                    "graph interface: served KV {:?}, logits {:?}, position_ids {}; new KV {:?}, \
+                     logits {:?}, position_ids {}",
+                    self.io.kv_type,
+                    self.io.logits_type,
+                    self.io.has_position_ids,
+                    io.kv_type,
+                    io.logits_type,
+                    io.has_position_ids
+                )],
+            });
+        }
+        self.session = session;
+        self.io = io;
+        // No slot holds state during an update; start from an empty cache of the new session.
+        self.kv = KvCache::new(KvShape {
+            num_layers: self.config.num_layers,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        });
+        Ok(())
     }
 }

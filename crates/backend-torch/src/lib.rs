@@ -21,9 +21,10 @@ mod weights;
 use std::collections::HashSet;
 use std::path::Path;
 
+use infermux_core::backend::{WeightUpdateError, open_checkpoint};
 use infermux_core::{
-    Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits, ModelDir,
-    ModelInfo, SlotId,
+    Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits,
+    ModelConfig, ModelDir, ModelInfo, SlotId,
 };
 
 pub use device::{tch_device, tch_kind};
@@ -54,6 +55,21 @@ pub struct TorchBackend {
     device: tch::Device,
 }
 
+/// Reads the weights of `dir` for the model of `cfg` onto `device` as `kind`: the one loader of
+/// a start and of a weight update. The checkpoint's host copies are dropped once loaded.
+fn load_weights(
+    dir: &ModelDir,
+    cfg: &ModelConfig,
+    device: tch::Device,
+    kind: tch::Kind,
+) -> Result<(Llama, TorchWeights), TorchBackendError> {
+    let _guard = tch::no_grad_guard();
+    let checkpoint = Weights::open(&dir.weight_files, device, kind)?;
+    let model = Llama::new(cfg.clone(), |name| checkpoint.contains(name));
+    let weights = model.load(&mut TorchLoader::new(&checkpoint))?;
+    Ok((model, weights))
+}
+
 impl TorchBackend {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: impl AsRef<Path>, options: TorchOptions) -> Result<Self, TorchBackendError> {
@@ -70,10 +86,7 @@ impl TorchBackend {
         let kind = tch_kind(options.dtype);
         let _guard = tch::no_grad_guard();
         let cfg = &dir.config;
-        let checkpoint = Weights::open(&dir.weight_files, device, kind)?;
-        let model = Llama::new(cfg.clone(), |name| checkpoint.contains(name));
-        let weights = model.load(&mut TorchLoader::new(&checkpoint))?;
-        drop(checkpoint);
+        let (model, weights) = load_weights(dir, cfg, device, kind)?;
         let rope = RopeTables::new(cfg, device, kind).map_err(runtime_error)?;
         let info = ModelInfo::from_config(
             cfg,
@@ -152,5 +165,19 @@ impl Backend for TorchBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
+        let checkpoint = open_checkpoint(dir, &self.model.config)?;
+        let kind = tch_kind(self.info.dtype);
+        let (model, weights) = load_weights(&checkpoint, &self.model.config, self.device, kind)
+            .map_err(|e| WeightUpdateError::Load {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        // Loaded in full: only now do the new weights replace the old.
+        self.model = model;
+        self.weights = weights;
+        Ok(())
     }
 }

@@ -6,12 +6,14 @@
 //! which sequence.
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::TokenId;
-use crate::error::BackendError;
+use crate::error::{BackendError, ModelError};
 use crate::kv::KvUsage;
+use crate::model::{ModelConfig, ModelDir};
 
 /// Names one sequence's KV state inside a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -274,6 +276,15 @@ pub trait Backend: Send {
     /// fails with [`BackendError::KvBudgetExceeded`].
     fn set_kv_budget(&mut self, _bytes: Option<u64>) {}
 
+    /// Replaces the model's weights with those of the Hugging Face folder `dir` (a checkpoint
+    /// of the served model: same config and shapes, e.g. a training step's), through the loader
+    /// the backend used at start. The new weights are loaded in full before they replace the
+    /// old ones, so on error the old weights keep serving. The engine calls it only while no
+    /// slot holds KV state (KV computed with the old weights would be stale).
+    fn update_weights(&mut self, _dir: &Path) -> Result<(), WeightUpdateError> {
+        Err(WeightUpdateError::Unsupported)
+    }
+
     /// Prefills (a chunk of) one sequence: shorthand for a one-chunk [`Backend::forward`].
     fn prefill(
         &mut self,
@@ -330,6 +341,141 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         (**self).set_kv_budget(bytes)
     }
+    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
+        (**self).update_weights(dir)
+    }
+}
+
+/// Why new weights were not swapped in; whatever the reason, the old weights keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightUpdateError {
+    /// The backend cannot replace its weights in place.
+    #[error("this backend cannot replace its weights in place")]
+    Unsupported,
+    /// The folder is not a usable model folder (missing, unreadable config or weights, headers
+    /// that contradict the config).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The checkpoint is of another model: its config differs from the served one.
+    #[error(
+        "the checkpoint at {} does not match the served model: {}",
+        path.display(),
+        differences.join("; ")
+    )]
+    Mismatch {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// Each differing config field, as `field: served X, checkpoint Y`.
+        differences: Vec<String>,
+    },
+    /// Reading or converting the new tensors failed.
+    #[error("loading the weights of {}: {message}", path.display())]
+    Load {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// Another weight update is waiting for running requests to finish.
+    #[error("another weight update is in progress")]
+    InProgress,
+    /// The backend panicked while loading; the panic was caught and the old weights kept.
+    #[error("the backend panicked while loading new weights: {0}")]
+    Panicked(String),
+    /// The engine thread is gone.
+    #[error("the engine has shut down")]
+    Shutdown,
+}
+
+/// Checks that the checkpoint config `found` (read from `path`) is the served model's `served`:
+/// every field a backend builds the model from must be equal (EOS ids may differ: the served
+/// ones are kept). The error names each differing field with both values.
+pub fn check_same_model(
+    path: &Path,
+    served: &ModelConfig,
+    found: &ModelConfig,
+) -> Result<(), WeightUpdateError> {
+    // Destructured, so a new config field cannot be forgotten here.
+    let ModelConfig {
+        architecture,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        rms_norm_eps,
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings,
+        tie_word_embeddings,
+        attention_bias,
+        attention_out_bias,
+        mlp_bias,
+        qk_norm,
+        eos_token_ids: _,
+    } = found;
+    let mut differences = Vec::new();
+    let mut differ = |field: &str, served: &dyn std::fmt::Debug, found: &dyn std::fmt::Debug| {
+        let (served, found) = (format!("{served:?}"), format!("{found:?}"));
+        if served != found {
+            differences.push(format!("{field}: served {served}, checkpoint {found}"));
+        }
+    };
+    differ("architecture", &served.architecture, architecture);
+    differ("hidden_size", &served.hidden_size, hidden_size);
+    differ(
+        "intermediate_size",
+        &served.intermediate_size,
+        intermediate_size,
+    );
+    differ("num_hidden_layers", &served.num_layers, num_layers);
+    differ("num_attention_heads", &served.num_heads, num_heads);
+    differ("num_key_value_heads", &served.num_kv_heads, num_kv_heads);
+    differ("head_dim", &served.head_dim, head_dim);
+    differ("vocab_size", &served.vocab_size, vocab_size);
+    differ("rms_norm_eps", &served.rms_norm_eps, rms_norm_eps);
+    differ("rope_theta", &served.rope_theta, rope_theta);
+    differ("rope_scaling", &served.rope_scaling, rope_scaling);
+    differ(
+        "max_position_embeddings",
+        &served.max_position_embeddings,
+        max_position_embeddings,
+    );
+    differ(
+        "tie_word_embeddings",
+        &served.tie_word_embeddings,
+        tie_word_embeddings,
+    );
+    differ("attention_bias", &served.attention_bias, attention_bias);
+    differ(
+        "attention_out_bias",
+        &served.attention_out_bias,
+        attention_out_bias,
+    );
+    differ("mlp_bias", &served.mlp_bias, mlp_bias);
+    differ("qk_norm", &served.qk_norm, qk_norm);
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(WeightUpdateError::Mismatch {
+            path: path.to_path_buf(),
+            differences,
+        })
+    }
+}
+
+/// Opens `dir` as new weights for the model `served`: a complete model folder
+/// ([`ModelDir::open`]: config ranges, safetensors headers against the config) whose config is
+/// the served one ([`check_same_model`]), so the tensors a backend reads have the served
+/// shapes. Reads headers only, never tensor data.
+pub fn open_checkpoint(dir: &Path, served: &ModelConfig) -> Result<ModelDir, WeightUpdateError> {
+    // The config alone first: a checkpoint of another model is named as a mismatch rather
+    // than by the first tensor whose shape differs.
+    let (config, _) = crate::model::read_config(dir)?;
+    check_same_model(dir, served, &config)?;
+    Ok(ModelDir::open(dir)?)
 }
 
 #[cfg(test)]

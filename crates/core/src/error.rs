@@ -208,4 +208,11 @@ pub enum EngineError {
     /// The engine thread is gone (shut down or crashed).
     #[error("the engine has shut down")]
     Shutdown,
+    /// The request was ended before it completed by a control command (a weight update with
+    /// `abort_all_requests`, or a pause that aborts); what it produced so far is dropped.
+    #[error("the request was aborted by {by}")]
+    Aborted {
+        /// The command that aborted it, e.g. "a weight update (abort_all_requests)".
+        by: &'static str,
+    },
 }

@@ -180,6 +180,14 @@ impl ApiError {
             EngineError::Guided(GuidedError::Invalid { .. }) => {
                 Self::invalid("guided_decoding", err.to_string())
             }
+            // Ended by an operator's command (a weight update or pause that aborts): the request
+            // itself was fine and may be sent again, here or to another replica.
+            EngineError::Aborted { .. } => {
+                let mut e = Self::status(StatusCode::SERVICE_UNAVAILABLE, err.to_string())
+                    .with_code("aborted");
+                e.retry_after = Some(1);
+                e
+            }
             _ => Self::internal(err.to_string()),
         }
     }

@@ -22,9 +22,12 @@
 //! Dropping a request — the client closing its connection or an SSE stream — drops the engine
 //! future or stream, which cancels the request and frees its KV slots.
 
+mod auth;
 mod conn;
+mod control;
 mod convert;
 mod error;
+mod fireworks;
 mod info;
 mod limits;
 mod metrics;
@@ -32,6 +35,7 @@ pub mod openai;
 mod panic;
 mod routes;
 mod sse;
+mod tinker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,6 +46,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use infermux_core::EngineStats;
 
+pub use control::ControlConfig;
 pub use error::{ApiError, parse_json};
 pub use limits::Limits;
 
@@ -55,6 +60,11 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The name clients use in `model` (default: the client's base model, its folder name).
     pub served_model_name: Option<String>,
+    /// The key every route but the health, liveness, readiness and metrics ones needs, as
+    /// `Authorization: Bearer KEY` or `X-API-Key: KEY` (401 otherwise); `None`: no key.
+    pub api_key: Option<String>,
+    /// The control routes (weight updates from disk, pause and continue); `None`: not served.
+    pub control: Option<ControlConfig>,
 }
 
 /// One model a server answers for.
@@ -72,6 +82,8 @@ pub(crate) struct AppState {
     pub(crate) admission: Admission,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) limits: Limits,
+    /// Set when the control routes are served.
+    pub(crate) control: Option<ControlConfig>,
 }
 
 impl AppState {
@@ -103,7 +115,7 @@ impl AppState {
 
 /// The server's routes over one model, ready to serve or to nest in a larger axum app.
 pub fn router(client: SamplingClient, config: &ServerConfig) -> Router {
-    build(one_model(client, config), &config.limits).0
+    build(one_model(client, config), config).0
 }
 
 /// The served name of `client` under `config`, with it.
@@ -116,17 +128,23 @@ fn one_model(client: SamplingClient, config: &ServerConfig) -> Vec<(String, Samp
 }
 
 /// The server's routes over several models, chosen by the requests' `model` field (the native
-/// endpoints use the first). Panics if `models` is empty.
-pub fn router_for_models(models: Vec<(String, SamplingClient)>, limits: &Limits) -> Router {
-    build(models, limits).0
+/// endpoints and the control routes use the first; `config.served_model_name` is not used).
+/// Panics if `models` is empty.
+pub fn router_for_models(models: Vec<(String, SamplingClient)>, config: &ServerConfig) -> Router {
+    build(models, config).0
 }
 
 /// The routes and the metrics they count replies in.
 fn build(
     models: Vec<(String, SamplingClient)>,
-    limits: &Limits,
+    config: &ServerConfig,
 ) -> (Router, Arc<metrics::Metrics>) {
     assert!(!models.is_empty(), "a server needs at least one model");
+    let limits = &config.limits;
+    let keys = Arc::new(auth::Keys {
+        api_key: config.api_key.clone(),
+        admin_key: config.control.as_ref().map(|c| c.admin_key.clone()),
+    });
     let created = convert::unix_now();
     let metrics = Arc::new(metrics::Metrics::default());
     let state = Arc::new(AppState {
@@ -141,8 +159,9 @@ fn build(
         admission: Admission::new(limits),
         metrics: metrics.clone(),
         limits: *limits,
+        control: config.control.clone(),
     });
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/sample", post(routes::sample))
@@ -159,6 +178,13 @@ fn build(
         .route("/model_info", get(info::model_info))
         .route("/get_model_info", get(info::model_info))
         .route("/metrics", get(routes::metrics))
+        .merge(fireworks::routes())
+        .merge(tinker::routes())
+        .merge(control::version_routes());
+    if config.control.is_some() {
+        router = router.merge(control::routes());
+    }
+    let router = router
         .method_not_allowed_fallback(routes::method_not_allowed)
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -166,6 +192,8 @@ fn build(
             limits.max_body_bytes,
             routes::refuse_declared_oversize,
         ))
+        // Keys before anything reads the body; replies counted and shaped like any other.
+        .layer(axum::middleware::from_fn_with_state(keys, auth::check))
         .layer(axum::middleware::from_fn_with_state(
             metrics.clone(),
             routes::finish_reply,
@@ -194,7 +222,7 @@ pub async fn serve_model(
     config: &ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (app, metrics) = build(one_model(client, config), &config.limits);
+    let (app, metrics) = build(one_model(client, config), config);
     axum::serve(conn::JsonErrorListener::new(listener, Some(metrics)), app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -39,10 +39,10 @@ use super::{AppState, ServedModel};
 use crate::wire::{ComputeLogprobsRequest, ComputeLogprobsResponse, SampleRequest};
 
 pub(crate) type Shared = State<Arc<AppState>>;
-type Body = Result<Bytes, BytesRejection>;
+pub(crate) type Body = Result<Bytes, BytesRejection>;
 
 /// The body's bytes, or 413/400.
-fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.limits.max_body_bytes)
@@ -53,7 +53,7 @@ fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
 }
 
 /// The body parsed as `T`, off the async workers (a body may be megabytes of JSON).
-async fn parse_body<T: serde::de::DeserializeOwned + Send + 'static>(
+pub(crate) async fn parse_body<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &AppState,
     body: Body,
 ) -> Result<T, ApiError> {
@@ -670,9 +670,13 @@ pub(crate) async fn not_found(request: Request) -> Response {
 /// A wrong method on a known route: 405 in the error shape (the router adds `Allow`).
 pub(crate) async fn method_not_allowed(request: Request) -> Response {
     let allowed = match request.uri().path() {
-        "/v1/completions" | "/v1/chat/completions" | "/v1/sample" | "/v1/compute_logprobs" => {
-            "POST"
-        }
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/sample"
+        | "/v1/compute_logprobs"
+        | "/update_weights_from_disk"
+        | "/pause_generation"
+        | "/continue_generation" => "POST",
         _ => "GET",
     };
     let mut response = ApiError::method_not_allowed(
@@ -696,7 +700,14 @@ fn route_label(path: &str) -> &'static str {
         "/v1/compute_logprobs" => "/v1/compute_logprobs",
         "/health" => "/health",
         "/metrics" => "/metrics",
+        "/inference/v1/completions" => "/inference/v1/completions",
+        "/update_weights_from_disk" => "/update_weights_from_disk",
+        "/pause_generation" => "/pause_generation",
+        "/continue_generation" => "/continue_generation",
+        "/get_weight_version" => "/get_weight_version",
         p if p.starts_with("/v1/models") => "/v1/models",
+        "/api/v1/asample" => "/api/v1/asample",
+        p if p.starts_with("/api/v1/") => "/api/v1",
         _ => "other",
     }
 }

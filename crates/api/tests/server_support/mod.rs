@@ -140,13 +140,28 @@ impl Reply {
 
 /// Sends one request (`Connection: close`) and reads the whole reply (chunked bodies decoded).
 pub fn request(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+    request_with(addr, method, path, &[], body)
+}
+
+/// [`request`] with extra header lines (`name`, `value`).
+pub fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let mut stream = TcpStream::connect(addr).expect("connecting");
     stream
         .set_read_timeout(Some(Duration::from_secs(300)))
         .unwrap();
     let body = body.unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).unwrap();

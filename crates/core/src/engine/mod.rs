@@ -7,9 +7,13 @@
 //! A request is admitted when its KV slots are free and its KV reservation fits the byte budget
 //! ([`budget`]); what it does with its logits (sample, beam search, score) is its group kind
 //! (`group.rs`), which the scheduler's loop is generic over.
+//!
+//! Control commands — replacing the weights from disk, pausing and resuming — are processed
+//! between steps (`control.rs`); a weight update swaps only while no request runs.
 
 mod beam;
 pub mod budget;
+mod control;
 mod group;
 mod job;
 mod pending;
@@ -21,7 +25,9 @@ mod stream;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::Duration;
 
+pub use control::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
 pub use pending::Pending;
 pub use request::{
     BeamSearchRequest, FinishReason, GenerateOutput, GenerateRequest, GeneratedSequence,
@@ -31,7 +37,7 @@ pub use scheduler::EngineStats;
 pub use stream::GenerateStream;
 
 use crate::TokenId;
-use crate::backend::{Backend, ModelInfo};
+use crate::backend::{Backend, ModelInfo, WeightUpdateError};
 use crate::error::{EngineError, ValidationError};
 use crate::guided::GuidedDecoder;
 use crate::input::ModelInput;
@@ -83,7 +89,22 @@ pub struct EngineTools {
 /// What a handle sends the engine thread.
 enum Command {
     Submit(Box<Job>),
+    UpdateWeights {
+        request: WeightUpdate,
+        reply: flume::Sender<Result<WeightUpdateReport, WeightUpdateError>>,
+    },
+    Pause {
+        mode: PauseMode,
+        reply: flume::Sender<Result<PauseReport, EngineError>>,
+    },
+    Resume {
+        reply: flume::Sender<Result<(), EngineError>>,
+    },
 }
+
+/// How often a paused engine thread wakes to drop cancelled requests and publish its stats
+/// (a paused engine is alive: readiness probes read the publish time).
+const PAUSED_TICK: Duration = Duration::from_millis(500);
 
 /// A handle to a running engine; clone it freely, use it from any thread.
 #[derive(Clone)]
@@ -309,6 +330,68 @@ impl Engine {
         self.shared.since_publish()
     }
 
+    /// Replaces the weights with the checkpoint folder `update.path` (the served model's
+    /// config and shapes), through the backend's own loader, without restarting: in drain mode
+    /// running requests finish on the old weights while queued and new ones wait; in abort
+    /// mode running and queued requests end at once with [`EngineError::Aborted`]. Resolves
+    /// once the new weights serve, or to a typed error with the old weights still serving (a
+    /// checkpoint of another model: [`WeightUpdateError::Mismatch`] naming each differing
+    /// field). Dropping the reply does not cancel the update.
+    pub fn update_weights(
+        &self,
+        update: WeightUpdate,
+    ) -> Pending<WeightUpdateReport, WeightUpdateError> {
+        let (tx, rx) = flume::bounded(1);
+        let command = Command::UpdateWeights {
+            request: update,
+            reply: tx,
+        };
+        if self.tx.send(command).is_err() {
+            return Pending::ready(Err(WeightUpdateError::Shutdown));
+        }
+        Pending::new(async move {
+            rx.recv_async()
+                .await
+                .unwrap_or(Err(WeightUpdateError::Shutdown))
+        })
+    }
+
+    /// Pauses generation: no step runs until [`Engine::resume`]; running requests keep their
+    /// KV state and wait ([`PauseMode::InPlace`]) or end with [`EngineError::Aborted`]
+    /// ([`PauseMode::Abort`]); new requests queue. Resolves once paused.
+    pub fn pause(&self, mode: PauseMode) -> Pending<PauseReport> {
+        let (tx, rx) = flume::bounded(1);
+        match self.tx.send(Command::Pause { mode, reply: tx }) {
+            Ok(()) => Pending::from_channel(rx),
+            Err(_) => Pending::ready(Err(EngineError::Shutdown)),
+        }
+    }
+
+    /// Resumes a paused engine (a no-op when it is not paused). Resolves once resumed.
+    pub fn resume(&self) -> Pending<()> {
+        let (tx, rx) = flume::bounded(1);
+        match self.tx.send(Command::Resume { reply: tx }) {
+            Ok(()) => Pending::from_channel(rx),
+            Err(_) => Pending::ready(Err(EngineError::Shutdown)),
+        }
+    }
+
+    /// Whether generation is paused (as of the engine thread's last command).
+    pub fn is_paused(&self) -> bool {
+        self.shared.is_paused()
+    }
+
+    /// The version of the weights served: `"0"` for those loaded at start, then each update's
+    /// `weight_version`, or the number of updates so far when it gave none.
+    pub fn weight_version(&self) -> String {
+        self.shared.weight_version()
+    }
+
+    /// Successful weight updates since start.
+    pub fn weight_updates(&self) -> u64 {
+        self.shared.weight_updates()
+    }
+
     fn submit<R: Failed>(&self, job: Job, reply: R) -> R {
         self.shared.submitted();
         match self.tx.send(Command::Submit(Box::new(job))) {
@@ -492,14 +575,27 @@ impl Failed for GenerateStream {
 
 impl Command {
     /// Carries out the command on the engine thread.
-    fn handle(self, scheduler: &mut Scheduler) {
+    fn handle(self, scheduler: &mut Scheduler, backend: &mut dyn Backend) {
         match self {
             Self::Submit(job) => scheduler.enqueue(*job),
+            Self::UpdateWeights { request, reply } => {
+                scheduler.begin_update(backend, request, reply);
+            }
+            Self::Pause { mode, reply } => {
+                let report = scheduler.pause(backend, mode);
+                drop(reply.send(Ok(report)));
+            }
+            Self::Resume { reply } => {
+                scheduler.resume();
+                drop(reply.send(Ok(())));
+            }
         }
     }
 }
 
-/// The engine thread: block while idle, otherwise drain commands, publish stats and step.
+/// The engine thread: block while there is nothing to step (idle, or paused: then waking every
+/// [`PAUSED_TICK`] to drop cancelled requests and publish), otherwise drain commands, swap in a
+/// waiting weight update once nothing runs, publish stats and step.
 ///
 /// A step is guarded as a whole: the scheduler guards the backend's forward, guided masks,
 /// sampling and each group's logits handling itself (failing only the requests involved); a
@@ -513,19 +609,37 @@ fn run<B: Backend>(
     _exit: ExitGuard,
 ) {
     loop {
-        if scheduler.is_idle() {
-            match rx.recv() {
-                Ok(cmd) => cmd.handle(&mut scheduler),
-                Err(_) => return,
+        if !scheduler.has_work() {
+            let paused = scheduler.control.is_paused();
+            let cmd = if paused || !scheduler.is_idle() {
+                match rx.recv_timeout(PAUSED_TICK) {
+                    Ok(cmd) => Some(cmd),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => return,
+                }
+            };
+            if let Some(cmd) = cmd {
+                cmd.handle(&mut scheduler, &mut backend);
             }
+            scheduler.drop_cancelled(&mut backend);
         }
         while let Ok(cmd) = rx.try_recv() {
-            cmd.handle(&mut scheduler);
+            cmd.handle(&mut scheduler, &mut backend);
         }
+        scheduler.apply_update(&mut backend);
         scheduler.publish(&backend);
+        if !scheduler.has_work() {
+            continue;
+        }
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| scheduler.step(&mut backend))) {
             scheduler.recover(&mut backend, panic_message(panic));
         }
+        scheduler.apply_update(&mut backend);
     }
 }
 

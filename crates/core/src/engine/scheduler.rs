@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
 use crate::engine::budget::{FAIR_BYPASS_WINDOW_STEPS, KvReservation, worst_case_steps};
+use crate::engine::control::ControlState;
 use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx, kind_of};
 use crate::engine::job::{Job, Replier};
 use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
@@ -148,6 +149,8 @@ pub(crate) struct Scheduler {
     shared: Arc<Shared>,
     /// Replies of this step, sent after its stats are published.
     outbox: Vec<Outgoing>,
+    /// Pause and weight-update state (`control.rs`).
+    pub(super) control: ControlState,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -215,6 +218,7 @@ impl Scheduler {
             totals: Totals::default(),
             shared,
             outbox: Vec::new(),
+            control: ControlState::default(),
         }
     }
 
@@ -240,6 +244,50 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Whether a step would do anything: running requests that may step (not paused, or
+    /// draining for a weight update) or queued ones that may be admitted.
+    pub fn has_work(&self) -> bool {
+        let steps = !self.running.is_empty() && self.control.may_step();
+        let admits = !self.waiting.is_empty() && self.control.admitting();
+        steps || admits
+    }
+
+    /// Requests admitted and not yet removed.
+    pub(super) fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests waiting for admission.
+    pub(super) fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// What the engine thread publishes to the handles.
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Ends every running and queued request with [`EngineError::Aborted`] (`by` names the
+    /// command), releases their slots and sends the replies; returns how many ended.
+    pub(super) fn abort_all(&mut self, backend: &mut dyn Backend, by: &'static str) -> usize {
+        let mut aborted = 0;
+        for g in self.running.iter_mut().filter(|g| !g.ended) {
+            g.fail(EngineError::Aborted { by });
+            aborted += 1;
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.shared.left_queue();
+            self.totals.failed_requests += 1;
+            self.outbox
+                .push(Outgoing::error(&w.job.reply, EngineError::Aborted { by }));
+            aborted += 1;
+        }
+        self.finish_groups(backend);
+        self.publish(&*backend);
+        self.flush();
+        aborted
     }
 
     /// The scheduler's numbers now; `kv` is the backend's KV usage.
@@ -381,6 +429,9 @@ impl Scheduler {
     /// its worst-case run ends within the head's bypass window; once the window is spent,
     /// nothing passes the head.
     fn admit(&mut self) {
+        if !self.control.admitting() {
+            return;
+        }
         // Steps a job admitted past a blocked head may run without delaying it.
         let mut room = usize::MAX;
         let mut i = 0;
@@ -636,7 +687,8 @@ impl Scheduler {
         }
     }
 
-    fn drop_cancelled(&mut self, backend: &mut dyn Backend) {
+    /// Removes requests whose caller went away, freeing their slots (also while paused).
+    pub fn drop_cancelled(&mut self, backend: &mut dyn Backend) {
         let shared = &self.shared;
         self.waiting.retain(|w| {
             let keep = !w.job.reply.is_disconnected();

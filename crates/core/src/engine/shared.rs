@@ -1,11 +1,12 @@
 //! What the engine thread publishes for its handles: a snapshot of its numbers, the count of
-//! submissions not yet admitted, and whether the thread is still alive. [`Engine::stats`]
+//! submissions not yet admitted, whether the thread is still alive, whether it is paused, and
+//! the version of the weights it serves. [`Engine::stats`]
 //! reads them without waiting on the engine thread, so `/health` and `/metrics` answer in
 //! microseconds even during a long prefill.
 //!
 //! [`Engine::stats`]: crate::engine::Engine::stats
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,12 @@ pub(crate) struct Shared {
     /// When the engine thread last published (it publishes before every step), so a reader
     /// can tell a busy engine that makes progress from one stuck inside a step.
     published_at: Mutex<Option<Instant>>,
+    /// Whether generation is paused (set and cleared by the engine thread).
+    paused: AtomicBool,
+    /// Successful weight updates since start.
+    weight_updates: AtomicU64,
+    /// The version of the weights served: `None` before any update (read as `"0"`).
+    weight_version: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -69,6 +76,43 @@ impl Shared {
         let mut stats = *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
         stats.waiting_requests = self.waiting.load(Ordering::SeqCst);
         Ok(stats)
+    }
+}
+
+impl Shared {
+    /// Records whether generation is paused.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Whether generation is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Counts a successful weight update and sets the version: `given`, else the count.
+    pub fn bump_weight_version(&self, given: Option<String>) -> String {
+        let n = self.weight_updates.fetch_add(1, Ordering::SeqCst) + 1;
+        let version = given.unwrap_or_else(|| n.to_string());
+        *self
+            .weight_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(version.clone());
+        version
+    }
+
+    /// The version of the weights served (`"0"`: those loaded at start).
+    pub fn weight_version(&self) -> String {
+        self.weight_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "0".to_string())
+    }
+
+    /// Successful weight updates since start.
+    pub fn weight_updates(&self) -> u64 {
+        self.weight_updates.load(Ordering::SeqCst)
     }
 }
 

@@ -189,6 +189,31 @@ pub struct ServeArgs {
     /// one that never fits is a 400. Default: 40% of the memory available at start.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub kv_cache_memory_bytes: Option<u64>,
+    /// Key every route but /health*, /ping and /metrics needs, as `Authorization: Bearer KEY`
+    /// or `X-API-Key: KEY` (401 otherwise). Default: none needed.
+    #[arg(long, value_name = "KEY", env = "INFERMUX_API_KEY", hide_env_values = true, value_parser = key)]
+    pub api_key: Option<String>,
+    /// Serve the control routes (POST /update_weights_from_disk, /pause_generation,
+    /// /continue_generation); they need --admin-key and --allowed-model-dir.
+    #[arg(long, requires_all = ["admin_key", "allowed_model_dir"])]
+    pub enable_control_routes: bool,
+    /// Key the control routes need as `Authorization: Bearer KEY` (403 otherwise).
+    #[arg(long, value_name = "KEY", requires = "enable_control_routes", value_parser = key)]
+    pub admin_key: Option<String>,
+    /// The folder model paths of the control routes must lie in (symlinks followed).
+    #[arg(long, value_name = "DIR", requires = "enable_control_routes")]
+    pub allowed_model_dir: Option<PathBuf>,
+}
+
+/// A key: not empty, no whitespace or control characters (it travels in a header).
+fn key(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a key cannot be empty".into());
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("a key cannot hold whitespace or control characters".into());
+    }
+    Ok(s.to_string())
 }
 
 /// Largest number of seconds a time flag takes (ten years).

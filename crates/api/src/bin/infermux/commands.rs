@@ -165,6 +165,29 @@ fn logprobs(args: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
+/// The control routes' setup, when enabled: the allowed folder must exist (resolved once here
+/// so a typo fails at start, not at the first update).
+fn control_config(args: &ServeArgs) -> Result<Option<infermux::server::ControlConfig>> {
+    if !args.enable_control_routes {
+        return Ok(None);
+    }
+    let (Some(admin_key), Some(dir)) = (&args.admin_key, &args.allowed_model_dir) else {
+        anyhow::bail!("--enable-control-routes needs --admin-key and --allowed-model-dir");
+    };
+    let allowed_model_dir = dir
+        .canonicalize()
+        .with_context(|| format!("--allowed-model-dir {}", dir.display()))?;
+    anyhow::ensure!(
+        allowed_model_dir.is_dir(),
+        "--allowed-model-dir {} is not a folder",
+        dir.display()
+    );
+    Ok(Some(infermux::server::ControlConfig {
+        admin_key: admin_key.clone(),
+        allowed_model_dir,
+    }))
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     use infermux::server::{self, Limits, ServerConfig};
     use std::io::Write;
@@ -201,6 +224,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_sequences_per_request: args.max_sequences_per_request,
         },
         served_model_name: args.served_model_name.clone(),
+        api_key: args.api_key.clone(),
+        control: control_config(&args)?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

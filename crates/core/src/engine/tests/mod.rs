@@ -38,6 +38,8 @@ struct Counters {
     panic_on_release: std::sync::atomic::AtomicBool,
     /// When set, `kv_usage` panics (kills the engine thread: used to test `Shutdown`).
     panic_on_kv_usage: std::sync::atomic::AtomicBool,
+    /// Slots holding KV state at each successful weight update, in order.
+    slots_at_update: Mutex<Vec<usize>>,
 }
 
 /// One slot's fake KV: the tokens it caches, in storage that counts itself live while it exists.
@@ -112,6 +114,8 @@ struct FakeBackend {
     bad_rows: Option<RowOverride>,
     /// Each forward pass sleeps this long first (a long prefill).
     delay: Option<std::time::Duration>,
+    /// The fake's "weights": 0 at start, set by `update_weights` (see [`fake_row`]).
+    weights: u32,
 }
 
 impl FakeBackend {
@@ -137,6 +141,7 @@ impl FakeBackend {
                 poison: true,
                 bad_rows: None,
                 delay: None,
+                weights: 0,
             },
             counters,
         )
@@ -151,6 +156,20 @@ impl FakeBackend {
         backend.gate = Some(rx);
         (backend, counters, tx)
     }
+}
+
+/// The fake model's row under `weights`: [`fake_logits`] at 0, other weights shift every
+/// ordinary token's logit by a pattern of their own (POISON and EOS keep theirs).
+fn fake_row(history: &[TokenId], weights: u32) -> Vec<f32> {
+    let mut row = fake_logits(history);
+    if weights > 0 {
+        for (j, x) in row.iter_mut().enumerate() {
+            if j as TokenId != POISON && j as TokenId != EOS {
+                *x += ((j as u32 * 7 + weights * 13) % 5) as f32;
+            }
+        }
+    }
+    row
 }
 
 /// Logits of the next token given a whole history (never favouring POISON or EOS much).
@@ -226,7 +245,7 @@ impl Backend for FakeBackend {
             for (i, &t) in c.tokens.iter().enumerate() {
                 hist.push(t);
                 if i + rows >= c.tokens.len() {
-                    let mut row = fake_logits(hist);
+                    let mut row = fake_row(hist, self.weights);
                     if let Some(value) = self.bad_rows.and_then(|f| f(hist)) {
                         row.fill(value);
                     }
@@ -271,6 +290,28 @@ impl Backend for FakeBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    /// A folder named `weights-N` holds the weights N; `mismatch` is another model's; `panic`
+    /// makes the load panic.
+    fn update_weights(&mut self, dir: &std::path::Path) -> Result<(), WeightUpdateError> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        if name == "panic" {
+            panic!("fake loader bug");
+        }
+        let Some(n) = name.strip_prefix("weights-").and_then(|n| n.parse().ok()) else {
+            return Err(WeightUpdateError::Mismatch {
+                path: dir.to_path_buf(),
+                differences: vec![format!("hidden_size: served 1, checkpoint {name}")],
+            });
+        };
+        self.counters
+            .slots_at_update
+            .lock()
+            .unwrap()
+            .push(self.kv.num_slots());
+        self.weights = n;
+        Ok(())
     }
 }
 
@@ -652,6 +693,7 @@ fn pending_block_on<F: std::future::Future>(fut: F) -> F::Output {
     }
 }
 
+mod control;
 mod fields;
 mod hostile;
 mod kv_budget;

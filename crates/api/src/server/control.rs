@@ -1,0 +1,342 @@
+//! The control routes an RL loop drives between training steps, in SGLang's shapes: replace the
+//! weights from a checkpoint on disk (`POST /update_weights_from_disk`), pause and resume
+//! generation (`POST /pause_generation`, `POST /continue_generation`). Served only with
+//! [`ServerConfig::control`] set (`infermux serve --enable-control-routes`), behind the admin
+//! key (`auth.rs`); a model path must resolve (symlinks followed) inside the allowed folder.
+//! `GET /get_weight_version` reads only and is always served.
+//!
+//! Replies are SGLang's `{"success", "message", ...}`; a failure also carries OpenAI's `error`
+//! object, with the status that fits (400 for a bad path or a checkpoint of another model, 409
+//! while another update waits).
+//!
+//! [`ServerConfig::control`]: super::ServerConfig::control
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use infermux_core::backend::WeightUpdateError;
+use infermux_core::engine::{PauseMode, UpdateMode, WeightUpdate};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::convert::blocking;
+use super::error::ApiError;
+use super::routes::{Body, Shared, parse_body};
+
+/// The routes that need the admin key.
+const CONTROL_ROUTES: [&str; 3] = [
+    "/update_weights_from_disk",
+    "/pause_generation",
+    "/continue_generation",
+];
+
+/// Whether `path` is a control route (the admin key guards it).
+pub(crate) fn is_control_route(path: &str) -> bool {
+    CONTROL_ROUTES.contains(&path.trim_end_matches('/'))
+}
+
+/// How the control routes are set up.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// The key the control routes need as `Authorization: Bearer KEY`.
+    pub admin_key: String,
+    /// Model paths must lie inside this folder once symlinks are resolved.
+    pub allowed_model_dir: PathBuf,
+}
+
+/// The control routes, to merge when they are enabled.
+pub(crate) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/update_weights_from_disk", post(update_weights_from_disk))
+        .route("/pause_generation", post(pause_generation))
+        .route("/continue_generation", post(continue_generation))
+}
+
+/// The read-only route, served always.
+pub(crate) fn version_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/get_weight_version", get(get_weight_version))
+}
+
+/// SGLang's `UpdateWeightFromDiskReqInput`: the fields it defines are accepted; those with no
+/// meaning here (`load_format` other than auto, `is_async`) are refused, the cache switches
+/// are no-ops (no prefix cache yet; a swap frees all KV anyway).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    model_path: String,
+    #[serde(default)]
+    load_format: Option<String>,
+    #[serde(default)]
+    abort_all_requests: bool,
+    #[serde(default)]
+    weight_version: Option<String>,
+    #[serde(default)]
+    keep_pause: bool,
+    #[serde(default)]
+    is_async: bool,
+    #[serde(default)]
+    flush_cache: Option<bool>,
+    #[serde(default)]
+    torch_empty_cache: Option<bool>,
+    #[serde(default)]
+    token_step: Option<Value>,
+}
+
+/// A failure in SGLang's shape with OpenAI's `error` next to it.
+fn failure(error: ApiError) -> Response {
+    let mut body = serde_json::to_value(&error.body).unwrap_or_else(|_| json!({}));
+    if let Some(map) = body.as_object_mut() {
+        map.insert("success".into(), json!(false));
+        map.insert("message".into(), json!(error.body.error.message));
+    }
+    let mut response = (error.status, Json(body)).into_response();
+    if let Some(secs) = error.retry_after {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
+    }
+    response
+}
+
+/// Resolves `given` (absolute, or relative to `allowed`) to a folder inside `allowed`: no `..`
+/// component, and inside once every symlink is followed.
+fn resolve_model_path(given: &str, allowed: &Path) -> Result<PathBuf, ApiError> {
+    let invalid = |message: String| ApiError::invalid("model_path", message);
+    if given.trim().is_empty() {
+        return Err(invalid("`model_path` is empty".into()));
+    }
+    let path = Path::new(given);
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(invalid(format!(
+            "`model_path` {given:?} contains `..`; give a folder inside --allowed-model-dir"
+        )));
+    }
+    let allowed = allowed.canonicalize().map_err(|e| {
+        invalid(format!(
+            "the allowed model folder {} cannot be resolved: {e}",
+            allowed.display()
+        ))
+    })?;
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        allowed.join(path)
+    };
+    let resolved = joined
+        .canonicalize()
+        .map_err(|e| invalid(format!("`model_path` {given:?} cannot be opened: {e}")))?;
+    if !resolved.starts_with(&allowed) {
+        return Err(invalid(format!(
+            "`model_path` {given:?} resolves to {}, outside the allowed model folder {} \
+             (symlinks are followed)",
+            resolved.display(),
+            allowed.display()
+        )));
+    }
+    if !resolved.is_dir() {
+        return Err(invalid(format!(
+            "`model_path` {given:?} is not a folder (give a Hugging Face checkpoint folder)"
+        )));
+    }
+    Ok(resolved)
+}
+
+/// The reply status and error of a failed update.
+fn update_error(err: &WeightUpdateError) -> ApiError {
+    let message = err.to_string();
+    match err {
+        WeightUpdateError::InProgress => ApiError::status(StatusCode::CONFLICT, message),
+        WeightUpdateError::Panicked(_) => ApiError::internal(message),
+        WeightUpdateError::Shutdown => ApiError::status(StatusCode::SERVICE_UNAVAILABLE, message),
+        WeightUpdateError::Unsupported => ApiError::bad_request(message),
+        WeightUpdateError::Model(_)
+        | WeightUpdateError::Mismatch { .. }
+        | WeightUpdateError::Load { .. } => ApiError::invalid("model_path", message),
+    }
+}
+
+/// `POST /update_weights_from_disk`: swaps the default model's weights for the checkpoint at
+/// `model_path`; drains running requests (or aborts them with `abort_all_requests`) first.
+async fn update_weights_from_disk(State(state): Shared, body: Body) -> Response {
+    match update(&state, body).await {
+        Ok(reply) => Json(reply).into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+async fn update(state: &Arc<AppState>, body: Body) -> Result<Value, ApiError> {
+    let body: UpdateBody = parse_body(state, body).await?;
+    let Some(control) = &state.control else {
+        return Err(ApiError::no_route("/update_weights_from_disk"));
+    };
+    if let Some(format) = body.load_format.as_deref()
+        && format != "auto"
+        && format != "safetensors"
+    {
+        return Err(ApiError::invalid(
+            "load_format",
+            format!("load_format {format:?} is not supported; use \"auto\" (safetensors)"),
+        ));
+    }
+    if body.is_async {
+        return Err(ApiError::invalid(
+            "is_async",
+            "is_async is not supported: the reply comes once the new weights serve",
+        ));
+    }
+    let _ = (body.flush_cache, body.torch_empty_cache, body.token_step);
+    let allowed = control.allowed_model_dir.clone();
+    let given = body.model_path.clone();
+    let path = blocking(move || resolve_model_path(&given, &allowed)).await??;
+    let mode = if body.abort_all_requests {
+        UpdateMode::Abort
+    } else {
+        UpdateMode::Drain
+    };
+    let update = WeightUpdate {
+        path,
+        mode,
+        weight_version: body.weight_version,
+        keep_paused: body.keep_pause,
+    };
+    let client = state.default_model().client.clone();
+    // The checkpoint's config and headers are read before the engine is asked: on the blocking
+    // pool, they are files.
+    let pending = blocking(move || client.update_weights(update)).await?;
+    let report = pending.await.map_err(|e| update_error(&e))?;
+    Ok(json!({
+        "success": true,
+        "message": format!(
+            "weights of {} now serve as version {}",
+            body.model_path, report.weight_version
+        ),
+        "num_paused_requests": report.held_requests,
+        "weight_version": report.weight_version,
+        "drained_requests": report.drained_requests,
+        "aborted_requests": report.aborted_requests,
+        "load_seconds": report.load_seconds,
+    }))
+}
+
+/// SGLang's `PauseGenerationReqInput`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// `POST /pause_generation`: `mode` `in_place` (default; running requests keep their state
+/// and wait) or `abort` (they end with 503 `aborted`). SGLang's `retract` is refused.
+async fn pause_generation(State(state): Shared, body: Body) -> Response {
+    let result = async {
+        let body: PauseBody = parse_optional_body(&state, body).await?;
+        let mode = match body.mode.as_deref() {
+            None | Some("in_place") => PauseMode::InPlace,
+            Some("abort") => PauseMode::Abort,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "mode",
+                    format!("mode {other:?} is not supported; use \"in_place\" or \"abort\""),
+                ));
+            }
+        };
+        let mut reports = Vec::new();
+        for model in &state.models {
+            reports.push(model.client.pause_generation(mode).await?);
+        }
+        Ok(json!({
+            "success": true,
+            "message": "generation paused",
+            "paused_requests": reports.iter().map(|r| r.paused_requests).sum::<usize>(),
+            "aborted_requests": reports.iter().map(|r| r.aborted_requests).sum::<usize>(),
+        }))
+    }
+    .await;
+    match result {
+        Ok(reply) => Json(reply).into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+/// `POST /continue_generation`: resumes every model's engine.
+async fn continue_generation(State(state): Shared, body: Body) -> Response {
+    let result = async {
+        let _: PauseBody = parse_optional_body(&state, body).await?;
+        for model in &state.models {
+            model.client.continue_generation().await?;
+        }
+        Ok(json!({ "success": true, "message": "generation continues" }))
+    }
+    .await;
+    match result {
+        Ok(reply) => Json(reply).into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+/// A JSON body that may be empty (SGLang's clients post nothing to these routes).
+async fn parse_optional_body<T: serde::de::DeserializeOwned + Default + Send + 'static>(
+    state: &AppState,
+    body: Body,
+) -> Result<T, ApiError> {
+    match &body {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(T::default()),
+        _ => parse_body(state, body).await,
+    }
+}
+
+/// `GET /get_weight_version`: the default model's weight version (`"0"` before any update).
+async fn get_weight_version(State(state): Shared) -> Response {
+    let client = &state.default_model().client;
+    Json(json!({
+        "weight_version": client.weight_version(),
+        "weight_updates": client.engine().weight_updates(),
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_paths_stay_inside_the_allowed_folder() {
+        let root = std::env::temp_dir().join(format!("infermux-control-{}", std::process::id()));
+        let allowed = root.join("allowed");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(allowed.join("step-1")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&outside, allowed.join("escape")).unwrap();
+
+        let inside = resolve_model_path("step-1", &allowed).unwrap();
+        assert!(inside.ends_with("step-1"));
+        let absolute = allowed.join("step-1");
+        assert_eq!(
+            resolve_model_path(absolute.to_str().unwrap(), &allowed).unwrap(),
+            inside
+        );
+        for bad in ["step-1/../step-1", "../outside", "", "missing"] {
+            let err = resolve_model_path(bad, &allowed).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(err.body.error.param.as_deref(), Some("model_path"), "{bad}");
+        }
+        let err = resolve_model_path(outside.to_str().unwrap(), &allowed).unwrap_err();
+        assert!(err.body.error.message.contains("outside"), "{err:?}");
+        #[cfg(unix)]
+        {
+            let err = resolve_model_path("escape", &allowed).unwrap_err();
+            assert!(err.body.error.message.contains("outside"), "{err:?}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
