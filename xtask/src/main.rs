@@ -1,6 +1,7 @@
 //! Developer tasks for infermux (`cargo xtask <command>`).
 
 mod bench;
+mod bench_scale;
 mod conformance;
 mod export;
 mod golden;
@@ -62,6 +63,9 @@ enum Cmd {
     /// End-to-end throughput and memory of each backend through the public API, next to
     /// Hugging Face transformers (runtimes/py) as the peer: Markdown, JSON and SVG results.
     Bench(bench::BenchArgs),
+    /// Throughput of `infermux serve` replicas behind sglang-router (runtimes/py-router)
+    /// against one replica direct, same workload, same run → docs/bench/scale-out.md.
+    BenchScale(bench_scale::BenchScaleArgs),
 }
 
 /// Flags that leave out a native runtime (the model is always prepared).
@@ -114,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::ExportOnnx(args) => export::run(&root, &args),
         Cmd::Conformance(args) => conformance::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
+        Cmd::BenchScale(args) => bench_scale::run(&root, &args),
     }
 }
 
