@@ -7,6 +7,7 @@ pub mod py_router;
 pub mod py_sdks;
 pub mod runtimes;
 pub mod tokenizer;
+pub mod venv;
 
 use std::fs;
 use std::path::{Path, PathBuf};
