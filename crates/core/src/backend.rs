@@ -376,9 +376,13 @@ pub enum WeightUpdateError {
         /// What failed.
         message: String,
     },
-    /// Another weight update is waiting for running requests to finish.
+    /// Another weight update is waiting for running requests to finish (a drain-mode update
+    /// waits for it; an abort-mode one replaces it).
     #[error("another weight update is in progress")]
     InProgress,
+    /// A later abort-mode update replaced this one while it waited for requests to drain.
+    #[error("replaced by a later weight update with abort_all_requests")]
+    Superseded,
     /// The backend panicked while loading; the panic was caught and the old weights kept.
     #[error("the backend panicked while loading new weights: {0}")]
     Panicked(String),

@@ -146,6 +146,31 @@ fn resolve_model_path(given: &str, allowed: &Path) -> Result<PathBuf, ApiError> 
             "`model_path` {given:?} is not a folder (give a Hugging Face checkpoint folder)"
         )));
     }
+    // The files a loader opens (config, shards, index, the ONNX graph) must not lead out
+    // either.
+    for folder in [resolved.clone(), resolved.join("onnx")] {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let target = path.canonicalize().map_err(|e| {
+                invalid(format!(
+                    "`model_path` {given:?}: {} cannot be opened: {e}",
+                    path.display()
+                ))
+            })?;
+            if !target.starts_with(&allowed) {
+                return Err(invalid(format!(
+                    "`model_path` {given:?}: {} resolves to {}, outside the allowed model \
+                     folder {} (symlinks are followed)",
+                    path.display(),
+                    target.display(),
+                    allowed.display()
+                )));
+            }
+        }
+    }
     Ok(resolved)
 }
 
@@ -153,13 +178,19 @@ fn resolve_model_path(given: &str, allowed: &Path) -> Result<PathBuf, ApiError> 
 fn update_error(err: &WeightUpdateError) -> ApiError {
     let message = err.to_string();
     match err {
-        WeightUpdateError::InProgress => ApiError::status(StatusCode::CONFLICT, message),
-        WeightUpdateError::Panicked(_) => ApiError::internal(message),
+        WeightUpdateError::InProgress | WeightUpdateError::Superseded => {
+            ApiError::status(StatusCode::CONFLICT, message)
+        }
+        // Reading tensors whose headers passed the checks failed: out of memory, a runtime
+        // error, data that changed under us — the server's side.
+        WeightUpdateError::Panicked(_) | WeightUpdateError::Load { .. } => {
+            ApiError::internal(message)
+        }
         WeightUpdateError::Shutdown => ApiError::status(StatusCode::SERVICE_UNAVAILABLE, message),
         WeightUpdateError::Unsupported => ApiError::bad_request(message),
-        WeightUpdateError::Model(_)
-        | WeightUpdateError::Mismatch { .. }
-        | WeightUpdateError::Load { .. } => ApiError::invalid("model_path", message),
+        WeightUpdateError::Model(_) | WeightUpdateError::Mismatch { .. } => {
+            ApiError::invalid("model_path", message)
+        }
     }
 }
 
@@ -335,6 +366,20 @@ mod tests {
         #[cfg(unix)]
         {
             let err = resolve_model_path("escape", &allowed).unwrap_err();
+            assert!(err.body.error.message.contains("outside"), "{err:?}");
+            // A file inside a folder inside may not lead out either.
+            std::fs::write(outside.join("model.safetensors"), b"x").unwrap();
+            std::fs::create_dir_all(allowed.join("step-2")).unwrap();
+            std::os::unix::fs::symlink(
+                outside.join("model.safetensors"),
+                allowed.join("step-2/model.safetensors"),
+            )
+            .unwrap();
+            let err = resolve_model_path("step-2", &allowed).unwrap_err();
+            assert!(
+                err.body.error.message.contains("model.safetensors"),
+                "{err:?}"
+            );
             assert!(err.body.error.message.contains("outside"), "{err:?}");
         }
         std::fs::remove_dir_all(&root).unwrap();

@@ -64,11 +64,24 @@ pub(crate) async fn ready(State(state): Shared) -> Response {
 }
 
 /// `GET /health_generate`: SGLang's deep check: one greedy token from a one-token prompt
-/// through each engine's queue, within [`PROBE_TIMEOUT`]; 200 or 503 with the reason.
+/// through each engine's queue, within [`PROBE_TIMEOUT`]; 200 or 503 with the reason (at once
+/// for a paused engine). The route is open, so probes run one at a time: concurrent ones wait
+/// their turn instead of filling the engine's queue.
 pub(crate) async fn health_generate(State(state): Shared) -> Response {
+    let Ok(_turn) = tokio::time::timeout(PROBE_TIMEOUT, state.probe.lock()).await else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "busy", "reasons": ["another generation probe is running"] })),
+        )
+            .into_response();
+    };
     let mut reasons = Vec::new();
     for model in &state.models {
         let engine = model.client.engine();
+        if engine.is_paused() {
+            reasons.push(format!("`{}`: generation is paused", model.name));
+            continue;
+        }
         let token = engine.info().eos_token_ids.first().copied().unwrap_or(0);
         let request = GenerateRequest::new(
             ModelInput::from_ints(vec![token]),

@@ -84,6 +84,8 @@ pub(crate) struct AppState {
     pub(crate) limits: Limits,
     /// Set when the control routes are served.
     pub(crate) control: Option<ControlConfig>,
+    /// Held by the running `/health_generate` probe (they run one at a time).
+    pub(crate) probe: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -160,6 +162,7 @@ fn build(
         metrics: metrics.clone(),
         limits: *limits,
         control: config.control.clone(),
+        probe: tokio::sync::Mutex::new(()),
     });
     let mut router = Router::new()
         .route("/v1/completions", post(routes::completions))

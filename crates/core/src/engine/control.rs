@@ -160,9 +160,10 @@ impl Scheduler {
         self.shared().set_paused(paused);
     }
 
-    /// Takes a weight update: refused while another one waits; in abort mode every running and
-    /// queued request ends now. The swap happens in [`Scheduler::apply_update`] once nothing
-    /// runs.
+    /// Takes a weight update; in abort mode every running and queued request ends now. While
+    /// another one waits for requests to drain, a drain-mode update is refused and an
+    /// abort-mode one replaces it (so a drain stuck behind a long request can be forced). The
+    /// swap happens in [`Scheduler::apply_update`] once nothing runs.
     pub fn begin_update(
         &mut self,
         backend: &mut dyn Backend,
@@ -170,8 +171,13 @@ impl Scheduler {
         reply: flume::Sender<Result<WeightUpdateReport, WeightUpdateError>>,
     ) {
         if self.control.update.is_some() {
-            drop(reply.send(Err(WeightUpdateError::InProgress)));
-            return;
+            if request.mode == UpdateMode::Drain {
+                drop(reply.send(Err(WeightUpdateError::InProgress)));
+                return;
+            }
+            if let Some(old) = self.control.update.take() {
+                drop(old.reply.send(Err(WeightUpdateError::Superseded)));
+            }
         }
         let (drained, aborted) = match request.mode {
             UpdateMode::Drain => (self.running_len(), 0),

@@ -197,8 +197,9 @@ pub struct ServeArgs {
     /// /continue_generation); they need --admin-key and --allowed-model-dir.
     #[arg(long, requires_all = ["admin_key", "allowed_model_dir"])]
     pub enable_control_routes: bool,
-    /// Key the control routes need as `Authorization: Bearer KEY` (403 otherwise).
-    #[arg(long, value_name = "KEY", requires = "enable_control_routes", value_parser = key)]
+    /// Key the control routes need as `Authorization: Bearer KEY` (403 otherwise); used only
+    /// with --enable-control-routes.
+    #[arg(long, value_name = "KEY", env = "INFERMUX_ADMIN_KEY", hide_env_values = true, value_parser = key)]
     pub admin_key: Option<String>,
     /// The folder model paths of the control routes must lie in (symlinks followed).
     #[arg(long, value_name = "DIR", requires = "enable_control_routes")]

@@ -40,6 +40,9 @@ struct Entry {
     rx: watch::Receiver<Slot>,
     done_at: Option<Instant>,
     delivered_at: Option<Instant>,
+    /// Resolved to a failure: kept only [`DELIVERED_GRACE`] and never counted against the
+    /// cap, so bad requests nobody polls cannot lock other clients out.
+    failed: bool,
     abort: Option<AbortHandle>,
 }
 
@@ -67,6 +70,9 @@ impl Table {
             match (e.done_at, e.delivered_at) {
                 (_, Some(at)) if now - at >= DELIVERED_GRACE => expired.push(id.clone()),
                 (_, Some(at)) => delivered.push((at, id.clone())),
+                (Some(at), None) if e.failed && now - at >= DELIVERED_GRACE => {
+                    expired.push(id.clone())
+                }
                 (Some(at), None) if now - at >= RESULT_TTL => expired.push(id.clone()),
                 _ => {}
             }
@@ -81,7 +87,7 @@ impl Table {
         }
         self.entries
             .values()
-            .filter(|e| e.delivered_at.is_none())
+            .filter(|e| e.delivered_at.is_none() && !e.failed)
             .count()
     }
 }
@@ -122,9 +128,11 @@ impl Completer {
 
     fn send(&mut self, outcome: Outcome) {
         if let Some(tx) = self.tx.take() {
+            let failed = matches!(outcome, Outcome::Failed { .. });
             let _ = tx.send(Some(Arc::new(outcome)));
             if let Some(e) = self.futures.lock().entries.get_mut(&self.id) {
                 e.done_at = Some(Instant::now());
+                e.failed = failed;
             }
         }
     }
@@ -204,6 +212,7 @@ impl Futures {
                 rx,
                 done_at: None,
                 delivered_at: None,
+                failed: false,
                 abort: None,
             },
         );
@@ -267,6 +276,21 @@ mod tests {
 
     fn key(seq: u64) -> Option<(String, u64)> {
         Some(("s:sample:0".into(), seq))
+    }
+
+    #[test]
+    fn failed_futures_do_not_hold_places() {
+        let f = Arc::new(Futures::default());
+        let (_a, done_a) = f.register(key(0), 1, 1).unwrap();
+        assert!(matches!(f.register(key(1), 1, 1), Err(Refused::Full)));
+        done_a.complete(Outcome::Failed {
+            error: "bad temperature".into(),
+            category: "user",
+        });
+        assert!(
+            f.register(key(1), 1, 1).is_ok(),
+            "a failure nobody polled holds no place"
+        );
     }
 
     #[tokio::test]

@@ -41,6 +41,9 @@ use futures::{Completer, Futures, Outcome, Refused, Registered};
 const LONG_POLL: Duration = Duration::from_secs(25);
 /// Most sampling sessions remembered (the oldest forgotten first).
 const MAX_SAMPLERS: usize = 65_536;
+/// Longest session id, model name or path a client may give (they are stored and repeated in
+/// every future and sample id).
+const MAX_NAME_BYTES: usize = 256;
 
 /// The Tinker routes, to merge into the server's router.
 pub(crate) fn routes() -> Router<Arc<AppState>> {
@@ -274,6 +277,11 @@ fn resolve(
     base_model: Option<&str>,
     model_path: Option<&str>,
 ) -> Result<usize, String> {
+    for (field, value) in [("model_path", model_path), ("base_model", base_model)] {
+        if value.is_some_and(|v| v.len() > MAX_NAME_BYTES) {
+            return Err(format!("{field} is longer than {MAX_NAME_BYTES} bytes"));
+        }
+    }
     let served: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
     let find = |name: &str| {
         let short = name.rsplit('/').next().unwrap_or(name);
@@ -313,6 +321,12 @@ async fn create_sampling_session(State(state): Shared, Extension(t): Ext, body: 
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
+    if req.session_id.len() > MAX_NAME_BYTES {
+        return detail(
+            StatusCode::BAD_REQUEST,
+            format!("session_id is longer than {MAX_NAME_BYTES} bytes"),
+        );
+    }
     let model = match resolve(&state, req.base_model.as_deref(), req.model_path.as_deref()) {
         Ok(m) => m,
         Err(msg) => return detail(StatusCode::BAD_REQUEST, msg),
@@ -579,7 +593,13 @@ async fn asample(State(state): Shared, Extension(t): Ext, body: Body) -> Respons
     if !t.futures.has_room(cap) {
         return from_api(ApiError::overloaded());
     }
-    let samples_hint = req.num_samples.as_u64().map_or(1, |n| n as usize).max(1);
+    // Sample ids for a future that fails at once: never more than a request may ask for (the
+    // raw number is the client's).
+    let samples_hint = req
+        .num_samples
+        .as_u64()
+        .map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        .clamp(1, limits.max_sequences_per_request.max(1));
     let job = prepare(req, limits.max_sequences_per_request);
     let Ok(job) = job else {
         // A bad request still gets its future, failed with a `user` error naming the field.

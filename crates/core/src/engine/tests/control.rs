@@ -194,6 +194,29 @@ fn a_second_update_while_one_drains_is_refused() {
 }
 
 #[test]
+fn an_abort_update_replaces_one_that_drains() {
+    let (e, counters, gate) = gated_engine(EngineConfig::default());
+    let long = e.generate(greedy(&[1, 2], 60));
+    gate.send(()).unwrap();
+    wait_for_steps(&counters, 1);
+    let draining = e.update_weights(WeightUpdate::new("weights-1", UpdateMode::Drain));
+    let forced = e.update_weights(WeightUpdate::new("weights-2", UpdateMode::Abort));
+    drop(gate);
+    assert!(matches!(
+        draining.wait(),
+        Err(WeightUpdateError::Superseded)
+    ));
+    let report = forced.wait().unwrap();
+    assert_eq!(
+        (report.weight_version.as_str(), report.aborted_requests),
+        ("1", 1)
+    );
+    assert!(matches!(long.wait(), Err(EngineError::Aborted { .. })));
+    let out = e.generate(greedy(&[4, 4], 3)).wait().unwrap();
+    assert_eq!(out.sequences[0].tokens, greedy_under(2, &[4, 4], 3));
+}
+
+#[test]
 fn a_paused_engine_steps_nothing_until_resumed() {
     let (e, counters, gate) = gated_engine(EngineConfig::default());
     let prompt = [5, 6, 7];
