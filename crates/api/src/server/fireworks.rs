@@ -25,7 +25,6 @@
 //! is a 400 naming it.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +34,6 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures_util::StreamExt;
@@ -786,18 +784,8 @@ impl Run {
             };
             Some((data, Some(run)))
         })
-        .flat_map(stream::iter)
-        .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
-        let mut response = match keep_alive {
-            Some(every) => Sse::new(events)
-                .keep_alive(KeepAlive::new().interval(every))
-                .into_response(),
-            None => Sse::new(events).into_response(),
-        };
-        response
-            .headers_mut()
-            .insert("x-accel-buffering", HeaderValue::from_static("no"));
-        response
+        .flat_map(stream::iter);
+        super::sse::sse_reply(events, keep_alive)
     }
 
     /// The whole reply as one JSON object: each choice's chunks joined.

@@ -169,8 +169,17 @@ pub(crate) fn respond(
         let batch = run.next_chunk().await?;
         Some((stream::iter(batch), run))
     })
-    .flatten()
-    .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    .flatten();
+    sse_reply(events, keep_alive)
+}
+
+/// An SSE reply of `data` payloads (one event each), with keep-alive comments every
+/// `keep_alive` when set and proxy buffering off (`X-Accel-Buffering: no`).
+pub(crate) fn sse_reply(
+    data: impl futures_util::Stream<Item = String> + Send + 'static,
+    keep_alive: Option<std::time::Duration>,
+) -> Response {
+    let events = data.map(|data| Ok::<_, Infallible>(Event::default().data(data)));
     let mut response = match keep_alive {
         Some(every) => Sse::new(events)
             .keep_alive(KeepAlive::new().interval(every))
