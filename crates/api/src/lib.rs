@@ -69,7 +69,7 @@ pub use sampler::{ApiFuture, Sampler, SamplerFuture};
 pub use sampling_client::SamplingClient;
 pub use service::{ModelSource, ServiceClient};
 pub use tokenizer::Tokenizer;
-pub use types::{SampleResponse, SampledSequence, StopReason};
+pub use types::{SampleResponse, SampledSequence, ScoreResponse, StopReason};
 
 pub use infermux_core::{
     BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,

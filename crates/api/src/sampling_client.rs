@@ -14,7 +14,7 @@ use crate::BackendKind;
 use crate::error::Result;
 use crate::sampler::SamplerFuture;
 use crate::tokenizer::Tokenizer;
-use crate::types::{SampleResponse, prompt_logprobs_of};
+use crate::types::{SampleResponse, ScoreResponse, prompt_logprobs_of};
 
 /// Samples from and scores with one loaded model. Cheap to clone; safe to share across threads
 /// and async tasks, which all feed the same continuously batched engine.
@@ -128,6 +128,12 @@ impl SamplingClient {
     /// Logprob of each prompt token given the ones before it; the first entry is `None`.
     pub fn compute_logprobs(&self, prompt: ModelInput) -> SamplerFuture<Vec<Option<f32>>> {
         self.inner.engine.score(&prompt).map(prompt_logprobs_of)
+    }
+
+    /// [`SamplingClient::compute_logprobs`] with the weight version the logprobs were computed
+    /// with and the prompt tokens the prefix cache served.
+    pub fn score(&self, prompt: ModelInput) -> SamplerFuture<ScoreResponse> {
+        self.inner.engine.score(&prompt).map(ScoreResponse::from)
     }
 
     /// Async form of [`SamplingClient::compute_logprobs`].

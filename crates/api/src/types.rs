@@ -63,7 +63,7 @@ impl From<GeneratedSequence> for SampledSequence {
 }
 
 /// The result of `SamplingClient::sample`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SampleResponse {
     /// One entry per requested sample.
     pub sequences: Vec<SampledSequence>,
@@ -71,6 +71,14 @@ pub struct SampleResponse {
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     /// Per prompt position top-k alternatives (first `None`), when `topk_prompt_logprobs > 0`.
     pub topk_prompt_logprobs: Option<Vec<Option<TopLogprobs>>>,
+    /// The version of the weights every sequence here was sampled from (Tinker's
+    /// `policy_version`; `"0"` for the weights loaded at start, then each update's
+    /// `weight_version`).
+    #[serde(default)]
+    pub policy_version: String,
+    /// Prompt tokens served from the prefix cache (Tinker's `prompt_cache_hit_tokens`).
+    #[serde(default)]
+    pub prompt_cache_hit_tokens: usize,
 }
 
 impl From<GenerateOutput> for SampleResponse {
@@ -79,6 +87,30 @@ impl From<GenerateOutput> for SampleResponse {
             sequences: o.sequences.into_iter().map(Into::into).collect(),
             prompt_logprobs: o.prompt_logprobs,
             topk_prompt_logprobs: o.topk_prompt_logprobs,
+            policy_version: o.weight_version,
+            prompt_cache_hit_tokens: o.cached_prompt_tokens,
+        }
+    }
+}
+
+/// The result of `SamplingClient::score`: `compute_logprobs`' list with the weight version it
+/// was computed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreResponse {
+    /// Logprob of each prompt token given the ones before it; the first is `None`.
+    pub logprobs: Vec<Option<f32>>,
+    /// The weights' version (see [`SampleResponse::policy_version`]).
+    pub policy_version: String,
+    /// Prompt tokens served from the prefix cache.
+    pub prompt_cache_hit_tokens: usize,
+}
+
+impl From<GenerateOutput> for ScoreResponse {
+    fn from(o: GenerateOutput) -> Self {
+        Self {
+            logprobs: o.prompt_logprobs.unwrap_or_default(),
+            policy_version: o.weight_version,
+            prompt_cache_hit_tokens: o.cached_prompt_tokens,
         }
     }
 }

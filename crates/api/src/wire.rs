@@ -99,6 +99,12 @@ pub struct ComputeLogprobsRequest {
 pub struct ComputeLogprobsResponse {
     /// Logprob of each token given the ones before it.
     pub logprobs: Vec<Option<f32>>,
+    /// The weights' version they were computed with (absent from older servers).
+    #[serde(default)]
+    pub policy_version: String,
+    /// Prompt tokens served from the prefix cache.
+    #[serde(default)]
+    pub prompt_cache_hit_tokens: usize,
 }
 
 /// Every error reply's body (OpenAI's shape).

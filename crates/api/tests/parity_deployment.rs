@@ -110,6 +110,7 @@ impl Sampler for CannedSampler {
             sequences,
             prompt_logprobs,
             topk_prompt_logprobs: None,
+            ..SampleResponse::default()
         }))
     }
 

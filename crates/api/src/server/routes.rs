@@ -554,9 +554,13 @@ pub(crate) async fn compute_logprobs(State(state): Shared, body: Body) -> Respon
         let req: ComputeLogprobsRequest = parse_body(&state, body).await?;
         let client = state.default_model().client.clone();
         let work = async {
-            let pending = blocking(move || client.compute_logprobs(req.prompt)).await?;
-            let logprobs = pending.await?;
-            Ok(ComputeLogprobsResponse { logprobs })
+            let pending = blocking(move || client.score(req.prompt)).await?;
+            let scored = pending.await?;
+            Ok(ComputeLogprobsResponse {
+                logprobs: scored.logprobs,
+                policy_version: scored.policy_version,
+                prompt_cache_hit_tokens: scored.prompt_cache_hit_tokens,
+            })
         };
         observe(
             &state,

@@ -152,6 +152,14 @@ pub struct GenerateOutput {
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     /// Per prompt position top alternatives (first `None`), when asked for.
     pub topk_prompt_logprobs: Option<Vec<Option<TopLogprobs>>>,
+    /// The version of the weights every token and logprob here was computed with
+    /// ([`crate::Engine::weight_version`] when the request was admitted: weights change only
+    /// while nothing runs, so one request never mixes versions).
+    #[serde(default)]
+    pub weight_version: String,
+    /// Prompt tokens whose KV came from the prefix cache instead of a prefill.
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
 }
 
 /// One streamed update of a sequence: what is new (`DELTA`) or everything so far
@@ -189,4 +197,11 @@ pub struct StreamUpdate {
     pub prompt_logprobs: Option<Vec<Option<f32>>>,
     /// Top prompt alternatives, on the first update, when asked for.
     pub topk_prompt_logprobs: Option<Vec<Option<TopLogprobs>>>,
+    /// The version of the weights this update was computed with (the same in every update
+    /// of a request; see [`GenerateOutput::weight_version`]).
+    #[serde(default)]
+    pub weight_version: String,
+    /// Prompt tokens whose KV came from the prefix cache instead of a prefill.
+    #[serde(default)]
+    pub cached_prompt_tokens: usize,
 }

@@ -55,6 +55,10 @@ pub(super) struct Group {
     ended: bool,
     /// Why it failed, sent when it is removed (`None` when cancelled).
     failure: Option<EngineError>,
+    /// The weight version at admission: the one every step of the group runs with.
+    weight_version: String,
+    /// Prompt tokens whose KV came from the prefix cache.
+    cached_prompt_tokens: usize,
 }
 
 /// A job waiting for admission.
@@ -494,6 +498,8 @@ impl Scheduler {
             prompt_sent: false,
             ended: false,
             failure: None,
+            weight_version: self.shared.weight_version(),
+            cached_prompt_tokens: 0,
         });
     }
 
@@ -732,6 +738,8 @@ impl Scheduler {
                     } else {
                         None
                     },
+                    weight_version: g.weight_version.clone(),
+                    cached_prompt_tokens: g.cached_prompt_tokens,
                 }),
             ));
         }
@@ -915,6 +923,8 @@ impl Group {
                     sequences: self.seqs.into_iter().map(|s| s.out).collect(),
                     prompt_logprobs: self.prompt_lp,
                     topk_prompt_logprobs: self.topk_prompt_lp,
+                    weight_version: self.weight_version,
+                    cached_prompt_tokens: self.cached_prompt_tokens,
                 }),
             ),
             Replier::Stream(tx) => {
@@ -929,6 +939,8 @@ impl Group {
                         finished: true,
                         prompt_logprobs: if first { self.prompt_lp } else { None },
                         topk_prompt_logprobs: if first { self.topk_prompt_lp } else { None },
+                        weight_version: self.weight_version,
+                        cached_prompt_tokens: self.cached_prompt_tokens,
                     }),
                 )
             }

@@ -111,7 +111,14 @@ fn sample(args: SampleArgs) -> Result<()> {
                 Ok(sample)
             })
             .collect::<Result<Vec<_>>>()?;
-        println!("{}", json!({ "prompt_tokens": tokens, "samples": samples }));
+        println!(
+            "{}",
+            json!({
+                "prompt_tokens": tokens,
+                "samples": samples,
+                "policy_version": response.policy_version,
+            })
+        );
         return Ok(());
     }
     let many = response.sequences.len() > 1;
@@ -147,11 +154,13 @@ fn guided_params(args: &GuidedArgs) -> Result<Option<GuidedDecodingParams>> {
 fn logprobs(args: LogprobsArgs) -> Result<()> {
     let client = client(&args.model)?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
-    let logprobs = client
-        .compute_logprobs(ModelInput::from_ints(tokens.clone()))
-        .wait()?;
+    let scored = client.score(ModelInput::from_ints(tokens.clone())).wait()?;
+    let logprobs = scored.logprobs;
     if args.json {
-        println!("{}", json!({ "logprobs": logprobs }));
+        println!(
+            "{}",
+            json!({ "logprobs": logprobs, "policy_version": scored.policy_version })
+        );
         return Ok(());
     }
     let tokenizer = client.get_tokenizer();

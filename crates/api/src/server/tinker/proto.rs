@@ -109,6 +109,9 @@ pub(super) fn sample_response(
     {
         bytes_field(&mut out, 3, &topk(rows, topk_prompt));
     }
+    if r.prompt_cache_hit_tokens > 0 {
+        uint_field(&mut out, 4, r.prompt_cache_hit_tokens as u64);
+    }
     out
 }
 
@@ -156,6 +159,7 @@ mod tests {
                 Some(-1.04),
             ]),
             topk_prompt_logprobs: None,
+            ..SampleResponse::default()
         };
         let want = hex("0a0e 0801 1204 04020000 1a04 9a9919bf
                         1214 0000c07f ae4781bf 5c8f82bf 0ad783bf b81e85bf");
@@ -170,6 +174,7 @@ mod tests {
             sequences: vec![seq(vec![839, 852], vec![-0.7, -0.6], StopReason::Stop)],
             prompt_logprobs: None,
             topk_prompt_logprobs: Some(vec![None, Some(vec![(102, -0.5)])]),
+            ..SampleResponse::default()
         };
         let got = sample_response(&r, 2, 0);
         let mut want = hex("0a14 1208 47030000 54030000 1a08 333333bf 9a9919bf");
