@@ -67,6 +67,8 @@ fn long_requests_queue_for_the_kv_budget_and_memory_stays_within_it() {
             max_num_seqs: 16,
             max_num_batched_tokens: 512,
             kv_budget_bytes: Some(budget),
+            // Counts reservations exactly: no prefixes kept after the requests.
+            prefix_caching: false,
         },
         ..LoadOptions::default()
     };

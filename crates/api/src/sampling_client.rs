@@ -209,6 +209,12 @@ impl SamplingClient {
         self.inner.engine.resume().map(|r| r)
     }
 
+    /// Drops every cached prefix (the prefix cache; see `infermux_core::engine::prefix`);
+    /// resolves to how many were dropped.
+    pub fn flush_prefix_cache(&self) -> SamplerFuture<usize> {
+        self.inner.engine.flush_prefix_cache().map(|r| r)
+    }
+
     /// The version of the weights served: `"0"` for those loaded at start, then each update's
     /// `weight_version`, or the number of updates so far when it named none.
     pub fn weight_version(&self) -> String {

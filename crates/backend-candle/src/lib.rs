@@ -211,8 +211,8 @@ impl Backend for CandleBackend {
         self.kv.release(slot);
     }
 
-    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
-        self.kv.fork(&mut self.store, src, dst)
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError> {
+        self.kv.fork_prefix(&mut self.store, src, dst, len)
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {

@@ -78,12 +78,21 @@ impl KvBlock {
     }
 }
 
-/// One sequence's state: the last `len` positions of row `row` of `block`.
+/// One sequence's state: the `len` positions of row `row` of `block` that end at `end` (the
+/// block's `total` unless the view was cut to a prefix by [`KvCache::fork_prefix`]).
 #[derive(Clone)]
 struct SlotKv {
     block: Arc<KvBlock>,
     row: usize,
     len: usize,
+    end: usize,
+}
+
+impl SlotKv {
+    /// Whether the view reaches its block's last position (so the block can be a run's past).
+    fn is_whole(&self) -> bool {
+        self.end == self.block.total
+    }
 }
 
 /// All sequences' caches, by slot.
@@ -109,16 +118,29 @@ impl KvCache {
         self.slots.remove(&slot);
     }
 
-    /// Makes `dst` a copy of `src` (a shared view: blocks are never written); `false` if `src`
-    /// holds nothing.
-    pub fn fork(&mut self, src: SlotId, dst: SlotId) -> bool {
-        match self.slots.get(&src).cloned() {
-            Some(s) => {
-                self.slots.insert(dst, s);
-                true
-            }
-            None => false,
+    /// Makes `dst` a view of the first `len` positions of `src` (shared: blocks are never
+    /// written).
+    pub fn fork_prefix(
+        &mut self,
+        src: SlotId,
+        dst: SlotId,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        let mut view = self
+            .slots
+            .get(&src)
+            .cloned()
+            .ok_or(BackendError::UnknownSlot(src))?;
+        if len > view.len {
+            return Err(BackendError::Runtime {
+                runtime: "onnx",
+                message: format!("slot {src:?} caches {} positions, not {len}", view.len),
+            });
         }
+        view.end -= view.len - len;
+        view.len = len;
+        self.slots.insert(dst, view);
+        Ok(())
     }
 
     /// The block whose rows are exactly `slots`, in order, if there is one: its tensors can be
@@ -132,7 +154,7 @@ impl KvCache {
         let all = slots.iter().enumerate().all(|(i, s)| {
             self.slots
                 .get(s)
-                .is_some_and(|v| v.row == i && Arc::ptr_eq(&v.block, block))
+                .is_some_and(|v| v.row == i && v.is_whole() && Arc::ptr_eq(&v.block, block))
         });
         all.then(|| Arc::clone(block))
     }
@@ -147,7 +169,7 @@ impl KvCache {
         let mut order: Vec<Option<usize>> = vec![None; slots.len()];
         for (i, s) in slots.iter().enumerate() {
             let v = self.slots.get(s)?;
-            if !Arc::ptr_eq(&v.block, block) || order[v.row].replace(i).is_some() {
+            if !Arc::ptr_eq(&v.block, block) || !v.is_whole() || order[v.row].replace(i).is_some() {
                 return None;
             }
         }
@@ -214,7 +236,7 @@ impl KvCache {
                     .try_extract_tensor::<T>()
                     .map_err(runtime_error)?;
                 for h in 0..nkv {
-                    let from = ((v.row * nkv + h) * src_total + src_total - v.len) * hd;
+                    let from = ((v.row * nkv + h) * src_total + v.end - v.len) * hd;
                     let to = ((i * nkv + h) * past + past - v.len) * hd;
                     data[to..to + v.len * hd].copy_from_slice(&src[from..from + v.len * hd]);
                 }
@@ -244,6 +266,7 @@ impl KvCache {
         let mut previous: Vec<Arc<KvBlock>> = Vec::new();
         for (i, (&slot, &len)) in slots.iter().zip(lens).enumerate() {
             let view = SlotKv {
+                end: block.total,
                 block: Arc::clone(&block),
                 row: i,
                 len,
@@ -264,18 +287,18 @@ impl KvCache {
             if views == 0 || 2 * views >= old.rows {
                 continue;
             }
-            let mut holders: Vec<(usize, SlotId)> = self
+            let mut holders: Vec<((usize, usize, usize), SlotId)> = self
                 .slots
                 .iter()
                 .filter(|(_, v)| Arc::ptr_eq(&v.block, &old))
-                .map(|(&s, v)| (v.row, s))
+                .map(|(&s, v)| ((v.row, v.end, v.len), s))
                 .collect();
             holders.sort();
-            // Forks share a row: one compact block per row.
-            let mut compact: Option<(usize, SlotKv)> = None;
-            for (row, slot) in holders {
+            // Forks share a view: one compact block per distinct view.
+            let mut compact: Option<((usize, usize, usize), SlotKv)> = None;
+            for (key, slot) in holders {
                 let view = match &compact {
-                    Some((r, view)) if *r == row => view.clone(),
+                    Some((k, view)) if *k == key => view.clone(),
                     _ => {
                         let len = self.len(slot);
                         let tensors = self.assemble(ty, &[slot], len)?;
@@ -283,8 +306,9 @@ impl KvCache {
                             block: Arc::new(KvBlock::new(tensors, 1, len)),
                             row: 0,
                             len,
+                            end: len,
                         };
-                        compact = Some((row, view.clone()));
+                        compact = Some((key, view.clone()));
                         view
                     }
                 };

@@ -222,12 +222,8 @@ impl Backend for OnnxBackend {
         self.kv.release(slot);
     }
 
-    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
-        if self.kv.fork(src, dst) {
-            Ok(())
-        } else {
-            Err(BackendError::UnknownSlot(src))
-        }
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError> {
+        self.kv.fork_prefix(src, dst, len)
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {

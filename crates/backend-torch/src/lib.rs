@@ -150,9 +150,9 @@ impl Backend for TorchBackend {
         self.kv.release(slot);
     }
 
-    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError> {
         let _guard = tch::no_grad_guard();
-        self.kv.fork(&mut self.store, src, dst)
+        self.kv.fork_prefix(&mut self.store, src, dst, len)
     }
 
     fn cached_len(&self, slot: SlotId) -> usize {

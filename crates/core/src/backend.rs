@@ -257,9 +257,17 @@ pub trait Backend: Send {
     /// Frees a slot's KV state; releasing an empty slot is a no-op.
     fn release(&mut self, slot: SlotId);
 
-    /// Makes `dst` a copy of `src`'s KV state (for sampling several continuations of one
-    /// prefilled prompt). `dst`'s previous state, if any, is dropped.
-    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError>;
+    /// Makes `dst` a copy of the first `len` positions of `src`'s KV state (`len` at most
+    /// `cached_len(src)`): the prefix cache's reuse of a cached prefix. `dst`'s previous
+    /// state, if any, is dropped.
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError>;
+
+    /// Makes `dst` a copy of all of `src`'s KV state (for sampling several continuations of
+    /// one prefilled prompt).
+    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
+        let len = self.cached_len(src);
+        self.fork_prefix(src, dst, len)
+    }
 
     /// Number of tokens cached in `slot` (0 if it holds nothing).
     fn cached_len(&self, slot: SlotId) -> usize;
@@ -328,6 +336,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn release(&mut self, slot: SlotId) {
         (**self).release(slot)
+    }
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError> {
+        (**self).fork_prefix(src, dst, len)
     }
     fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
         (**self).fork(src, dst)

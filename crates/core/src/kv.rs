@@ -210,18 +210,35 @@ impl<S> KvTable<S> {
         src: SlotId,
         dst: SlotId,
     ) -> Result<(), BackendError> {
-        if src == dst {
-            return if self.slots.contains_key(&src) {
-                Ok(())
-            } else {
-                Err(BackendError::UnknownSlot(src))
-            };
-        }
-        let len = self
+        let len = self.len(src);
+        self.fork_prefix(store, src, dst, len)
+    }
+
+    /// Makes `dst` an independent copy of the first `len` positions of `src` (at most its
+    /// filled length), allocating for and copying only those. `dst`'s previous state is
+    /// dropped first.
+    pub fn fork_prefix<K: KvStorage<Slot = S>>(
+        &mut self,
+        store: &mut K,
+        src: SlotId,
+        dst: SlotId,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        let filled = self
             .slots
             .get(&src)
             .ok_or(BackendError::UnknownSlot(src))?
             .len;
+        if len > filled {
+            return Err(BackendError::Runtime {
+                runtime: "kv",
+                message: format!("slot {src:?} caches {filled} positions, not {len}"),
+            });
+        }
+        if src == dst {
+            self.truncate(src, len);
+            return Ok(());
+        }
         self.release(dst);
         let capacity = kv_capacity_for(len).max(KV_GRANULE);
         self.check_budget(capacity as u64, dst)?;

@@ -31,10 +31,11 @@ use super::error::ApiError;
 use super::routes::{Body, Shared, parse_body};
 
 /// The routes that need the admin key.
-const CONTROL_ROUTES: [&str; 3] = [
+const CONTROL_ROUTES: [&str; 4] = [
     "/update_weights_from_disk",
     "/pause_generation",
     "/continue_generation",
+    "/flush_cache",
 ];
 
 /// Whether `path` is a control route (the admin key guards it).
@@ -57,6 +58,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/update_weights_from_disk", post(update_weights_from_disk))
         .route("/pause_generation", post(pause_generation))
         .route("/continue_generation", post(continue_generation))
+        .route("/flush_cache", get(flush_cache).post(flush_cache))
 }
 
 /// The read-only route, served always.
@@ -66,7 +68,7 @@ pub(crate) fn version_routes() -> Router<Arc<AppState>> {
 
 /// SGLang's `UpdateWeightFromDiskReqInput`: the fields it defines are accepted; those with no
 /// meaning here (`load_format` other than auto, `is_async`) are refused, the cache switches
-/// are no-ops (no prefix cache yet; a swap frees all KV anyway).
+/// are no-ops (a swap always flushes the prefix cache and frees all KV).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateBody {
@@ -312,6 +314,24 @@ async fn continue_generation(State(state): Shared, body: Body) -> Response {
         Ok(reply) => Json(reply).into_response(),
         Err(error) => failure(error),
     }
+}
+
+/// SGLang's `/flush_cache`: drops every cached prefix of every served model (running requests
+/// keep theirs).
+async fn flush_cache(State(state): Shared) -> Response {
+    let mut flushed = 0;
+    for model in &state.models {
+        match model.client.flush_prefix_cache().await {
+            Ok(n) => flushed += n,
+            Err(error) => return failure(error.into()),
+        }
+    }
+    Json(json!({
+        "success": true,
+        "message": format!("Cache flushed: {flushed} cached prefixes dropped."),
+        "flushed_prefixes": flushed,
+    }))
+    .into_response()
 }
 
 /// A JSON body that may be empty (SGLang's clients post nothing to these routes).

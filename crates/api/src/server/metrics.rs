@@ -323,7 +323,7 @@ fn kv_usage(s: &EngineStats) -> f64 {
 type Field = fn(&EngineStats) -> f64;
 
 /// The engine series: name, type, help, label name, value.
-const ENGINE_METRICS: [(&str, MetricType, &str, &str, Field); 19] = [
+const ENGINE_METRICS: [(&str, MetricType, &str, &str, Field); 23] = [
     (
         "infermux_waiting_requests",
         MetricType::GAUGE,
@@ -462,6 +462,34 @@ const ENGINE_METRICS: [(&str, MetricType, &str, &str, Field); 19] = [
         "Number of generation tokens processed.",
         "model_name",
         |s| s.generated_tokens_total as f64,
+    ),
+    (
+        "vllm:prefix_cache_queries_total",
+        MetricType::COUNTER,
+        "Prefix cache queries, in terms of number of queried tokens.",
+        "model_name",
+        |s| s.prefix_cache_queried_tokens_total as f64,
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        MetricType::COUNTER,
+        "Prefix cache hits, in terms of number of cached tokens.",
+        "model_name",
+        |s| s.prefix_cache_hit_tokens_total as f64,
+    ),
+    (
+        "infermux_prefix_cache_entries",
+        MetricType::GAUGE,
+        "Finished prefixes the prefix cache keeps.",
+        "model",
+        |s| s.prefix_cache_entries as f64,
+    ),
+    (
+        "infermux_prefix_cache_bytes",
+        MetricType::GAUGE,
+        "KV cache bytes the kept prefixes hold.",
+        "model",
+        |s| s.prefix_cache_bytes as f64,
     ),
 ];
 
@@ -608,6 +636,8 @@ mod tests {
             waiting_requests: 3,
             prompt_tokens_total: 17,
             generated_tokens_total: 40,
+            prefix_cache_queried_tokens_total: 300,
+            prefix_cache_hit_tokens_total: 256,
             ..EngineStats::default()
         };
         let text = m.render(&snapshot(vec![("m", None), ("k", Some(stats))]));
@@ -628,6 +658,8 @@ mod tests {
             "vllm:num_requests_waiting{model_name=\"k\"} 3",
             "vllm:kv_cache_usage_perc{model_name=\"k\"} 0.25",
             "vllm:prompt_tokens_total{model_name=\"k\"} 17",
+            "vllm:prefix_cache_queries_total{model_name=\"k\"} 300",
+            "vllm:prefix_cache_hits_total{model_name=\"k\"} 256",
             "vllm:generation_tokens_total{model_name=\"k\"} 40",
             "vllm:time_to_first_token_seconds_count{model_name=\"k\"} 2",
             "vllm:time_to_first_token_seconds_bucket{model_name=\"k\",le=\"0.04\"} 1",

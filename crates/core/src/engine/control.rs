@@ -202,6 +202,8 @@ impl Scheduler {
             return;
         };
         let started = Instant::now();
+        // Cached prefixes hold KV computed with the old weights.
+        self.flush_prefix_cache(backend);
         let path = &update.request.path;
         let result = catch_unwind(AssertUnwindSafe(|| backend.update_weights(path)))
             .unwrap_or_else(|panic| Err(WeightUpdateError::Panicked(panic_message(panic))));

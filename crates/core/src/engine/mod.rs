@@ -17,6 +17,7 @@ mod control;
 mod group;
 mod job;
 mod pending;
+pub mod prefix;
 mod request;
 mod scheduler;
 mod sequence;
@@ -64,6 +65,9 @@ pub struct EngineConfig {
     /// one that could never fit is rejected at submit. `None`: a share of the memory available
     /// when the engine starts ([`budget::default_kv_budget_bytes`]).
     pub kv_budget_bytes: Option<u64>,
+    /// Keep finished sequences' KV for later requests that extend them (vLLM's
+    /// `enable_prefix_caching`, on by default): see [`prefix`].
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +76,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
             kv_budget_bytes: None,
+            prefix_caching: true,
         }
     }
 }
@@ -99,6 +104,9 @@ enum Command {
     },
     Resume {
         reply: flume::Sender<Result<(), EngineError>>,
+    },
+    FlushPrefixCache {
+        reply: flume::Sender<Result<usize, EngineError>>,
     },
 }
 
@@ -376,6 +384,16 @@ impl Engine {
         }
     }
 
+    /// Drops every cached prefix (SGLang's `flush_cache`); resolves to how many were dropped.
+    /// Running requests keep theirs.
+    pub fn flush_prefix_cache(&self) -> Pending<usize> {
+        let (tx, rx) = flume::bounded(1);
+        match self.tx.send(Command::FlushPrefixCache { reply: tx }) {
+            Ok(()) => Pending::from_channel(rx),
+            Err(_) => Pending::ready(Err(EngineError::Shutdown)),
+        }
+    }
+
     /// Whether generation is paused (as of the engine thread's last command).
     pub fn is_paused(&self) -> bool {
         self.shared.is_paused()
@@ -588,6 +606,11 @@ impl Command {
             Self::Resume { reply } => {
                 scheduler.resume();
                 drop(reply.send(Ok(())));
+            }
+            Self::FlushPrefixCache { reply } => {
+                let dropped = scheduler.flush_prefix_cache(backend);
+                scheduler.publish(&*backend);
+                drop(reply.send(Ok(dropped)));
             }
         }
     }

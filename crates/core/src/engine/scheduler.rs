@@ -17,18 +17,20 @@ use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use crate::TokenId;
 use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
 use crate::engine::EngineConfig;
 use crate::engine::budget::{FAIR_BYPASS_WINDOW_STEPS, KvReservation, worst_case_steps};
 use crate::engine::control::ControlState;
 use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx, kind_of};
-use crate::engine::job::{Job, Replier};
+use crate::engine::job::{Job, JobKind, Replier};
+use crate::engine::prefix::{Donor, PREFIX_BLOCK, PrefixCache, Wanted, block_hashes};
 use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
 use crate::engine::sequence::{Seq, SeqCtx};
 use crate::engine::shared::Shared;
 use crate::error::{BackendError, EngineError};
 use crate::guided::TokenMask;
-use crate::kv::KvUsage;
+use crate::kv::{KV_GRANULE, KvUsage, kv_capacity_for};
 use crate::params::OutputKind;
 use crate::sampling::batch::{BatchRow, panic_message};
 use crate::sampling::{SamplingBatch, token_logprob, top_logprobs};
@@ -59,6 +61,21 @@ pub(super) struct Group {
     weight_version: String,
     /// Prompt tokens whose KV came from the prefix cache.
     cached_prompt_tokens: usize,
+    /// Chained block hashes of the prompt (empty without the prefix cache).
+    prompt_hashes: Vec<u64>,
+    /// Where the group is in looking for a cached prefix.
+    prefix: PrefixState,
+}
+
+/// A group's search for a reusable prefix, before its first prefill chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrefixState {
+    /// Not looked yet.
+    Unchecked,
+    /// Another running request is prefilling a longer shared prefix: wait a step for it.
+    Waiting,
+    /// Looked (or nothing to look for): prefill from `prefilled`.
+    Done,
 }
 
 /// A job waiting for admission.
@@ -118,6 +135,15 @@ fn guarded<T>(
     })
 }
 
+/// Where a reused prefix comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// A finished prefix in the cache, by its slot.
+    Cache(SlotId),
+    /// The prefilled prompt of the running group at this index.
+    Running(usize),
+}
+
 /// What each chunk of the current batch belongs to.
 #[derive(Clone, Copy)]
 enum ChunkOwner {
@@ -155,6 +181,8 @@ pub(crate) struct Scheduler {
     outbox: Vec<Outgoing>,
     /// Pause and weight-update state (`control.rs`).
     pub(super) control: ControlState,
+    /// Finished prefixes kept for reuse (`prefix.rs`).
+    prefix_cache: PrefixCache,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -163,6 +191,8 @@ struct Totals {
     generated_tokens: u64,
     finished_requests: u64,
     failed_requests: u64,
+    prefix_queried_tokens: u64,
+    prefix_hit_tokens: u64,
 }
 
 /// A point-in-time view of the scheduler, for metrics and tests.
@@ -196,6 +226,15 @@ pub struct EngineStats {
     pub kv_reserved_peak_bytes: u64,
     /// Bytes of KV cache the backend has allocated now (0 for backends that do not count).
     pub kv_allocated_bytes: u64,
+    /// Finished prefixes the prefix cache keeps (their slots count as free: they are evicted
+    /// when admission needs them).
+    pub prefix_cache_entries: usize,
+    /// KV bytes those prefixes hold (beside `kv_reserved_bytes`; both within the budget).
+    pub prefix_cache_bytes: u64,
+    /// Prompt tokens of requests that looked in the prefix cache, since start.
+    pub prefix_cache_queried_tokens_total: u64,
+    /// Of those, tokens whose KV was reused instead of prefilled (vLLM's prefix cache hits).
+    pub prefix_cache_hit_tokens_total: u64,
 }
 
 impl Scheduler {
@@ -223,6 +262,7 @@ impl Scheduler {
             shared,
             outbox: Vec::new(),
             control: ControlState::default(),
+            prefix_cache: PrefixCache::default(),
         }
     }
 
@@ -304,7 +344,7 @@ impl Scheduler {
                 .iter()
                 .map(|g| g.seqs.iter().filter(|s| !s.done).count())
                 .sum(),
-            free_slots: self.free_slots.len(),
+            free_slots: self.free_slots.len() + self.prefix_cache.len(),
             total_slots: self.config.max_num_seqs,
             prompt_tokens_total: self.totals.prompt_tokens,
             generated_tokens_total: self.totals.generated_tokens,
@@ -314,6 +354,10 @@ impl Scheduler {
             kv_reserved_bytes: self.kv_held(),
             kv_reserved_peak_bytes: self.kv_held_peak,
             kv_allocated_bytes: kv.allocated_bytes,
+            prefix_cache_entries: self.prefix_cache.len(),
+            prefix_cache_bytes: self.prefix_cache.bytes(),
+            prefix_cache_queried_tokens_total: self.totals.prefix_queried_tokens,
+            prefix_cache_hit_tokens_total: self.totals.prefix_hit_tokens,
         }
     }
 
@@ -336,7 +380,8 @@ impl Scheduler {
     /// Runs one scheduling step; does nothing when idle.
     pub fn step(&mut self, backend: &mut dyn Backend) {
         self.drop_cancelled(backend);
-        self.admit();
+        self.admit(backend);
+        self.attach_prefixes(backend);
         self.publish(&*backend);
         let (batch, owners) = self.build_batch();
         if !batch.chunks.is_empty() {
@@ -378,6 +423,8 @@ impl Scheduler {
         self.free_slots = all_slots(self.config.max_num_seqs);
         self.sampling = SamplingBatch::new(self.config.max_num_seqs);
         self.kv_reserved = 0;
+        // Every slot was released above.
+        self.prefix_cache.flush();
         self.publish(&*backend);
     }
 
@@ -418,21 +465,64 @@ impl Scheduler {
         result
     }
 
-    /// Whether `job` can start now: enough free slots, and its reservation fits in the budget
-    /// beside the running groups' (with room for one growth copy).
-    fn fits(&self, job: &Job, kv: &KvReservation) -> bool {
+    /// Whether a job needing `slots` slots and `kv` can start now: enough free slots, and its
+    /// reservation fits in the budget beside the running groups' (with room for one growth
+    /// copy) and the cached prefixes.
+    fn fits(&self, slots: usize, kv: &KvReservation) -> bool {
+        self.fits_beside(slots, kv, self.prefix_cache.bytes(), 0)
+    }
+
+    /// [`Scheduler::fits`] with the cache holding `cache_bytes` and `cache_slots` more free.
+    fn fits_beside(
+        &self,
+        slots: usize,
+        kv: &KvReservation,
+        cache_bytes: u64,
+        cache_slots: usize,
+    ) -> bool {
         let held = self
             .kv_reserved
+            .saturating_add(cache_bytes)
             .saturating_add(kv.bytes())
             .saturating_add(self.kv_headroom(Some(kv)));
-        job.slots_needed() <= self.free_slots.len() && held <= self.kv_budget
+        slots <= self.free_slots.len() + cache_slots && held <= self.kv_budget
+    }
+
+    /// Evicts least recently used prefixes until a job needing `slots` and `kv` fits, when
+    /// evicting them all would make it fit (otherwise it waits for running requests, and the
+    /// cache is kept).
+    fn make_room(&mut self, backend: &mut dyn Backend, slots: usize, kv: &KvReservation) {
+        if !self.fits_beside(slots, kv, 0, self.prefix_cache.len()) {
+            return;
+        }
+        while !self.fits(slots, kv) {
+            let Some(slot) = self.prefix_cache.evict_lru() else {
+                return;
+            };
+            self.release_cached(backend, slot);
+        }
+    }
+
+    /// Returns a cached prefix's slot to the pool.
+    fn release_cached(&mut self, backend: &mut dyn Backend, slot: SlotId) {
+        backend.release(slot);
+        self.free_slots.push(slot);
+    }
+
+    /// Drops every cached prefix (before a weight update, or on request); returns how many.
+    pub(super) fn flush_prefix_cache(&mut self, backend: &mut dyn Backend) -> usize {
+        let slots = self.prefix_cache.flush();
+        for &slot in &slots {
+            self.release_cached(backend, slot);
+        }
+        slots.len()
     }
 
     /// Admission, in queue order, under the rule documented in [`crate::engine::budget`]: the
     /// head starts once it fits; while it is blocked, a later job that fits now may start if
     /// its worst-case run ends within the head's bypass window; once the window is spent,
     /// nothing passes the head.
-    fn admit(&mut self) {
+    fn admit(&mut self, backend: &mut dyn Backend) {
         if !self.control.admitting() {
             return;
         }
@@ -453,7 +543,11 @@ impl Scheduler {
             }
             let may_pass = i == 0
                 || worst_case_steps(&waiting.job, self.config.max_num_batched_tokens) <= room;
-            if may_pass && self.fits(&waiting.job, &kv) {
+            let slots = waiting.job.slots_needed();
+            if may_pass && !self.fits(slots, &kv) {
+                self.make_room(backend, slots, &kv);
+            }
+            if may_pass && self.fits(slots, &kv) {
                 if let Some(w) = self.waiting.remove(i) {
                     self.shared.left_queue();
                     self.start(w.job, kv);
@@ -485,7 +579,19 @@ impl Scheduler {
         let pl = job.prompt_logprobs;
         self.kv_reserved = self.kv_reserved.saturating_add(kv.bytes());
         self.kv_held_peak = self.kv_held_peak.max(held);
+        // Top-k prompt alternatives are not kept with a prefix: such requests prefill it all.
+        let looks = self.config.prefix_caching && pl.top_k == 0 && n > PREFIX_BLOCK;
         self.running.push(Group {
+            prompt_hashes: if looks {
+                block_hashes(&job.prompt)
+            } else {
+                Vec::new()
+            },
+            prefix: if looks {
+                PrefixState::Unchecked
+            } else {
+                PrefixState::Done
+            },
             prompt_lp: pl.include.then(|| vec![None; n]),
             topk_prompt_lp: (pl.top_k > 0).then(|| vec![None; n]),
             kind: kind_of(&job),
@@ -501,6 +607,83 @@ impl Scheduler {
             weight_version: self.shared.weight_version(),
             cached_prompt_tokens: 0,
         });
+    }
+
+    /// Gives each newly admitted group the longest prefix it can reuse: a cached one, or the
+    /// prefilled prompt of a running request, forked into its first slot so its prefill starts
+    /// after it. A group whose prompt shares more blocks with one still being prefilled waits
+    /// for that prefill instead (GRPO groups and multi-turn rollouts arrive together).
+    fn attach_prefixes(&mut self, backend: &mut dyn Backend) {
+        for gi in 0..self.running.len() {
+            let g = &self.running[gi];
+            if g.ended || g.prefix == PrefixState::Done {
+                continue;
+            }
+            let want = Wanted {
+                tokens: &g.job.prompt,
+                hashes: &g.prompt_hashes,
+                max_len: g.job.prompt.len() - 1,
+                needs_logprobs: g.job.prompt_logprobs.include,
+            };
+            let cached = self.prefix_cache.lookup(&want);
+            let mut best = cached.map_or((None, 0), |h| (Some(Source::Cache(h.slot)), h.len));
+            let mut lead = 0;
+            for (yi, y) in self.running.iter().enumerate() {
+                if yi == gi || y.ended || y.prefix == PrefixState::Waiting {
+                    continue;
+                }
+                let logprobs = y.prompt_lp.as_deref();
+                let full = Donor {
+                    tokens: &y.job.prompt,
+                    hashes: &y.prompt_hashes,
+                    logprobs: logprobs.filter(|_| y.job.prompt_logprobs.include),
+                };
+                let shared = full.usable_len(&want);
+                let ready = shared.min(y.prefilled - y.prefilled % PREFIX_BLOCK);
+                if ready > best.1 {
+                    best = (Some(Source::Running(yi)), ready);
+                }
+                // Still to be prefilled by `y` (ahead of this group in its first step).
+                if y.prefilled < y.job.prompt.len() && (y.prefilled > 0 || yi < gi) {
+                    lead = lead.max(shared);
+                }
+            }
+            let gl = &mut self.running[gi];
+            if lead > best.1 {
+                gl.prefix = PrefixState::Waiting;
+                continue;
+            }
+            gl.prefix = PrefixState::Done;
+            self.totals.prefix_queried_tokens += gl.job.prompt.len() as u64;
+            let (Some(source), len) = best else { continue };
+            let (src, logprobs) = match source {
+                Source::Cache(slot) => (slot, self.prefix_cache.logprobs(slot)),
+                Source::Running(yi) => {
+                    let y = &self.running[yi];
+                    (y.slots[0], y.prompt_lp.as_deref().unwrap_or(&[]))
+                }
+            };
+            // The logprob of the first token prefilled comes from the row before it, which a
+            // reused position never yields: with prompt logprobs, the block's last position is
+            // run again, and the donor's logprob of the token there (the same token, known) is
+            // taken.
+            let needs_logprobs = self.running[gi].job.prompt_logprobs.include;
+            let reuse = if needs_logprobs { len - 1 } else { len };
+            let logprobs = logprobs.get(..len).map(<[_]>::to_vec);
+            let dst = self.running[gi].slots[0];
+            if backend.fork_prefix(src, dst, reuse).is_err() {
+                // Not reused (e.g. no KV memory for the copy now): prefill it all.
+                backend.release(dst);
+                continue;
+            }
+            let g = &mut self.running[gi];
+            g.prefilled = reuse;
+            g.cached_prompt_tokens = reuse;
+            if let (Some(lp), Some(known)) = (&mut g.prompt_lp, logprobs) {
+                lp[..len].copy_from_slice(&known);
+            }
+            self.totals.prefix_hit_tokens += reuse as u64;
+        }
     }
 
     /// Decode steps first (one token per live sequence), then prefill chunks FCFS in the budget.
@@ -525,7 +708,7 @@ impl Scheduler {
             .saturating_sub(chunks.len());
         for (g, group) in self.running.iter().enumerate() {
             let remaining = group.job.prompt.len() - group.prefilled;
-            if remaining == 0 || budget == 0 {
+            if remaining == 0 || budget == 0 || group.prefix == PrefixState::Waiting {
                 continue;
             }
             let n = remaining.min(budget);
@@ -754,15 +937,24 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            let kept = self.prefixes_to_keep(&self.running[i], &*backend);
             // Released while the group is still running, so a backend that panics here
             // leaves it to `recover`, which fails it, rather than dropping its reply.
             for &slot in &self.running[i].slots {
-                backend.release(slot);
+                if !kept.iter().any(|k| k.0 == slot) {
+                    backend.release(slot);
+                }
                 self.sampling.remove(slot.0 as usize);
             }
             let mut g = self.running.swap_remove(i);
-            self.free_slots.extend(g.slots.iter().copied());
+            self.free_slots.extend(
+                g.slots
+                    .iter()
+                    .copied()
+                    .filter(|s| !kept.iter().any(|k| k.0 == *s)),
+            );
             self.kv_reserved = self.kv_reserved.saturating_sub(g.kv.bytes());
+            self.keep_prefixes(backend, kept);
             if g.ended {
                 self.totals.failed_requests += 1;
                 if let Some(err) = g.failure.take() {
@@ -772,6 +964,69 @@ impl Scheduler {
             }
             self.totals.finished_requests += 1;
             self.outbox.push(g.reply_final());
+        }
+    }
+}
+
+/// A finished slot's prefix to keep: the slot, its tokens and their logprobs.
+type KeptPrefix = (SlotId, Vec<TokenId>, Vec<Option<f32>>);
+
+impl Scheduler {
+    /// The prefixes of a finished group worth keeping: each sequence's slot (prompt and the
+    /// tokens it generated, as far as its KV holds them), or the prompt of a scored one. Beam
+    /// searches keep none (their seats are reshuffled), failed requests neither.
+    fn prefixes_to_keep(&self, g: &Group, backend: &dyn Backend) -> Vec<KeptPrefix> {
+        if !self.config.prefix_caching || g.ended || matches!(g.job.kind, JobKind::Beam(_)) {
+            return Vec::new();
+        }
+        let prompt = &g.job.prompt;
+        let prompt_lps = || {
+            g.prompt_lp
+                .clone()
+                .unwrap_or_else(|| vec![None; prompt.len()])
+        };
+        let keep = |slot: SlotId, generated: &[TokenId], lps: &[f32]| {
+            let filled = backend.cached_len(slot);
+            if filled < PREFIX_BLOCK || filled > prompt.len() + generated.len() {
+                return None;
+            }
+            let mut tokens = prompt.clone();
+            tokens.extend_from_slice(generated);
+            tokens.truncate(filled);
+            let mut logprobs = prompt_lps();
+            logprobs.extend(lps.iter().map(|&l| Some(l)));
+            logprobs.truncate(filled);
+            Some((slot, tokens, logprobs))
+        };
+        if g.seqs.is_empty() {
+            return g
+                .slots
+                .first()
+                .and_then(|&s| keep(s, &[], &[]))
+                .into_iter()
+                .collect();
+        }
+        g.seqs
+            .iter()
+            .filter_map(|s| keep(s.slot, &s.out.tokens, &s.out.logprobs))
+            .collect()
+    }
+
+    /// Puts finished prefixes in the cache, releasing the ones it does not need, then evicts
+    /// the least recently used while the cache and the running requests exceed the budget.
+    fn keep_prefixes(&mut self, backend: &mut dyn Backend, kept: Vec<KeptPrefix>) {
+        for (slot, tokens, logprobs) in kept {
+            let bytes = (kv_capacity_for(tokens.len()).max(KV_GRANULE) as u64)
+                .saturating_mul(self.info.kv_bytes_per_token);
+            for released in self.prefix_cache.insert(slot, tokens, logprobs, bytes) {
+                self.release_cached(backend, released);
+            }
+        }
+        while self.kv_held().saturating_add(self.prefix_cache.bytes()) > self.kv_budget {
+            let Some(slot) = self.prefix_cache.evict_lru() else {
+                break;
+            };
+            self.release_cached(backend, slot);
         }
     }
 }

@@ -189,6 +189,13 @@ pub struct ServeArgs {
     /// one that never fits is a 400. Default: 40% of the memory available at start.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub kv_cache_memory_bytes: Option<u64>,
+    /// Keep finished sequences' KV for later requests whose tokens extend them (vLLM's flag;
+    /// on by default, so accepted for scripts that pass it).
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Turn the prefix cache off: every prompt is prefilled in full.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
+    pub no_enable_prefix_caching: bool,
     /// Key every route but /health*, /ping and /metrics needs, as `Authorization: Bearer KEY`
     /// or `X-API-Key: KEY` (401 otherwise). Default: none needed.
     #[arg(long, value_name = "KEY", env = "INFERMUX_API_KEY", hide_env_values = true, value_parser = key)]

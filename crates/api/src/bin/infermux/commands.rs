@@ -205,6 +205,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         kv_budget_bytes: args.kv_cache_memory_bytes,
+        prefix_caching: !args.no_enable_prefix_caching,
     };
     let client = client_with(&args.model, engine)?;
     // On stderr: stdout's first line is `listening on ...`, which scripts and tests wait for.

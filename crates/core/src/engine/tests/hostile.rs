@@ -11,7 +11,8 @@ use crate::engine::BeamSearchRequest;
 use crate::guided::{GuidedDecoder, GuidedDecodingParams, GuidedError, TokenConstraint, TokenMask};
 use crate::params::{BeamSearchParams, OutputKind};
 
-/// Every slot is free, nothing is reserved, allocated, running or waiting.
+/// Every slot is free, nothing is reserved, running or waiting, and nothing is allocated but
+/// the prefixes the prefix cache keeps.
 fn assert_all_free(e: &Engine) {
     let stats = e.stats().unwrap();
     assert_eq!(
@@ -22,7 +23,7 @@ fn assert_all_free(e: &Engine) {
             stats.kv_reserved_bytes,
             stats.kv_allocated_bytes
         ),
-        (stats.total_slots, 0, 0, 0, 0),
+        (stats.total_slots, 0, 0, 0, stats.prefix_cache_bytes),
         "{stats:?}"
     );
 }
@@ -508,6 +509,7 @@ fn streams_refused_at_submit_hand_their_error_to_take_rejection() {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         kv_budget_bytes: Some(budget),
+        prefix_caching: true,
     };
     let e = Engine::start(backend, config).unwrap();
     let stream = |prompt: Vec<TokenId>, params: SamplingParams| {

@@ -20,6 +20,8 @@ fn config(budget: u64) -> EngineConfig {
         max_num_seqs: 16,
         max_num_batched_tokens: 64,
         kv_budget_bytes: Some(budget),
+        // These tests count reservations exactly; the cache's own budget use is tested apart.
+        prefix_caching: false,
     }
 }
 
@@ -275,6 +277,7 @@ fn short_requests_pass_a_blocked_one_only_within_its_bypass_window() {
         max_num_seqs: 3,
         max_num_batched_tokens: 64,
         kv_budget_bytes: Some(1 << 30),
+        prefix_caching: false,
     };
     let e = Engine::start(backend, config).unwrap();
     let request = |first: TokenId, n: usize, max_tokens: usize, seed: u64| {

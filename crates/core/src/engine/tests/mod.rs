@@ -268,9 +268,9 @@ impl Backend for FakeBackend {
         self.kv.release(slot);
     }
 
-    fn fork(&mut self, src: SlotId, dst: SlotId) -> Result<(), BackendError> {
+    fn fork_prefix(&mut self, src: SlotId, dst: SlotId, len: usize) -> Result<(), BackendError> {
         self.counters.forks.fetch_add(1, Ordering::Relaxed);
-        self.kv.fork(&mut self.store, src, dst)?;
+        self.kv.fork_prefix(&mut self.store, src, dst, len)?;
         self.counters
             .peak_slots
             .fetch_max(self.kv.num_slots(), Ordering::Relaxed);
@@ -697,4 +697,5 @@ mod control;
 mod fields;
 mod hostile;
 mod kv_budget;
+mod prefix;
 mod props;

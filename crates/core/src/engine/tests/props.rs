@@ -234,6 +234,7 @@ fn hostile_parameters_and_prompts_never_panic_and_leave_no_slot_held() {
         max_num_seqs: 8,
         max_num_batched_tokens: 16,
         kv_budget_bytes: Some(4 * 128 * KV_BYTES_PER_TOKEN),
+        prefix_caching: true,
     };
     let tools = EngineTools {
         codec: Some(Arc::new(Letters)),
@@ -307,8 +308,28 @@ fn hostile_parameters_and_prompts_never_panic_and_leave_no_slot_held() {
                 .map_err(|err| TestCaseError::fail(err.to_string()))?;
             prop_assert_eq!(stats.free_slots, stats.total_slots, "{:?}", stats);
             prop_assert_eq!(stats.kv_reserved_bytes, 0, "{:?}", stats);
-            prop_assert_eq!(stats.kv_allocated_bytes, 0, "{:?}", stats);
+            // What is still allocated is exactly what the prefix cache holds, and within budget.
+            prop_assert_eq!(
+                stats.kv_allocated_bytes,
+                stats.prefix_cache_bytes,
+                "{:?}",
+                stats
+            );
+            prop_assert!(
+                stats.prefix_cache_bytes <= stats.kv_budget_bytes,
+                "{:?}",
+                stats
+            );
             prop_assert_eq!(stats.running_requests + stats.waiting_requests, 0);
+            let dropped = e
+                .flush_prefix_cache()
+                .wait()
+                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+            prop_assert_eq!(dropped, stats.prefix_cache_entries);
+            let flushed = e
+                .stats()
+                .map_err(|err| TestCaseError::fail(err.to_string()))?;
+            prop_assert_eq!(flushed.kv_allocated_bytes, 0, "{:?}", flushed);
             Ok(())
         })
         .unwrap();
