@@ -28,7 +28,7 @@ use crate::engine::prefix::{Donor, PREFIX_BLOCK, PrefixCache, Wanted, block_hash
 use crate::engine::request::{GenerateOutput, StreamUpdate, TopLogprobs};
 use crate::engine::sequence::{Seq, SeqCtx};
 use crate::engine::shared::Shared;
-use crate::error::{BackendError, EngineError};
+use crate::error::{BackendError, EngineError, ValidationError};
 use crate::guided::TokenMask;
 use crate::kv::{KV_GRANULE, KvUsage, kv_capacity_for};
 use crate::params::OutputKind;
@@ -208,7 +208,7 @@ pub struct EngineStats {
     pub free_slots: usize,
     /// Size of the slot pool (`max_num_seqs`).
     pub total_slots: usize,
-    /// Prompt tokens prefilled since start.
+    /// Prompt tokens processed since start: prefilled, or reused from the prefix cache.
     pub prompt_tokens_total: u64,
     /// Tokens generated since start.
     pub generated_tokens_total: u64,
@@ -683,6 +683,8 @@ impl Scheduler {
                 lp[..len].copy_from_slice(&known);
             }
             self.totals.prefix_hit_tokens += reuse as u64;
+            // vLLM counts a request's prompt tokens whether computed or taken from the cache.
+            self.totals.prompt_tokens += reuse as u64;
         }
     }
 
@@ -1206,9 +1208,7 @@ impl Group {
 /// Computes every pending guided mask; a failure or panic ends only its own request.
 fn compute_masks(running: &mut [Group], vocab: usize) {
     for g in running.iter_mut().filter(|g| g.needs_masks()) {
-        let result = guarded(MASK_STAGE, || {
-            g.compute_masks(vocab).map_err(EngineError::Guided)
-        });
+        let result = guarded(MASK_STAGE, || g.compute_masks(vocab));
         if let Err(err) = result {
             g.fail(err);
         }
@@ -1217,27 +1217,59 @@ fn compute_masks(running: &mut [Group], vocab: usize) {
 
 impl Group {
     /// This step's guided masks: the first one (before any sequence exists), or each live
-    /// constrained sequence's.
-    fn compute_masks(&mut self, vocab: usize) -> Result<(), crate::guided::GuidedError> {
+    /// constrained sequence's. A mask that leaves no token to draw (alone or with
+    /// `allowed_token_ids`) ends the request with a typed error, not a draw from a row of
+    /// `-inf` that the constraint then rejects.
+    fn compute_masks(&mut self, vocab: usize) -> Result<(), EngineError> {
+        let allowed = self.job.params.allowed_token_ids.as_deref();
         if self.seqs.is_empty() {
             let Some(constraint) = self.job.constraint.as_mut() else {
                 return Ok(());
             };
             let mut mask = TokenMask::none(vocab);
-            let r = constraint.compute_mask(&mut mask);
+            constraint.compute_mask(&mut mask)?;
+            let checked = leaves_a_token(&mask, allowed, 0);
             self.first_mask = Some(mask);
-            return r;
+            return checked;
         }
-        self.seqs
-            .iter_mut()
-            .filter(|s| !s.done && s.mask.is_none())
-            .filter_map(|s| {
-                let c = s.constraint.as_mut()?;
-                let mut mask = TokenMask::none(vocab);
-                let r = c.compute_mask(&mut mask);
-                s.mask = Some(mask);
-                Some(r)
-            })
-            .collect()
+        for s in self.seqs.iter_mut().filter(|s| !s.done && s.mask.is_none()) {
+            let Some(c) = s.constraint.as_mut() else {
+                continue;
+            };
+            let mut mask = TokenMask::none(vocab);
+            let r = c.compute_mask(&mut mask);
+            let checked = leaves_a_token(&mask, allowed, s.out.tokens.len());
+            s.mask = Some(mask);
+            r?;
+            checked?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a guided `mask` and the request's `allowed_token_ids` leave a token to draw at
+/// output position `at`; the error names the field whose constraint cannot be met.
+fn leaves_a_token(
+    mask: &TokenMask,
+    allowed: Option<&[TokenId]>,
+    at: usize,
+) -> Result<(), EngineError> {
+    if mask.count() == 0 {
+        return Err(ValidationError::field(
+            "guided_decoding",
+            format!("the constraint allows no token at output position {at}"),
+        )
+        .into());
+    }
+    match allowed {
+        Some(ids) if !ids.iter().any(|&id| mask.allows(id)) => Err(ValidationError::field(
+            "allowed_token_ids",
+            format!(
+                "none of the listed tokens is allowed by the guided decoding constraint at \
+                 output position {at}"
+            ),
+        )
+        .into()),
+        _ => Ok(()),
     }
 }

@@ -436,6 +436,29 @@ fn guided_decoding_constrains_and_bad_constraints_are_request_errors() {
         .wait()
         .unwrap_err();
     assert!(err.to_string().contains("guided_decoding"), "{err}");
+    // allowed_token_ids [0] meets the grammar until it wants only EOS (after four tokens):
+    // then the request fails naming the field, in either temperature, and the engine serves on.
+    for temperature in [0.0, 1.5] {
+        let err = e
+            .generate(GenerateRequest::new(
+                PROMPT.to_vec(),
+                SamplingParams {
+                    guided_decoding: Some(GuidedDecodingParams::regex("even")),
+                    allowed_token_ids: Some(vec![0]),
+                    ..sampled(temperature, 5, 16)
+                },
+            ))
+            .wait()
+            .unwrap_err();
+        match err {
+            EngineError::Invalid(ValidationError::InvalidField { field, reason }) => {
+                assert_eq!(field, "allowed_token_ids");
+                assert!(reason.contains("output position 4"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(run(&e, greedy(3)).sequences[0].tokens.len(), 3);
 }
 
 fn stream(e: &Engine, kind: OutputKind) -> Vec<StreamUpdate> {

@@ -279,11 +279,13 @@ fn hostile_parameters_and_prompts_never_panic_and_leave_no_slot_held() {
                     for u in &updates {
                         check("generate_stream update", u)?;
                     }
+                    // Constraints that contradict only later (a grammar state no listed
+                    // token satisfies) end the stream with their typed error (checked above).
                     prop_assert!(
                         updates
                             .last()
-                            .is_some_and(|u| u.as_ref().is_ok_and(|u| u.finished)),
-                        "an accepted stream ends with a finished update: {updates:?}"
+                            .is_some_and(|u| u.as_ref().map_or(true, |u| u.finished)),
+                        "an accepted stream ends with a finished update or an error: {updates:?}"
                     );
                 }
             }
