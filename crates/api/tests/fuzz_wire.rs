@@ -376,6 +376,25 @@ fn knob_fields(vocab: u64) -> Vec<(&'static str, BoxedStrategy<Value>)> {
         ("include_stop_str_in_output", bool_value()),
         ("truncate_prompt_tokens", small_uint(8)),
         ("user", text()),
+        ("return_token_ids", bool_value()),
+        (
+            "prompt_logprobs",
+            mostly(
+                prop_oneof![4 => (-1i64..=5).prop_map(|v| json!(v)), 1 => extreme_int()].boxed(),
+            ),
+        ),
+        (
+            "logprobs_mode",
+            mostly(
+                prop_oneof![
+                    3 => Just(json!("raw_logprobs")),
+                    3 => Just(json!("processed_logprobs")),
+                    1 => Just(json!("raw_logits")),
+                    1 => text()
+                ]
+                .boxed(),
+            ),
+        ),
     ]
 }
 

@@ -5,15 +5,15 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use infermux_core::{
-    EngineError, FinishReason, GenerateStream, GuidedDecodingParams, ModelInput, OutputKind,
-    SamplingParams, TokenId, TopLogprobs, ValidationError,
+    EngineError, FinishReason, GenerateStream, GuidedDecodingParams, LogprobsMode, ModelInput,
+    OutputKind, SamplingParams, TokenId, TopLogprobs, ValidationError,
 };
 
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::openai::{
     ChatLogprobs, ChatMessageIn, ChatRequest, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs,
-    Knobs, MessageContent, PromptInput, TopMap,
+    Knobs, MessageContent, PromptInput, PromptLogprob, PromptLogprobsOut, PromptPosition, TopMap,
 };
 use crate::{ChatMessage, SamplingClient, Tokenizer};
 
@@ -211,8 +211,133 @@ pub(crate) fn sampling_params(
         bad_words: k.bad_words.clone().unwrap_or_default(),
         truncate_prompt_tokens: k.truncate_prompt_tokens,
         guided_decoding: guided(k)?,
+        logprobs_mode: logprobs_mode(k.logprobs_mode.as_deref())?,
         ..d
     })
+}
+
+/// vLLM's `logprobs_mode` names as the engine's mode: `raw_logprobs` (the default) or
+/// `processed_logprobs`; the logits modes are refused (replies carry logprobs only).
+fn logprobs_mode(mode: Option<&str>) -> Result<LogprobsMode, ApiError> {
+    match mode {
+        None | Some("raw_logprobs") => Ok(LogprobsMode::Raw),
+        Some("processed_logprobs") => Ok(LogprobsMode::RawAndProcessed),
+        Some(m @ ("raw_logits" | "processed_logits")) => Err(ApiError::invalid(
+            "logprobs_mode",
+            format!(
+                "`logprobs_mode` {m:?} is unsupported: replies carry logprobs, not logits (raw_logprobs or processed_logprobs)"
+            ),
+        )),
+        Some(other) => Err(ApiError::invalid(
+            "logprobs_mode",
+            format!("unknown `logprobs_mode` {other:?} (raw_logprobs or processed_logprobs)"),
+        )),
+    }
+}
+
+/// Refuses top alternatives under `processed_logprobs`: the engine reports the processed
+/// logprob of each sampled token only, not a processed top-k.
+pub(crate) fn check_processed_top(params: &SamplingParams) -> Result<(), ApiError> {
+    match params.logprobs {
+        Some(k) if k > 0 && params.logprobs_mode == LogprobsMode::RawAndProcessed => {
+            Err(ApiError::invalid(
+                "logprobs_mode",
+                format!(
+                    "`logprobs_mode: processed_logprobs` gives each sampled token's processed logprob; top alternatives ({k} asked) exist only for raw_logprobs"
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// vLLM's `prompt_logprobs`: top alternatives per prompt position, 0 to
+/// [`OPENAI_MAX_TOP_LOGPROBS`]; not with `stream` (as vLLM: stream chunks have no place for
+/// them).
+pub(crate) fn prompt_logprobs_count(
+    k: Option<i64>,
+    stream: bool,
+) -> Result<Option<usize>, ApiError> {
+    let Some(k) = k else {
+        return Ok(None);
+    };
+    let max = OPENAI_MAX_TOP_LOGPROBS as i64;
+    if !(0..=max).contains(&k) {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            format!("`prompt_logprobs` must be between 0 and {max}, got {k}"),
+        ));
+    }
+    if stream {
+        return Err(ApiError::invalid(
+            "prompt_logprobs",
+            "`prompt_logprobs` are not available when `stream` is true",
+        ));
+    }
+    Ok(Some(k as usize))
+}
+
+/// The prompt tokens the engine ran: the last `prompt_len` (after `truncate_prompt_tokens`).
+pub(crate) fn engine_prompt(tokens: &[TokenId], prompt_len: usize) -> &[TokenId] {
+    &tokens[tokens.len().saturating_sub(prompt_len)..]
+}
+
+/// vLLM's `-9999.0` for a logprob JSON cannot hold.
+fn clamp_logprob(lp: f32) -> f32 {
+    if lp.is_finite() { lp } else { -9999.0 }
+}
+
+/// vLLM's `prompt_logprobs` of `tokens` (the prompt the engine ran) from the engine's prompt
+/// logprobs and top alternatives: per position the token itself (its rank its place in the
+/// alternatives when there, else unknown: the engine returns no full ordering), then the best
+/// `k` alternatives ranked 1..k.
+pub(crate) fn prompt_logprobs_out(
+    tokenizer: &Tokenizer,
+    tokens: &[TokenId],
+    logprobs: &[Option<f32>],
+    top: Option<&[Option<TopLogprobs>]>,
+    k: usize,
+) -> PromptLogprobsOut {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let lp = logprobs.get(i).copied().flatten()?;
+            let alts = top
+                .and_then(|t| t.get(i))
+                .and_then(Option::as_ref)
+                .map_or(&[][..], Vec::as_slice);
+            let rank = alts.iter().position(|&(alt, _)| alt == id).map(|p| p + 1);
+            let entry = |id: TokenId, logprob: f32, rank: Option<usize>| {
+                let decoded_token = token_text(tokenizer, id);
+                let logprob = clamp_logprob(logprob);
+                (
+                    id,
+                    PromptLogprob {
+                        logprob,
+                        rank,
+                        decoded_token,
+                    },
+                )
+            };
+            let mut position = vec![entry(id, lp, rank)];
+            position.extend(
+                alts.iter()
+                    .take(k)
+                    .enumerate()
+                    .filter(|&(_, &(alt, _))| alt != id)
+                    .map(|(r, &(alt, alt_lp))| entry(alt, alt_lp, Some(r + 1))),
+            );
+            Some(PromptPosition(position))
+        })
+        .collect()
+}
+
+/// The version every generation ran under, `None` when they differ (a many-prompt request
+/// whose later prompts entered the engine after a weight update).
+pub(crate) fn common_version<'a>(mut versions: impl Iterator<Item = &'a str>) -> Option<String> {
+    let first = versions.next()?;
+    versions.all(|v| v == first).then(|| first.to_string())
 }
 
 /// The guided-decoding constraint of `response_format` or vLLM's `guided_*` fields.
@@ -413,6 +538,8 @@ pub(crate) fn chat_logprobs_count(
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ChoiceOut {
     pub(crate) tokens: Vec<TokenId>,
+    /// Raw logprobs, or the processed ones under `LogprobsMode::RawAndProcessed` (what the
+    /// request's `logprobs_mode` shows).
     pub(crate) logprobs: Vec<f32>,
     pub(crate) top: Option<Vec<TopLogprobs>>,
     pub(crate) text: String,
@@ -426,6 +553,16 @@ pub(crate) struct Generation {
     pub(crate) choices: Vec<ChoiceOut>,
     pub(crate) prompt_logprobs: Option<Vec<Option<f32>>>,
     pub(crate) topk_prompt: Option<Vec<Option<TopLogprobs>>>,
+    /// The weight version it ran under.
+    pub(crate) weight_version: String,
+    /// Its prompt tokens served from the prefix cache.
+    pub(crate) cached_prompt_tokens: usize,
+}
+
+/// The logprobs a reply shows for sampled tokens: the processed ones when the request asked
+/// for `processed_logprobs` (and the engine sent them), else the raw ones.
+pub(crate) fn shown_logprobs(raw: Vec<f32>, processed: Option<Vec<f32>>) -> Vec<f32> {
+    processed.unwrap_or(raw)
 }
 
 impl Generation {
@@ -461,7 +598,7 @@ pub(crate) async fn generate(
                 .into_iter()
                 .map(|s| ChoiceOut {
                     tokens: s.tokens,
-                    logprobs: s.logprobs.unwrap_or_default(),
+                    logprobs: shown_logprobs(s.logprobs.unwrap_or_default(), s.processed_logprobs),
                     top: s.top_logprobs,
                     text: s.text.unwrap_or_default(),
                     finish: Some(s.finish_reason),
@@ -469,6 +606,8 @@ pub(crate) async fn generate(
                 .collect(),
             prompt_logprobs: r.prompt_logprobs,
             topk_prompt: r.topk_prompt_logprobs,
+            weight_version: r.policy_version,
+            cached_prompt_tokens: r.prompt_cache_hit_tokens,
         });
     }
     params.output_kind = OutputKind::Delta;
@@ -482,6 +621,8 @@ pub(crate) async fn generate(
     while let Some(update) = StreamExt::next(&mut stream).await {
         let update = update?;
         out.prompt_len = update.prompt_len;
+        out.weight_version = update.weight_version;
+        out.cached_prompt_tokens = update.cached_prompt_tokens;
         if update.prompt_logprobs.is_some() {
             out.prompt_logprobs = update.prompt_logprobs;
         }
@@ -497,7 +638,8 @@ pub(crate) async fn generate(
                 continue;
             };
             c.tokens.extend(s.tokens);
-            c.logprobs.extend(s.logprobs);
+            c.logprobs
+                .extend(shown_logprobs(s.logprobs, s.processed_logprobs));
             if let Some(top) = s.top_logprobs {
                 c.top.get_or_insert_with(Vec::new).extend(top);
             }
@@ -518,20 +660,23 @@ pub(crate) fn token_text(tokenizer: &Tokenizer, id: TokenId) -> String {
     tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
-fn top_map(tokenizer: &Tokenizer, top: &TopLogprobs) -> TopMap {
+fn top_map(tokenizer: &Tokenizer, top: &TopLogprobs, k: usize) -> TopMap {
     TopMap(
         top.iter()
+            .take(k)
             .map(|(id, lp)| (token_text(tokenizer, *id), *lp))
             .collect(),
     )
 }
 
-/// Completions `logprobs` of `tokens`, offsets starting at `offset` characters.
+/// Completions `logprobs` of `tokens` with at most `k` top alternatives per token (the
+/// engine may have sent more for `prompt_logprobs`), offsets starting at `offset` characters.
 pub(crate) fn completion_logprobs(
     tokenizer: &Tokenizer,
     tokens: &[TokenId],
     logprobs: &[Option<f32>],
     top: Option<&[Option<TopLogprobs>]>,
+    k: usize,
     offset: usize,
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
@@ -545,7 +690,7 @@ pub(crate) fn completion_logprobs(
         out.top_logprobs.push(
             top.and_then(|t| t.get(i))
                 .and_then(Option::as_ref)
-                .map(|t| top_map(tokenizer, t)),
+                .map(|t| top_map(tokenizer, t, k)),
         );
     }
     out
@@ -561,7 +706,7 @@ pub(crate) fn generated_logprobs(
 ) -> CompletionLogprobs {
     let lps: Vec<Option<f32>> = logprobs.iter().copied().map(Some).collect();
     let top: Option<Vec<Option<TopLogprobs>>> = top.map(|t| t.iter().cloned().map(Some).collect());
-    completion_logprobs(tokenizer, tokens, &lps, top.as_deref(), offset)
+    completion_logprobs(tokenizer, tokens, &lps, top.as_deref(), usize::MAX, offset)
 }
 
 /// Chat `logprobs` of generated tokens.

@@ -17,8 +17,8 @@
 //!   `limits.rs`); an error after the stream started is a chunk `{"error": {…, "status_code"}}`
 //!   the SDK retries when the status is transient.
 //!
-//! Fields accepted and ignored, with why: `prompt_cache_key` (there is no cross-request prefix
-//! cache; results do not depend on it), `user`, `raw_output: false`, `perf_metrics_in_response:
+//! Fields accepted and ignored, with why: `prompt_cache_key` (the prefix cache matches token
+//! ids whatever the key; results do not depend on it), `user`, `raw_output: false`, `perf_metrics_in_response:
 //! false`, `return_token_ids` (the ids are in `raw_output`, which the SDK always asks for).
 //! Fields accepted only at their no-op value: `include_routing_matrix: false` (the served
 //! models are dense), `images: []` (text models), `top_sampling_logprobs: 0`. Any other field
@@ -139,7 +139,7 @@ struct FireworksRequest {
     /// `perf_metrics` on the final chunk.
     #[serde(default)]
     perf_metrics_in_response: Option<bool>,
-    /// Ignored: no cross-request prefix cache.
+    /// Ignored: the prefix cache matches token ids, whatever the key.
     #[serde(default)]
     #[allow(dead_code)]
     prompt_cache_key: Option<String>,
@@ -346,6 +346,8 @@ async fn handle(
         perf_metrics: req.perf_metrics_in_response.unwrap_or(false),
         choices: (0..n).map(|_| ChoiceState::default()).collect(),
         prompt_len: 0,
+        weight_version: String::new(),
+        cached_prompt_tokens: 0,
         started: false,
         observer: Observer::new(&state, &served.name, n, arrived, queued),
     };
@@ -376,6 +378,9 @@ struct Chunk {
     usage: Option<Usage>,
     #[serde(skip_serializing_if = "Option::is_none")]
     perf_metrics: Option<BTreeMap<&'static str, String>>,
+    /// The weight version the reply was computed with (SGLang's name, what
+    /// `/get_weight_version` answers).
+    weight_version: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -450,6 +455,9 @@ struct Render {
     perf_metrics: bool,
     choices: Vec<ChoiceState>,
     prompt_len: usize,
+    /// From the first update: the weight version and the prompt tokens from the prefix cache.
+    weight_version: String,
+    cached_prompt_tokens: usize,
     started: bool,
     observer: Observer,
 }
@@ -539,6 +547,8 @@ impl Render {
         if !self.started {
             self.started = true;
             self.prompt_len = update.prompt_len;
+            self.weight_version.clone_from(&update.weight_version);
+            self.cached_prompt_tokens = update.cached_prompt_tokens;
             choices.extend(self.echo(&update));
         }
         for s in &update.sequences {
@@ -591,10 +601,15 @@ impl Render {
         if update.finished {
             let last = chunks.last_mut().expect("one chunk");
             let completion = self.choices.iter().map(|c| c.tokens.len()).sum();
-            last.usage = Some(Usage::new(self.prompt_len, completion));
-            last.perf_metrics = self
-                .perf_metrics
-                .then(|| self.observer.perf_metrics(self.prompt_len));
+            last.usage = Some(Usage::new(
+                self.prompt_len,
+                completion,
+                self.cached_prompt_tokens,
+            ));
+            last.perf_metrics = self.perf_metrics.then(|| {
+                self.observer
+                    .perf_metrics(self.prompt_len, self.cached_prompt_tokens)
+            });
             self.observer.end();
         }
         chunks.retain(|c| !c.choices.is_empty() || c.usage.is_some());
@@ -610,6 +625,7 @@ impl Render {
             choices,
             usage: None,
             perf_metrics: None,
+            weight_version: self.weight_version.clone(),
         }
     }
 }
@@ -675,13 +691,13 @@ impl Observer {
 
     /// Fireworks' `perf_metrics`: seconds as strings. `prefill-queue-duration` is the wait
     /// for admission (the server's queue, where load waits under its limits).
-    fn perf_metrics(&self, prompt_len: usize) -> BTreeMap<&'static str, String> {
+    fn perf_metrics(&self, prompt_len: usize, cached: usize) -> BTreeMap<&'static str, String> {
         let secs = |d: Duration| format!("{:.6}", d.as_secs_f64());
         let mut m = BTreeMap::new();
         m.insert("prefill-queue-duration", secs(self.queued));
         m.insert("num-concurrent-requests", self.in_flight.to_string());
         m.insert("prompt-tokens", prompt_len.to_string());
-        m.insert("cached-prompt-tokens", "0".to_string());
+        m.insert("cached-prompt-tokens", cached.to_string());
         if let Some(ttft) = self.first_token {
             m.insert("server-time-to-first-token", secs(ttft));
         }
@@ -816,6 +832,7 @@ impl Run {
                     out.usage = chunk.usage;
                     out.perf_metrics = chunk.perf_metrics;
                 }
+                out.weight_version = chunk.weight_version;
             }
         }
         if self.render.top.is_some() {

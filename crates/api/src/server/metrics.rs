@@ -396,7 +396,7 @@ const ENGINE_METRICS: [(&str, MetricType, &str, &str, Field); 23] = [
     (
         "infermux_prompt_tokens_total",
         MetricType::COUNTER,
-        "Prompt tokens prefilled since start.",
+        "Prompt tokens processed since start (prefilled or reused from the prefix cache).",
         "model",
         |s| s.prompt_tokens_total as f64,
     ),

@@ -127,6 +127,9 @@ pub struct Knobs {
     pub add_special_tokens: Option<bool>,
     pub return_hidden_states: Option<bool>,
     pub priority: Option<i64>,
+    pub return_token_ids: Option<bool>,
+    pub prompt_logprobs: Option<i64>,
+    pub logprobs_mode: Option<String>,
 }
 
 /// Declares a request struct with its own fields plus the shared [`Knobs`] fields.
@@ -189,6 +192,14 @@ macro_rules! with_knobs {
             #[serde(default)] pub rid: Option<String>,
             /// vLLM: the guided-decoding backend; accepted and ignored (llguidance runs).
             #[serde(default)] pub guided_decoding_backend: Option<String>,
+            /// vLLM: the prompt's and each completion's token ids in the reply.
+            #[serde(default)] pub return_token_ids: Option<bool>,
+            /// vLLM: each prompt token's logprob and rank, with this many top alternatives
+            /// (0 to 20; not with `stream`).
+            #[serde(default)] pub prompt_logprobs: Option<i64>,
+            /// vLLM's names: `raw_logprobs` (default) or `processed_logprobs` (each sampled
+            /// token's logprob under the distribution it was drawn from).
+            #[serde(default)] pub logprobs_mode: Option<String>,
         }
 
         impl $name {
@@ -227,6 +238,9 @@ macro_rules! with_knobs {
                     add_special_tokens: self.add_special_tokens,
                     return_hidden_states: self.return_hidden_states,
                     priority: self.priority,
+                    return_token_ids: self.return_token_ids,
+                    prompt_logprobs: self.prompt_logprobs,
+                    logprobs_mode: self.logprobs_mode.clone(),
                 }
             }
         }
@@ -338,18 +352,61 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// OpenAI's breakdown of the prompt tokens.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache (once per prompt, whatever `n`).
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    /// Usage of `prompt` and `completion` tokens.
-    pub fn new(prompt: usize, completion: usize) -> Self {
+    /// Usage of `prompt` and `completion` tokens, `cached` of the prompt tokens from the
+    /// prefix cache.
+    pub fn new(prompt: usize, completion: usize, cached: usize) -> Self {
         Self {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: cached,
+            },
         }
     }
 }
+
+/// One alternative at a prompt position in vLLM's `prompt_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptLogprob {
+    /// Its logprob (`-inf` written as vLLM's `-9999.0`).
+    pub logprob: f32,
+    /// 1-based rank in the whole vocabulary's ordering; `null` for a prompt token outside the
+    /// top alternatives the engine returned (see the README's extension fields).
+    pub rank: Option<usize>,
+    /// The token's text.
+    pub decoded_token: String,
+}
+
+/// One prompt position of vLLM's `prompt_logprobs`: token id (as a string key) → its
+/// [`PromptLogprob`], the prompt's own token first, then the top alternatives best first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptPosition(pub Vec<(TokenId, PromptLogprob)>);
+
+impl Serialize for PromptPosition {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (id, entry) in &self.0 {
+            map.serialize_entry(&id.to_string(), entry)?;
+        }
+        map.end()
+    }
+}
+
+/// vLLM's `prompt_logprobs`: one entry per prompt token, the first `null`.
+pub type PromptLogprobsOut = Vec<Option<PromptPosition>>;
 
 /// `(token text, logprob)` pairs serialized as a JSON object in their order (best first).
 ///
@@ -403,6 +460,17 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM `return_token_ids`: the completion's ids (in a chunk: this chunk's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<TokenId>>,
+    /// vLLM `prompt_logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
+    /// vLLM `return_token_ids`: the prompt's ids (in a stream: on each choice's first chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<TokenId>>,
+    /// The weight version this choice was computed with (its prompt's).
+    pub weight_version: String,
 }
 
 /// A completion, or (with `object: "text_completion"` too) one streamed chunk.
@@ -416,6 +484,10 @@ pub struct CompletionResponse {
     /// Absent in chunks unless `include_usage`; then `null` but in the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// The weight version every choice here was computed with (SGLang's name, what
+    /// `/get_weight_version` answers); `null` when the prompts of a many-prompt request ran
+    /// under different versions (each choice carries its own).
+    pub weight_version: Option<String>,
 }
 
 /// One alternative in chat logprobs.
@@ -455,6 +527,9 @@ pub struct ChatChoice {
     pub message: ChatMessageOut,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM `return_token_ids`: the completion's ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<TokenId>>,
 }
 
 /// A chat completion.
@@ -466,6 +541,14 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM `prompt_logprobs` (on the response, as vLLM's chat does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
+    /// vLLM `return_token_ids`: the rendered prompt's ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<TokenId>>,
+    /// The weight version the reply was computed with (SGLang's name).
+    pub weight_version: String,
 }
 
 /// What a chat chunk adds to a choice.
@@ -484,6 +567,9 @@ pub struct ChatChunkChoice {
     pub delta: ChatDelta,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// vLLM `return_token_ids`: this chunk's completion ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<TokenId>>,
 }
 
 /// One streamed chat chunk.
@@ -497,6 +583,11 @@ pub struct ChatChunk {
     /// Absent unless `include_usage`; then `null` but in the last chunk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    /// vLLM `return_token_ids`: the prompt's ids, on the role chunks that open the stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<TokenId>>,
+    /// The weight version this chunk was computed with (SGLang's name).
+    pub weight_version: String,
 }
 
 /// `GET /v1/models` entries.

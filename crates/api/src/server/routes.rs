@@ -24,8 +24,9 @@ use infermux_core::{SamplingParams, TokenId};
 
 use super::convert::{
     ChatRender, Generation, OPENAI_MAX_TOP_LOGPROBS, Prompt, blocking, chat_logprobs,
-    chat_logprobs_count, chat_prompt, check_prompts, check_sequences, completion_logprobs,
-    completion_prompts, finish_str, generate, generated_logprobs, prompt_window, request_id,
+    chat_logprobs_count, chat_prompt, check_processed_top, check_prompts, check_sequences,
+    common_version, completion_logprobs, completion_prompts, engine_prompt, finish_str, generate,
+    generated_logprobs, prompt_logprobs_count, prompt_logprobs_out, prompt_window, request_id,
     sampling_params, submission_order, submit_stream, unix_now,
 };
 use super::error::{ApiError, parse_json};
@@ -124,9 +125,15 @@ async fn completions_inner(
     let mut params = sampling_params(&knobs, max_tokens)?;
     params.best_of = req.best_of;
     params.logprobs = req.logprobs;
-    if echo && let Some(k) = req.logprobs {
-        params.prompt_logprobs = Some(k);
-    }
+    check_processed_top(&params)?;
+    let prompt_logprobs = prompt_logprobs_count(knobs.prompt_logprobs, stream)?;
+    let return_token_ids = knobs.return_token_ids.unwrap_or(false);
+    // One engine pass serves both the echo's logprobs and vLLM's `prompt_logprobs`.
+    let echo_top = req.logprobs.filter(|_| echo);
+    params.prompt_logprobs = match (echo_top, prompt_logprobs) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     if stream && params.samples_drawn() > params.n {
         return Err(ApiError::invalid(
             "best_of",
@@ -176,6 +183,12 @@ async fn completions_inner(
                 logprobs: req.logprobs,
                 echo,
             },
+            return_token_ids,
+            prompt_tokens: if return_token_ids {
+                prompts.iter().map(|p| p.tokens.clone()).collect()
+            } else {
+                Vec::new()
+            },
         };
         let queue = order
             .iter()
@@ -207,6 +220,16 @@ async fn completions_inner(
                 .clone()
                 .unwrap_or_else(|| tokenizer.decode(&prompt.tokens, false).unwrap_or_default())
         };
+        let ran = engine_prompt(&prompt.tokens, g.prompt_len);
+        let prompt_lps = prompt_logprobs.map(|k| {
+            prompt_logprobs_out(
+                &tokenizer,
+                ran,
+                g.prompt_logprobs.as_deref().unwrap_or_default(),
+                g.topk_prompt.as_deref(),
+                k,
+            )
+        });
         for (c, choice) in g.choices.iter().enumerate() {
             let mut text = String::new();
             let mut lp = req.logprobs.map(|_| CompletionLogprobs::default());
@@ -218,6 +241,7 @@ async fn completions_inner(
                         &prompt.tokens,
                         g.prompt_logprobs.as_deref().unwrap_or_default(),
                         g.topk_prompt.as_deref(),
+                        req.logprobs.unwrap_or(0),
                         0,
                     );
                 }
@@ -237,11 +261,20 @@ async fn completions_inner(
                 }
                 text.push_str(&choice.text);
             }
+            let completion_ids = if echo_only {
+                &[][..]
+            } else {
+                &choice.tokens[..]
+            };
             choices.push(CompletionChoice {
                 index: p * n + c,
                 text,
                 logprobs: lp,
                 finish_reason: finish,
+                token_ids: return_token_ids.then(|| completion_ids.to_vec()),
+                prompt_logprobs: prompt_lps.clone(),
+                prompt_token_ids: return_token_ids.then(|| ran.to_vec()),
+                weight_version: g.weight_version.clone(),
             });
         }
     }
@@ -250,7 +283,11 @@ async fn completions_inner(
     } else {
         gens.iter().map(Generation::completion_tokens).sum()
     };
-    let usage = Usage::new(gens.iter().map(|g| g.prompt_len).sum(), completion);
+    let usage = Usage::new(
+        gens.iter().map(|g| g.prompt_len).sum(),
+        completion,
+        gens.iter().map(|g| g.cached_prompt_tokens).sum(),
+    );
     let series = state.metrics.model_series(&served.name);
     for c in &choices {
         if let Some(reason) = c.finish_reason {
@@ -264,6 +301,7 @@ async fn completions_inner(
         model: served.name.clone(),
         choices,
         usage: Some(Some(usage)),
+        weight_version: common_version(gens.iter().map(|g| g.weight_version.as_str())),
     })
     .into_response())
 }
@@ -410,6 +448,11 @@ async fn chat_inner(
     let knobs = req.knobs();
     let mut params = sampling_params(&knobs, req.max_completion_tokens.or(req.max_tokens))?;
     params.logprobs = chat_logprobs_count(req.logprobs, req.top_logprobs)?;
+    check_processed_top(&params)?;
+    let stream = knobs.stream.unwrap_or(false);
+    let prompt_logprobs = prompt_logprobs_count(knobs.prompt_logprobs, stream)?;
+    params.prompt_logprobs = prompt_logprobs;
+    let return_token_ids = knobs.return_token_ids.unwrap_or(false);
     let want_logprobs = params.logprobs.is_some();
     let samples = params.samples_drawn();
     check_sequences(1, samples, state.limits.max_sequences_per_request, "n")?;
@@ -422,7 +465,7 @@ async fn chat_inner(
     let id = request_id("chatcmpl");
     let created = unix_now();
     let n = params.n;
-    if knobs.stream.unwrap_or(false) {
+    if stream {
         let spec = StreamSpec {
             id,
             created,
@@ -431,6 +474,12 @@ async fn chat_inner(
             include_usage: include_usage(&knobs),
             flavor: Flavor::Chat {
                 logprobs: want_logprobs,
+            },
+            return_token_ids,
+            prompt_tokens: if return_token_ids {
+                vec![prompt.clone()]
+            } else {
+                Vec::new()
             },
         };
         return start_stream(
@@ -448,7 +497,7 @@ async fn chat_inner(
     }
     let metrics = state.metrics.for_model(&served.name);
     let series = state.metrics.model_series(&served.name);
-    let work = generate_observed(&client, prompt, params, arrived, &metrics, &series);
+    let work = generate_observed(&client, prompt.clone(), params, arrived, &metrics, &series);
     let g = observe(
         &state,
         arrived,
@@ -467,8 +516,10 @@ async fn chat_inner(
             logprobs: want_logprobs
                 .then(|| chat_logprobs(&tokenizer, &c.tokens, &c.logprobs, c.top.as_deref())),
             finish_reason: finish_str(c.finish),
+            token_ids: return_token_ids.then(|| c.tokens.clone()),
         })
         .collect::<Vec<_>>();
+    let ran = engine_prompt(&prompt, g.prompt_len);
     for c in &choices {
         if let Some(reason) = c.finish_reason {
             series.finished(reason);
@@ -480,7 +531,18 @@ async fn chat_inner(
         created,
         model: served.name.clone(),
         choices,
-        usage: Usage::new(g.prompt_len, g.completion_tokens()),
+        usage: Usage::new(g.prompt_len, g.completion_tokens(), g.cached_prompt_tokens),
+        prompt_logprobs: prompt_logprobs.map(|k| {
+            prompt_logprobs_out(
+                &tokenizer,
+                ran,
+                g.prompt_logprobs.as_deref().unwrap_or_default(),
+                g.topk_prompt.as_deref(),
+                k,
+            )
+        }),
+        prompt_token_ids: return_token_ids.then(|| ran.to_vec()),
+        weight_version: g.weight_version.clone(),
     })
     .into_response())
 }
@@ -681,6 +743,7 @@ pub(crate) async fn method_not_allowed(request: Request) -> Response {
         | "/update_weights_from_disk"
         | "/pause_generation"
         | "/continue_generation" => "POST",
+        "/flush_cache" => "GET, POST",
         _ => "GET",
     };
     let mut response = ApiError::method_not_allowed(
@@ -708,6 +771,7 @@ fn route_label(path: &str) -> &'static str {
         "/update_weights_from_disk" => "/update_weights_from_disk",
         "/pause_generation" => "/pause_generation",
         "/continue_generation" => "/continue_generation",
+        "/flush_cache" => "/flush_cache",
         "/get_weight_version" => "/get_weight_version",
         p if p.starts_with("/v1/models") => "/v1/models",
         "/api/v1/asample" => "/api/v1/asample",

@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use super::AppState;
 use super::convert::{
-    chat_logprobs, completion_logprobs, finish_str, generated_logprobs, submit_stream,
+    chat_logprobs, common_version, completion_logprobs, engine_prompt, finish_str,
+    generated_logprobs, shown_logprobs, submit_stream,
 };
 use super::error::ApiError;
 use super::limits::Permit;
@@ -66,6 +67,10 @@ pub(crate) struct StreamSpec {
     pub(crate) n: usize,
     pub(crate) include_usage: bool,
     pub(crate) flavor: Flavor,
+    /// vLLM `return_token_ids`: each chunk's completion ids, the prompt's on the first.
+    pub(crate) return_token_ids: bool,
+    /// With `return_token_ids`: each prompt's ids, by prompt index.
+    pub(crate) prompt_tokens: Vec<Vec<TokenId>>,
 }
 
 /// The prompts of a request not submitted yet, and how to submit them.
@@ -79,7 +84,6 @@ pub(crate) struct Submitter {
 type Tagged = (usize, Result<StreamUpdate, EngineError>);
 
 enum Phase {
-    Start,
     Running,
     Done,
 }
@@ -88,7 +92,6 @@ struct Run {
     spec: StreamSpec,
     streams: SelectAll<BoxStream<'static, Tagged>>,
     submitter: Submitter,
-    prompts: usize,
     tokenizer: Tokenizer,
     state: Arc<AppState>,
     _permit: Permit,
@@ -108,6 +111,12 @@ struct Run {
     tracked: Vec<Option<Tracked>>,
     /// Per choice: when its last token event was rendered.
     last_token: Vec<Option<Instant>>,
+    /// Per prompt: the weight version its updates carry (once its first came).
+    versions: Vec<Option<String>>,
+    /// Prompt tokens served from the prefix cache, summed once per prompt.
+    cached_tokens: usize,
+    /// Per choice: whether its first chunk (which carries the prompt's ids) went out.
+    ids_sent: Vec<bool>,
     phase: Phase,
 }
 
@@ -147,7 +156,6 @@ pub(crate) fn respond(
     let run = Run {
         streams: stream::select_all(streams.into_iter().map(|(i, s)| tag(i, s))),
         submitter,
-        prompts,
         spec,
         tokenizer,
         state,
@@ -163,7 +171,10 @@ pub(crate) fn respond(
         prompt_started: vec![false; prompts],
         tracked,
         last_token: vec![None; choices],
-        phase: Phase::Start,
+        versions: vec![None; prompts],
+        cached_tokens: 0,
+        ids_sent: vec![false; choices],
+        phase: Phase::Running,
     };
     let events = stream::unfold(run, |mut run| async move {
         let batch = run.next_chunk().await?;
@@ -203,24 +214,6 @@ impl Run {
     async fn next_chunk(&mut self) -> Option<Vec<String>> {
         match self.phase {
             Phase::Done => None,
-            Phase::Start => {
-                self.phase = Phase::Running;
-                let mut out = Vec::new();
-                if let Flavor::Chat { .. } = self.spec.flavor {
-                    for index in 0..self.prompts * self.spec.n {
-                        let delta = ChatDelta {
-                            role: Some("assistant"),
-                            content: Some(String::new()),
-                        };
-                        self.chat_chunk(&mut out, index, delta, None, None);
-                    }
-                }
-                if out.is_empty() {
-                    Box::pin(self.next_chunk()).await
-                } else {
-                    Some(out)
-                }
-            }
             Phase::Running => loop {
                 let deadline = async {
                     match self.deadline.as_mut() {
@@ -245,7 +238,11 @@ impl Run {
                         self.phase = Phase::Done;
                         let mut out = Vec::new();
                         if self.spec.include_usage {
-                            let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+                            let usage = Usage::new(
+                                self.prompt_tokens,
+                                self.completion_tokens,
+                                self.cached_tokens,
+                            );
                             self.usage_chunk(&mut out, usage);
                         }
                         out.push(DONE.to_string());
@@ -295,14 +292,34 @@ impl Run {
         Ok(())
     }
 
-    /// The chunks of one engine update of prompt `p`.
+    /// The chunks of one engine update of prompt `p`. A prompt's first update opens its
+    /// choices (chat: the role chunks; `echo`: the prompt), so every chunk carries the weight
+    /// version the engine reports.
     fn render(&mut self, p: usize, update: StreamUpdate) -> Vec<String> {
         let mut out = Vec::new();
         let n = self.spec.n;
         let now = Instant::now();
+        let version = update.weight_version.clone();
         if !self.seen_prompt[p] {
             self.seen_prompt[p] = true;
             self.prompt_tokens += update.prompt_len;
+            self.cached_tokens += update.cached_prompt_tokens;
+            self.versions[p] = Some(version.clone());
+            if let Flavor::Chat { .. } = self.spec.flavor {
+                let prompt_ids = self.prompt_ids(p, update.prompt_len);
+                for c in 0..n {
+                    let delta = ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    };
+                    let chunk = ChunkParts {
+                        token_ids: None,
+                        prompt_token_ids: prompt_ids.clone(),
+                        version: &version,
+                    };
+                    self.chat_chunk(&mut out, p * n + c, delta, None, None, chunk);
+                }
+            }
             self.echo(&mut out, p, &update);
         }
         for s in update.sequences {
@@ -334,26 +351,33 @@ impl Run {
                 continue;
             }
             let finish = finish_str(s.finish_reason);
+            let logprobs = shown_logprobs(s.logprobs, s.processed_logprobs);
+            let token_ids = self.spec.return_token_ids.then(|| s.tokens.clone());
             match &self.spec.flavor {
-                Flavor::Completion { logprobs, .. } => {
-                    let lp = logprobs.map(|_| {
+                Flavor::Completion { logprobs: top, .. } => {
+                    let lp = top.map(|_| {
                         generated_logprobs(
                             &self.tokenizer,
                             &s.tokens,
-                            &s.logprobs,
+                            &logprobs,
                             s.top_logprobs.as_deref(),
                             self.sent_chars[index],
                         )
                     });
                     self.sent_chars[index] += s.text.chars().count();
-                    self.completion_chunk(&mut out, index, s.text, lp, finish);
+                    let chunk = ChunkParts {
+                        token_ids,
+                        prompt_token_ids: self.first_ids(p, index, update.prompt_len),
+                        version: &version,
+                    };
+                    self.completion_chunk(&mut out, index, s.text, lp, finish, chunk);
                 }
-                Flavor::Chat { logprobs } => {
-                    let lp = logprobs.then(|| {
+                Flavor::Chat { logprobs: want } => {
+                    let lp = want.then(|| {
                         chat_logprobs(
                             &self.tokenizer,
                             &s.tokens,
-                            &s.logprobs,
+                            &logprobs,
                             s.top_logprobs.as_deref(),
                         )
                     });
@@ -361,7 +385,12 @@ impl Run {
                         role: None,
                         content: (!s.text.is_empty() || finish.is_none()).then_some(s.text),
                     };
-                    self.chat_chunk(&mut out, index, delta, lp, finish);
+                    let chunk = ChunkParts {
+                        token_ids,
+                        prompt_token_ids: None,
+                        version: &version,
+                    };
+                    self.chat_chunk(&mut out, index, delta, lp, finish, chunk);
                 }
             }
         }
@@ -371,6 +400,23 @@ impl Run {
             t.end(true, now - self.arrived);
         }
         out
+    }
+
+    /// With `return_token_ids`: the ids of prompt `p` as the engine ran them.
+    fn prompt_ids(&self, p: usize, prompt_len: usize) -> Option<Vec<TokenId>> {
+        if !self.spec.return_token_ids {
+            return None;
+        }
+        let tokens = self.spec.prompt_tokens.get(p)?;
+        Some(engine_prompt(tokens, prompt_len).to_vec())
+    }
+
+    /// The prompt's ids for choice `index`'s first chunk (vLLM's completions place), once.
+    fn first_ids(&mut self, p: usize, index: usize, prompt_len: usize) -> Option<Vec<TokenId>> {
+        if std::mem::replace(&mut self.ids_sent[index], true) {
+            return None;
+        }
+        self.prompt_ids(p, prompt_len)
     }
 
     /// With `echo`: each choice of prompt `p` first gets the prompt (and its logprobs).
@@ -383,13 +429,14 @@ impl Run {
             return;
         };
         let prompt = &prompts[p];
-        let lp = logprobs.map(|_| {
+        let lp = logprobs.map(|k| {
             let lps = update.prompt_logprobs.clone().unwrap_or_default();
             completion_logprobs(
                 &self.tokenizer,
                 &prompt.tokens,
                 &lps,
                 update.topk_prompt_logprobs.as_deref(),
+                k,
                 0,
             )
         });
@@ -397,7 +444,12 @@ impl Run {
         for c in 0..self.spec.n {
             let index = p * self.spec.n + c;
             self.sent_chars[index] = text.chars().count();
-            self.completion_chunk(out, index, text.clone(), lp.clone(), None);
+            let chunk = ChunkParts {
+                token_ids: self.spec.return_token_ids.then(Vec::new),
+                prompt_token_ids: self.first_ids(p, index, update.prompt_len),
+                version: &update.weight_version,
+            };
+            self.completion_chunk(out, index, text.clone(), lp.clone(), None, chunk);
         }
     }
 
@@ -412,6 +464,7 @@ impl Run {
         text: String,
         logprobs: Option<super::openai::CompletionLogprobs>,
         finish_reason: Option<&'static str>,
+        parts: ChunkParts<'_>,
     ) {
         event(
             out,
@@ -425,8 +478,13 @@ impl Run {
                     text,
                     logprobs,
                     finish_reason,
+                    token_ids: parts.token_ids,
+                    prompt_logprobs: None,
+                    prompt_token_ids: parts.prompt_token_ids,
+                    weight_version: parts.version.to_string(),
                 }],
                 usage: self.usage_field(),
+                weight_version: Some(parts.version.to_string()),
             },
         );
     }
@@ -438,6 +496,7 @@ impl Run {
         delta: ChatDelta,
         logprobs: Option<super::openai::ChatLogprobs>,
         finish_reason: Option<&'static str>,
+        parts: ChunkParts<'_>,
     ) {
         event(
             out,
@@ -451,14 +510,19 @@ impl Run {
                     delta,
                     logprobs,
                     finish_reason,
+                    token_ids: parts.token_ids,
                 }],
                 usage: self.usage_field(),
+                prompt_token_ids: parts.prompt_token_ids,
+                weight_version: parts.version.to_string(),
             },
         );
     }
 
-    /// The last chunk of `include_usage`: no choices, the request's usage.
+    /// The last chunk of `include_usage`: no choices, the request's usage, and the weight
+    /// version all its prompts ran under (`null` for completions whose prompts differ).
     fn usage_chunk(&self, out: &mut Vec<String>, usage: Usage) {
+        let version = common_version(self.versions.iter().flatten().map(String::as_str));
         match self.spec.flavor {
             Flavor::Completion { .. } => event(
                 out,
@@ -469,6 +533,7 @@ impl Run {
                     model: self.spec.model.clone(),
                     choices: Vec::new(),
                     usage: Some(Some(usage)),
+                    weight_version: version,
                 },
             ),
             Flavor::Chat { .. } => event(
@@ -480,8 +545,17 @@ impl Run {
                     model: self.spec.model.clone(),
                     choices: Vec::new(),
                     usage: Some(Some(usage)),
+                    prompt_token_ids: None,
+                    weight_version: version.unwrap_or_default(),
                 },
             ),
         }
     }
+}
+
+/// What a chunk adds beyond its text: token ids and the weight version.
+struct ChunkParts<'a> {
+    token_ids: Option<Vec<TokenId>>,
+    prompt_token_ids: Option<Vec<TokenId>>,
+    version: &'a str,
 }
