@@ -105,6 +105,7 @@ fn start_sequences(backend: &mut dyn Backend, batch: usize) {
             start_pos: 0,
             tokens: tokens(DECODE_PROMPT, s),
             logits: LogitsWanted::Last,
+            adapter: None,
         })
         .collect();
     run(backend, chunks);
@@ -129,6 +130,7 @@ fn backend_benches(c: &mut Criterion, kind: BackendKind) {
                     start_pos: 0,
                     tokens: tokens(512, i as usize),
                     logits: LogitsWanted::Last,
+                    adapter: None,
                 };
                 let start = Instant::now();
                 run(backend, vec![chunk]);
@@ -160,6 +162,7 @@ fn backend_benches(c: &mut Criterion, kind: BackendKind) {
                                 start_pos: backend.cached_len(slot),
                                 tokens: vec![100 + (i as u32 * 7 + s as u32) % 40000],
                                 logits: LogitsWanted::Last,
+                                adapter: None,
                             }
                         })
                         .collect();

@@ -69,6 +69,7 @@ fn long_requests_queue_for_the_kv_budget_and_memory_stays_within_it() {
             kv_budget_bytes: Some(budget),
             // Counts reservations exactly: no prefixes kept after the requests.
             prefix_caching: false,
+            max_loras: 8,
         },
         ..LoadOptions::default()
     };

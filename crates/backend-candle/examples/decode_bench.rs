@@ -72,6 +72,7 @@ fn main() {
                     start_pos: 0,
                     tokens: tokens(len, 3),
                     logits: LogitsWanted::Last,
+                    adapter: None,
                 };
                 let (t0, c0) = (Instant::now(), cpu_time());
                 b.forward(&ForwardBatch {
@@ -97,6 +98,7 @@ fn main() {
                             start_pos: 0,
                             tokens: tokens(16, s),
                             logits: LogitsWanted::Last,
+                            adapter: None,
                         }
                     })
                     .collect();
@@ -111,6 +113,7 @@ fn main() {
                                 start_pos: b.cached_len(slot),
                                 tokens: vec![100 + (i as u32 * 7 + s as u32) % 40000],
                                 logits: LogitsWanted::Last,
+                                adapter: None,
                             }
                         })
                         .collect();

@@ -16,16 +16,21 @@ mod cpu;
 mod device;
 mod error;
 mod kv;
+mod lora;
 mod ops;
 mod weights;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use infermux_core::backend::{WeightUpdateError, open_checkpoint};
 use infermux_core::kv::{KvTable, KvUsage};
-use infermux_core::model::{Llama, LlamaWeights, ModelConfig};
+use infermux_core::model::{
+    AdapterError, Llama, LlamaWeights, LoraAdapter, ModelConfig, WeightPlan,
+};
 use infermux_core::{
-    Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo, SlotId,
+    AdapterId, Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelDir, ModelInfo,
+    SlotId,
 };
 
 pub use cpu::Isa;
@@ -34,6 +39,7 @@ pub use error::CandleBackendError;
 
 use device::runtime_error;
 use kv::{KvStore, SlotKv};
+use lora::CandleLora;
 use ops::{CandleEmbedding, CandleLinear, Loader, Runtime, Step};
 use weights::Weights;
 
@@ -71,6 +77,8 @@ pub struct CandleBackend {
     rt: Runtime,
     kv: KvTable<SlotKv>,
     store: KvStore,
+    /// Loaded LoRA adapters.
+    adapters: HashMap<AdapterId, CandleLora>,
 }
 
 /// A model's weights in candle's handles.
@@ -151,6 +159,7 @@ impl CandleBackend {
             weights: loaded,
             rt,
             store,
+            adapters: HashMap::new(),
         })
     }
 }
@@ -186,6 +195,14 @@ impl Backend for CandleBackend {
                 message: format!("token id {t} is outside the vocabulary ({vocab})"),
             });
         }
+        if let Some(id) = batch
+            .chunks
+            .iter()
+            .filter_map(|c| c.adapter)
+            .find(|id| !self.adapters.contains_key(id))
+        {
+            return Err(BackendError::UnknownAdapter(id));
+        }
         if batch.num_tokens() == 0 {
             return Logits::new(batch, vocab, Vec::new());
         }
@@ -194,7 +211,8 @@ impl Backend for CandleBackend {
         }
         let ids: Vec<SlotId> = batch.chunks.iter().map(|c| c.slot).collect();
         let mut slots = self.kv.get_many_mut(&ids)?;
-        let mut step = Step::new(&self.rt, batch, &mut slots);
+        let mut step =
+            Step::new(&self.rt, &self.adapters, batch, &mut slots).map_err(runtime_error)?;
         let data = self
             .llama
             .forward(&mut step, &self.weights)
@@ -225,6 +243,25 @@ impl Backend for CandleBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    fn weight_plan(&self) -> Option<&WeightPlan> {
+        Some(&self.llama.plan)
+    }
+
+    fn load_adapter(&mut self, id: AdapterId, adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        let lora = CandleLora::upload(adapter, &self.rt.device, self.rt.dtype).map_err(|e| {
+            AdapterError::Load {
+                name: adapter.path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        self.adapters.insert(id, lora);
+        Ok(())
+    }
+
+    fn unload_adapter(&mut self, id: AdapterId) {
+        self.adapters.remove(&id);
     }
 
     fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
@@ -266,6 +303,7 @@ mod tests {
             start_pos,
             tokens: tokens.to_vec(),
             logits,
+            adapter: None,
         }
     }
 
@@ -353,5 +391,142 @@ mod tests {
         for s in 0..4 {
             assert_eq!(host.cached_len(SlotId(s)), ops.cached_len(SlotId(s)));
         }
+    }
+
+    /// A PEFT adapter (rank 2 on q, v, o, gate and down of both layers) and the same
+    /// weights merged into a copy of the model (`W + (alpha / r) B A`): the adapter's rows
+    /// equal the merged model's, and base rows in the same batch equal the base model's.
+    #[test]
+    fn adapter_rows_equal_merged_weights_and_base_rows_stay_base() {
+        use candle_core::Tensor;
+        use infermux_core::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+        let md = tiny("qwen2");
+        let root =
+            std::env::temp_dir().join(format!("infermux-candle-lora-{}", std::process::id()));
+        let (adapter_dir, merged_dir) = (root.join("adapter"), root.join("merged"));
+        std::fs::create_dir_all(&adapter_dir).unwrap();
+        std::fs::create_dir_all(&merged_dir).unwrap();
+        let src = md.weight_files[0].parent().unwrap().to_path_buf();
+        for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+            std::fs::copy(src.join(f), merged_dir.join(f)).unwrap();
+        }
+        let dev = candle_core::Device::Cpu;
+        let mut weights = candle_core::safetensors::load(&md.weight_files[0], &dev).unwrap();
+        let (r, alpha) = (2usize, 6.0f64);
+        let mut adapter = HashMap::new();
+        let mut salt = 0.0f32;
+        for layer in 0..2 {
+            for module in [
+                "self_attn.q_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.down_proj",
+            ] {
+                let name = format!("model.layers.{layer}.{module}");
+                let w = weights[&format!("{name}.weight")].clone();
+                let (out, inp) = w.dims2().unwrap();
+                let values = |n: usize, salt: f32| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| ((i as f32 * 0.731 + salt).sin()) * 0.2)
+                        .collect()
+                };
+                let a = Tensor::from_vec(values(r * inp, salt), (r, inp), &dev).unwrap();
+                let b = Tensor::from_vec(values(out * r, salt + 0.5), (out, r), &dev).unwrap();
+                salt += 1.0;
+                let delta = (b.matmul(&a).unwrap() * (alpha / r as f64)).unwrap();
+                weights.insert(format!("{name}.weight"), (w + delta).unwrap());
+                adapter.insert(format!("base_model.model.{name}.lora_A.weight"), a);
+                adapter.insert(format!("base_model.model.{name}.lora_B.weight"), b);
+            }
+        }
+        candle_core::safetensors::save(&weights, merged_dir.join("model.safetensors")).unwrap();
+        candle_core::safetensors::save(&adapter, adapter_dir.join(ADAPTER_WEIGHTS)).unwrap();
+        let config = format!(
+            r#"{{"peft_type": "LORA", "r": {r}, "lora_alpha": {alpha}, "target_modules":
+            ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]}}"#
+        );
+        std::fs::write(adapter_dir.join(ADAPTER_CONFIG), config).unwrap();
+        let merged_md = ModelDir::open(&merged_dir).unwrap();
+        let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 97).collect();
+        for kernels in [CpuKernels::Custom, CpuKernels::Builtin] {
+            let mut served = load(&md, kernels, None);
+            let lora = LoraAdapter::read(&adapter_dir, served.weight_plan().unwrap()).unwrap();
+            served.load_adapter(AdapterId(4), &lora).unwrap();
+            let mut merged = load(&merged_md, kernels, None);
+            let mut base = load(&md, kernels, None);
+            let on = |slot, start, tokens: &[u32], adapter| SeqChunk {
+                adapter,
+                ..chunk(slot, start, tokens, LogitsWanted::All)
+            };
+            // Prefill, then a decode step: adapter and base rows interleaved in each batch.
+            let batches = [
+                vec![
+                    on(0, 0, &prompt, Some(AdapterId(4))),
+                    on(1, 0, &prompt[..9], None),
+                    on(2, 0, &prompt[..5], Some(AdapterId(4))),
+                ],
+                vec![
+                    on(1, 9, &[5], None),
+                    on(0, 20, &[8], Some(AdapterId(4))),
+                    on(2, 5, &[1, 2], Some(AdapterId(4))),
+                ],
+            ];
+            for chunks in batches {
+                let got = served
+                    .forward(&ForwardBatch {
+                        chunks: chunks.clone(),
+                    })
+                    .unwrap();
+                let plain: Vec<SeqChunk> = chunks
+                    .iter()
+                    .map(|c| SeqChunk {
+                        adapter: None,
+                        ..c.clone()
+                    })
+                    .collect();
+                let want_adapter = merged
+                    .forward(&ForwardBatch {
+                        chunks: plain.clone(),
+                    })
+                    .unwrap();
+                let want_base = base.forward(&ForwardBatch { chunks: plain }).unwrap();
+                for (i, c) in chunks.iter().enumerate() {
+                    let want = if c.adapter.is_some() {
+                        &want_adapter
+                    } else {
+                        &want_base
+                    };
+                    let mut moved = 0f32;
+                    for ((g, w), b) in got.chunk(i).zip(want.chunk(i)).zip(want_base.chunk(i)) {
+                        for ((x, y), z) in g.iter().zip(w).zip(b) {
+                            assert!(
+                                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                                "{kernels:?} chunk {i}: {x} vs {y}"
+                            );
+                            moved = moved.max((y - z).abs());
+                        }
+                    }
+                    // The adapter changes the logits (the check above is not vacuous).
+                    assert_eq!(
+                        c.adapter.is_some(),
+                        moved > 1e-3,
+                        "{kernels:?} chunk {i}: {moved}"
+                    );
+                }
+            }
+            // A chunk naming an adapter the backend lacks is a typed error.
+            served.unload_adapter(AdapterId(4));
+            let err = served
+                .forward(&ForwardBatch {
+                    chunks: vec![on(5, 0, &prompt[..3], Some(AdapterId(4)))],
+                })
+                .unwrap_err();
+            assert!(
+                matches!(err, BackendError::UnknownAdapter(AdapterId(4))),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&root).ok();
     }
 }

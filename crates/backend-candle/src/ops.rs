@@ -3,16 +3,18 @@
 //! On the CPU in f32 with [`crate::CpuKernels::Custom`] the ops run our kernels as candle
 //! custom ops ([`crate::cpu`]); everywhere else they are candle's built-in tensor ops.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use infermux_core::SeqChunk;
 use infermux_core::kv::KvSlot;
-use infermux_core::model::{AttentionShape, LinearSpec, LlamaOps, LoadOps, TensorSpec};
+use infermux_core::model::{AttentionShape, LinearSpec, LlamaOps, LoadOps, LoraSite, TensorSpec};
+use infermux_core::{AdapterId, SeqChunk};
 
 use crate::cpu::{self, Isa, PackedMatrix};
 use crate::error::CandleBackendError;
 use crate::kv::SlotKv;
+use crate::lora::{AdapterRows, CandleLora};
 use crate::weights::Weights;
 
 /// Where and how the ops run, fixed at load.
@@ -120,6 +122,8 @@ impl LoadOps for Loader<'_> {
 /// One forward pass over a batch: its chunks, their KV slots (reserved), positions and ids.
 pub(crate) struct Step<'s, 'a> {
     rt: &'s Runtime,
+    adapters: &'s HashMap<AdapterId, CandleLora>,
+    adapter_rows: AdapterRows,
     chunks: &'s [SeqChunk],
     slots: &'s mut [&'a mut KvSlot<SlotKv>],
     positions: Vec<usize>,
@@ -131,22 +135,25 @@ pub(crate) struct Step<'s, 'a> {
 impl<'s, 'a> Step<'s, 'a> {
     pub fn new(
         rt: &'s Runtime,
+        adapters: &'s HashMap<AdapterId, CandleLora>,
         batch: &'s infermux_core::ForwardBatch,
         slots: &'s mut [&'a mut KvSlot<SlotKv>],
-    ) -> Self {
+    ) -> candle_core::Result<Self> {
         let positions = batch
             .chunks
             .iter()
             .flat_map(|c| c.start_pos..c.start_pos + c.tokens.len())
             .collect();
-        Self {
+        Ok(Self {
             rt,
+            adapters,
+            adapter_rows: AdapterRows::new(batch, &rt.device)?,
             chunks: &batch.chunks,
             slots,
             positions,
             rows: batch.logit_row_indices(),
             cos_sin: None,
-        }
+        })
     }
 
     fn n(&self) -> usize {
@@ -321,6 +328,16 @@ impl LlamaOps for Step<'_, '_> {
                 residual + y
             }
         }
+    }
+
+    fn lora(
+        &mut self,
+        x: &Tensor,
+        y: Tensor,
+        layer: usize,
+        site: LoraSite,
+    ) -> candle_core::Result<Tensor> {
+        self.adapter_rows.apply(self.adapters, x, y, layer, site)
     }
 
     fn split(&mut self, x: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {

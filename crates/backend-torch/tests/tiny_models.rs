@@ -240,6 +240,7 @@ fn chunk(slot: u32, start_pos: usize, tokens: &[u32], logits: LogitsWanted) -> S
         start_pos,
         tokens: tokens.to_vec(),
         logits,
+        adapter: None,
     }
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::TokenId;
 use crate::error::{BackendError, ModelError};
 use crate::kv::KvUsage;
-use crate::model::{ModelConfig, ModelDir};
+use crate::model::{AdapterError, LoraAdapter, ModelConfig, ModelDir, WeightPlan};
 
 /// Names one sequence's KV state inside a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -101,6 +101,11 @@ impl LogitsWanted {
     }
 }
 
+/// A LoRA adapter loaded into a backend ([`Backend::load_adapter`]); the engine never reuses an
+/// id, so a stale one can only be unknown, never another adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterId(pub u32);
+
 /// A run of consecutive tokens of one sequence inside a [`ForwardBatch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqChunk {
@@ -112,6 +117,8 @@ pub struct SeqChunk {
     pub tokens: Vec<TokenId>,
     /// Which logits rows to return for this chunk.
     pub logits: LogitsWanted,
+    /// The LoRA adapter the sequence runs (`None`: the base weights alone).
+    pub adapter: Option<AdapterId>,
 }
 
 /// One forward pass: prefill chunks and decode steps of several sequences, flattened.
@@ -122,6 +129,26 @@ pub struct ForwardBatch {
 }
 
 impl ForwardBatch {
+    /// The token rows (indices into the batch's flattened tokens) of each adapter its chunks
+    /// run, adapters in order of first use; rows on the base weights are in none. What a
+    /// backend's [`crate::model::LlamaOps::lora`] gathers by.
+    pub fn adapter_rows(&self) -> Vec<(AdapterId, Vec<u32>)> {
+        let mut out: Vec<(AdapterId, Vec<u32>)> = Vec::new();
+        let mut row = 0u32;
+        for c in &self.chunks {
+            let n = c.tokens.len() as u32;
+            if let Some(id) = c.adapter {
+                let rows = row..row + n;
+                match out.iter_mut().find(|(a, _)| *a == id) {
+                    Some((_, list)) => list.extend(rows),
+                    None => out.push((id, rows.collect())),
+                }
+            }
+            row += n;
+        }
+        out
+    }
+
     /// Total tokens in the batch.
     pub fn num_tokens(&self) -> usize {
         self.chunks.iter().map(|c| c.tokens.len()).sum()
@@ -293,6 +320,21 @@ pub trait Backend: Send {
         Err(WeightUpdateError::Unsupported)
     }
 
+    /// The model's tensors, which adapters are read against; `None` (the default) for a
+    /// backend that runs no adapters.
+    fn weight_plan(&self) -> Option<&WeightPlan> {
+        None
+    }
+
+    /// Makes `adapter` available to chunks that name `id`. Adapters apply per chunk, so
+    /// sequences on different adapters and on the base share one forward.
+    fn load_adapter(&mut self, _id: AdapterId, _adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        Err(AdapterError::BackendUnsupported)
+    }
+
+    /// Drops adapter `id` (no chunk names it any more).
+    fn unload_adapter(&mut self, _id: AdapterId) {}
+
     /// Prefills (a chunk of) one sequence: shorthand for a one-chunk [`Backend::forward`].
     fn prefill(
         &mut self,
@@ -306,6 +348,7 @@ pub trait Backend: Send {
             start_pos,
             tokens: tokens.to_vec(),
             logits,
+            adapter: None,
         };
         self.forward(&ForwardBatch {
             chunks: vec![chunk],
@@ -321,6 +364,7 @@ pub trait Backend: Send {
                 start_pos: self.cached_len(slot),
                 tokens: vec![token],
                 logits: LogitsWanted::Last,
+                adapter: None,
             })
             .collect();
         self.forward(&ForwardBatch { chunks })
@@ -354,6 +398,15 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
         (**self).update_weights(dir)
+    }
+    fn weight_plan(&self) -> Option<&WeightPlan> {
+        (**self).weight_plan()
+    }
+    fn load_adapter(&mut self, id: AdapterId, adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        (**self).load_adapter(id, adapter)
+    }
+    fn unload_adapter(&mut self, id: AdapterId) {
+        (**self).unload_adapter(id)
     }
 }
 
@@ -503,6 +556,7 @@ mod tests {
             start_pos: 0,
             tokens: vec![0; len],
             logits,
+            adapter: None,
         }
     }
 
@@ -605,6 +659,7 @@ mod check_tests {
                 start_pos: 3,
                 tokens: vec![0; 2],
                 logits: LogitsWanted::Last,
+                adapter: None,
             }],
         };
         batch.check_positions(|_| 3, 5).unwrap();

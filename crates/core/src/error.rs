@@ -124,6 +124,9 @@ pub enum BackendError {
         /// Its message.
         message: String,
     },
+    /// A chunk named a LoRA adapter the backend does not hold.
+    #[error("no LoRA adapter {0:?} is loaded in the backend")]
+    UnknownAdapter(crate::backend::AdapterId),
     /// The backend panicked; the panic was caught at the engine boundary.
     #[error("backend panicked: {0}")]
     Panicked(String),

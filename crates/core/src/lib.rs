@@ -28,7 +28,8 @@ pub mod text;
 pub type TokenId = u32;
 
 pub use backend::{
-    Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId,
+    AdapterId, Backend, DType, Device, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk,
+    SlotId,
 };
 pub use engine::{
     BeamSearchRequest, Engine, EngineConfig, EngineStats, EngineTools, FinishReason,
@@ -41,6 +42,8 @@ pub use guided::{
 };
 pub use input::{ImageChunk, ImageFormat, ModelInput, ModelInputChunk};
 pub use kv::{KvStorage, KvTable, KvUsage};
-pub use model::{Architecture, Llama, LlamaOps, LoadOps, ModelConfig, ModelDir};
+pub use model::{
+    AdapterError, Architecture, Llama, LlamaOps, LoadOps, LoraAdapter, ModelConfig, ModelDir,
+};
 pub use params::{BeamSearchParams, GenerationConfig, LogprobsMode, OutputKind, SamplingParams};
 pub use text::{TextCodec, TextError};

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::TokenId;
+use crate::engine::adapters::AdapterRef;
 use crate::engine::request::{GenerateOutput, PromptLogprobs, StreamUpdate};
 use crate::error::EngineError;
 use crate::guided::TokenConstraint;
@@ -50,6 +51,8 @@ pub(crate) struct Job {
     pub stop: Option<StopMatcher>,
     /// The compiled guided-decoding constraint, in its initial state.
     pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// The LoRA adapter it runs on (`None`: the base weights).
+    pub adapter: Option<AdapterRef>,
     pub reply: Replier,
 }
 

@@ -11,6 +11,7 @@
 //! Control commands — replacing the weights from disk, pausing and resuming — are processed
 //! between steps (`control.rs`); a weight update swaps only while no request runs.
 
+mod adapters;
 mod beam;
 pub mod budget;
 mod control;
@@ -28,6 +29,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use adapters::{AdapterInfo, MAX_ADAPTER_NAME_BYTES};
 pub use control::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
 pub use pending::Pending;
 pub use request::{
@@ -42,11 +44,14 @@ use crate::backend::{Backend, ModelInfo, WeightUpdateError};
 use crate::error::{EngineError, ValidationError};
 use crate::guided::GuidedDecoder;
 use crate::input::ModelInput;
+use crate::model::lora::{AdapterError, LoraAdapter};
+use crate::model::plan::WeightPlan;
 use crate::params::{MAX_TOP_LOGPROBS, SamplingParams};
 use crate::sampling::Processors;
 use crate::sampling::batch::panic_message;
 use crate::sampling::rng::fresh_seed;
 use crate::text::{StopMatcher, TextCodec};
+use adapters::{AdapterRef, Registry};
 use job::{Job, JobKind, Replier};
 use scheduler::Scheduler;
 use shared::{ExitGuard, Shared};
@@ -68,6 +73,8 @@ pub struct EngineConfig {
     /// Keep finished sequences' KV for later requests that extend them (vLLM's
     /// `enable_prefix_caching`, on by default): see [`prefix`].
     pub prefix_caching: bool,
+    /// Most LoRA adapters loaded at once (vLLM's `max_loras`).
+    pub max_loras: usize,
 }
 
 impl Default for EngineConfig {
@@ -77,6 +84,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             kv_budget_bytes: None,
             prefix_caching: true,
+            max_loras: 8,
         }
     }
 }
@@ -108,6 +116,15 @@ enum Command {
     FlushPrefixCache {
         reply: flume::Sender<Result<usize, EngineError>>,
     },
+    LoadAdapter {
+        name: String,
+        adapter: Box<LoraAdapter>,
+        reply: flume::Sender<Result<AdapterInfo, AdapterError>>,
+    },
+    UnloadAdapter {
+        name: String,
+        reply: flume::Sender<Result<AdapterInfo, AdapterError>>,
+    },
 }
 
 /// How often a paused engine thread wakes to drop cancelled requests and publish its stats
@@ -123,6 +140,12 @@ pub struct Engine {
     info: Arc<ModelInfo>,
     config: EngineConfig,
     tools: EngineTools,
+    /// The model's tensors, to read adapters against (`None`: the backend runs none).
+    plan: Option<Arc<WeightPlan>>,
+    /// The live adapters, as the engine thread publishes them.
+    registry: Arc<Registry>,
+    /// The adapter this handle's requests run on (`None`: the base weights).
+    adapter: Option<AdapterRef>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -132,6 +155,7 @@ impl std::fmt::Debug for Engine {
             .field("config", &self.config)
             .field("has_codec", &self.tools.codec.is_some())
             .field("has_guided", &self.tools.guided.is_some())
+            .field("adapter", &self.adapter.as_ref().map(|a| &a.name))
             .finish()
     }
 }
@@ -176,14 +200,17 @@ impl Engine {
         config.kv_budget_bytes = Some(kv_budget);
         backend.set_kv_budget(Some(kv_budget));
         let info = Arc::new(backend.info().clone());
+        let plan = backend.weight_plan().cloned().map(Arc::new);
         let (tx, rx) = flume::unbounded();
         let shared = Arc::new(Shared::default());
+        let registry = Arc::new(Registry::default());
         let scheduler = Scheduler::new(
             config,
             (*info).clone(),
             tools.codec.clone(),
             kv_budget,
             shared.clone(),
+            registry.clone(),
         );
         shared.publish(scheduler.stats(backend.kv_usage()));
         let guard = ExitGuard(shared.clone());
@@ -199,6 +226,9 @@ impl Engine {
             info,
             config,
             tools,
+            plan,
+            registry,
+            adapter: None,
         })
     }
 
@@ -314,6 +344,7 @@ impl Engine {
                 processors: Arc::default(),
                 stop: None,
                 constraint: None,
+                adapter: self.adapter.clone(),
                 reply: Replier::Final(tx),
             })
         });
@@ -408,6 +439,82 @@ impl Engine {
     /// Successful weight updates since start.
     pub fn weight_updates(&self) -> u64 {
         self.shared.weight_updates()
+    }
+
+    /// Reads the PEFT adapter in `path` (on this thread) and loads it under `name`: requests
+    /// through [`Engine::with_adapter`]`(name)` then run on it, batched with everything else.
+    /// Typed errors for a bad or mismatched adapter, a taken name, or `max_loras` reached.
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Pending<AdapterInfo, AdapterError> {
+        let read = adapters::check_name(name).and_then(|()| {
+            let plan = self.plan.as_ref().ok_or(AdapterError::BackendUnsupported)?;
+            LoraAdapter::read(path, plan)
+        });
+        let adapter = match read {
+            Ok(adapter) => Box::new(adapter),
+            Err(err) => return Pending::ready(Err(err)),
+        };
+        let (tx, rx) = flume::bounded(1);
+        let command = Command::LoadAdapter {
+            name: name.to_string(),
+            adapter,
+            reply: tx,
+        };
+        if self.tx.send(command).is_err() {
+            return Pending::ready(Err(AdapterError::Shutdown));
+        }
+        Pending::new(async move { rx.recv_async().await.unwrap_or(Err(AdapterError::Shutdown)) })
+    }
+
+    /// Takes adapter `name` out of service: new requests on it fail, running ones finish on
+    /// it, then the backend drops it and its cached prefixes.
+    pub fn unload_adapter(&self, name: &str) -> Pending<AdapterInfo, AdapterError> {
+        let (tx, rx) = flume::bounded(1);
+        let command = Command::UnloadAdapter {
+            name: name.to_string(),
+            reply: tx,
+        };
+        if self.tx.send(command).is_err() {
+            return Pending::ready(Err(AdapterError::Shutdown));
+        }
+        Pending::new(async move { rx.recv_async().await.unwrap_or(Err(AdapterError::Shutdown)) })
+    }
+
+    /// The loaded adapters, by name.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.registry.list()
+    }
+
+    /// A handle whose requests run on adapter `name` (loaded: [`AdapterError::NotFound`]
+    /// otherwise). If it is unloaded later, requests through the handle fail with a typed error.
+    pub fn with_adapter(&self, name: &str) -> Result<Engine, AdapterError> {
+        let info = self
+            .registry
+            .get(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        Ok(Self {
+            adapter: Some(AdapterRef {
+                id: info.id,
+                name: info.name.into(),
+            }),
+            ..self.clone()
+        })
+    }
+
+    /// A handle on the base weights (this one without its adapter).
+    pub fn base(&self) -> Engine {
+        Self {
+            adapter: None,
+            ..self.clone()
+        }
+    }
+
+    /// The name of the adapter this handle's requests run on.
+    pub fn adapter_name(&self) -> Option<&str> {
+        self.adapter.as_ref().map(|a| &*a.name)
     }
 
     fn submit<R: Failed>(&self, job: Job, reply: R) -> R {
@@ -550,6 +657,7 @@ impl Engine {
             processors: Arc::new(processors),
             stop,
             constraint,
+            adapter: self.adapter.clone(),
             reply,
         })
     }
@@ -611,6 +719,18 @@ impl Command {
                 let dropped = scheduler.flush_prefix_cache(backend);
                 scheduler.publish(&*backend);
                 drop(reply.send(Ok(dropped)));
+            }
+            Self::LoadAdapter {
+                name,
+                adapter,
+                reply,
+            } => {
+                drop(reply.send(scheduler.load_adapter(backend, name, &adapter)));
+            }
+            Self::UnloadAdapter { name, reply } => {
+                let result = scheduler.unload_adapter(backend, &name);
+                scheduler.publish(&*backend);
+                drop(reply.send(result));
             }
         }
     }

@@ -21,15 +21,16 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::TokenId;
-use crate::backend::SlotId;
+use crate::backend::{AdapterId, SlotId};
 
 /// Tokens per block: prefixes are matched and reused in whole blocks (vLLM's default size).
 pub const PREFIX_BLOCK: usize = 16;
 
-/// Chained hashes of the full blocks of `tokens`: entry `i` stands for `tokens[..(i + 1) *
-/// PREFIX_BLOCK]`.
-pub(crate) fn block_hashes(tokens: &[TokenId]) -> Vec<u64> {
-    let mut prev = 0u64;
+/// Chained hashes of the full blocks of `tokens` run on `adapter`: entry `i` stands for
+/// `tokens[..(i + 1) * PREFIX_BLOCK]`. The chain starts from the adapter, so KV computed with
+/// one adapter (or the base) never matches a request on another.
+pub(crate) fn block_hashes(tokens: &[TokenId], adapter: Option<AdapterId>) -> Vec<u64> {
+    let mut prev = adapter.map_or(0, |a| u64::from(a.0) + 1);
     tokens
         .chunks_exact(PREFIX_BLOCK)
         .map(|block| {
@@ -95,6 +96,7 @@ impl Donor<'_> {
 
 /// One cached prefix: the tokens whose KV its slot holds.
 struct Entry {
+    adapter: Option<AdapterId>,
     tokens: Vec<TokenId>,
     hashes: Vec<u64>,
     logprobs: Vec<Option<f32>>,
@@ -175,8 +177,9 @@ impl PrefixCache {
         tokens: Vec<TokenId>,
         logprobs: Vec<Option<f32>>,
         bytes: u64,
+        adapter: Option<AdapterId>,
     ) -> Vec<SlotId> {
-        let hashes = block_hashes(&tokens);
+        let hashes = block_hashes(&tokens, adapter);
         let Some(&first) = hashes.first() else {
             return vec![slot];
         };
@@ -188,7 +191,7 @@ impl PrefixCache {
             } else {
                 (&tokens, &e.tokens)
             };
-            if !longer.starts_with(shorter) {
+            if e.adapter != adapter || !longer.starts_with(shorter) {
                 continue;
             }
             if e.tokens.len() >= tokens.len() {
@@ -207,6 +210,7 @@ impl PrefixCache {
         self.entries.insert(
             slot,
             Entry {
+                adapter,
                 tokens,
                 hashes,
                 logprobs,
@@ -229,6 +233,18 @@ impl PrefixCache {
         self.by_first_block.clear();
         self.bytes = 0;
         self.entries.drain().map(|(slot, _)| slot).collect()
+    }
+
+    /// Drops the prefixes computed with `adapter` (being unloaded); returns their slots.
+    pub fn drop_adapter(&mut self, adapter: AdapterId) -> Vec<SlotId> {
+        let slots: Vec<SlotId> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.adapter == Some(adapter))
+            .map(|(s, _)| *s)
+            .collect();
+        slots.iter().for_each(|&s| self.remove(s));
+        slots
     }
 
     fn remove(&mut self, slot: SlotId) {
@@ -268,13 +284,13 @@ mod tests {
         let kept = ids(40, 1);
         assert!(
             cache
-                .insert(SlotId(3), kept.clone(), vec![None; 40], 100)
+                .insert(SlotId(3), kept.clone(), vec![None; 40], 100, None)
                 .is_empty()
         );
         // Shares 40 tokens then diverges: 2 whole blocks (32) reusable.
         let mut prompt = kept.clone();
         prompt.extend([9999, 9998]);
-        let h = block_hashes(&prompt);
+        let h = block_hashes(&prompt, None);
         let hit = cache.lookup(&want(&prompt, &h, false)).unwrap();
         assert_eq!(
             hit,
@@ -285,11 +301,11 @@ mod tests {
         );
         // Exactly 32 tokens: at most 31 may be reused, so one block (16).
         let short = &kept[..32];
-        let h = block_hashes(short);
+        let h = block_hashes(short, None);
         assert_eq!(cache.lookup(&want(short, &h, false)).unwrap().len, 16);
         // Another first block: no hit.
         let other = ids(40, 2);
-        let h = block_hashes(&other);
+        let h = block_hashes(&other, None);
         assert_eq!(cache.lookup(&want(&other, &h, false)), None);
     }
 
@@ -300,10 +316,10 @@ mod tests {
         let mut lps = vec![Some(-1.0); 64];
         lps[0] = None;
         lps[20] = None;
-        cache.insert(SlotId(0), kept.clone(), lps, 1);
+        cache.insert(SlotId(0), kept.clone(), lps, 1, None);
         let mut prompt = kept.clone();
         prompt.push(5);
-        let h = block_hashes(&prompt);
+        let h = block_hashes(&prompt, None);
         assert_eq!(cache.lookup(&want(&prompt, &h, false)).unwrap().len, 64);
         // Positions 1..20 known: one block.
         assert_eq!(cache.lookup(&want(&prompt, &h, true)).unwrap().len, 16);
@@ -313,20 +329,20 @@ mod tests {
     fn a_longer_prefix_replaces_the_one_it_extends_and_lru_evicts_oldest() {
         let mut cache = PrefixCache::default();
         let base = ids(32, 1);
-        cache.insert(SlotId(1), base[..16].to_vec(), vec![None; 16], 10);
+        cache.insert(SlotId(1), base[..16].to_vec(), vec![None; 16], 10, None);
         // Extends slot 1's prefix: slot 1 is released.
         assert_eq!(
-            cache.insert(SlotId(2), base.clone(), vec![None; 32], 20),
+            cache.insert(SlotId(2), base.clone(), vec![None; 32], 20, None),
             vec![SlotId(1)]
         );
         // Covered by slot 2's: the new slot itself is released.
         assert_eq!(
-            cache.insert(SlotId(4), base[..20].to_vec(), vec![None; 20], 20),
+            cache.insert(SlotId(4), base[..20].to_vec(), vec![None; 20], 20, None),
             vec![SlotId(4)]
         );
-        cache.insert(SlotId(5), ids(32, 3), vec![None; 32], 30);
+        cache.insert(SlotId(5), ids(32, 3), vec![None; 32], 30, None);
         assert_eq!((cache.len(), cache.bytes()), (2, 50));
-        let h = block_hashes(&ids(33, 3));
+        let h = block_hashes(&ids(33, 3), None);
         cache.lookup(&want(&ids(33, 3), &h, false)).unwrap();
         assert_eq!(cache.evict_lru(), Some(SlotId(2)));
         assert_eq!(cache.flush(), vec![SlotId(5)]);
@@ -340,7 +356,7 @@ mod tests {
         prompt[20] = 12345;
         prompt.push(1);
         // Pretend the chained hashes collide.
-        let hashes = block_hashes(&kept);
+        let hashes = block_hashes(&kept, None);
         let donor = Donor {
             tokens: &kept,
             hashes: &hashes,

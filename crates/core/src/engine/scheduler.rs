@@ -18,8 +18,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use crate::TokenId;
-use crate::backend::{Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId};
+use crate::backend::{
+    AdapterId, Backend, ForwardBatch, Logits, LogitsWanted, ModelInfo, SeqChunk, SlotId,
+};
 use crate::engine::EngineConfig;
+use crate::engine::adapters::{AdapterInfo, Adapters, Registry};
 use crate::engine::budget::{FAIR_BYPASS_WINDOW_STEPS, KvReservation, worst_case_steps};
 use crate::engine::control::ControlState;
 use crate::engine::group::{Draw, GroupKind, GroupParts, KindCtx, kind_of};
@@ -183,6 +186,8 @@ pub(crate) struct Scheduler {
     pub(super) control: ControlState,
     /// Finished prefixes kept for reuse (`prefix.rs`).
     prefix_cache: PrefixCache,
+    /// The LoRA adapters loaded (`adapters.rs`).
+    adapters: Adapters,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -246,8 +251,10 @@ impl Scheduler {
         codec: Option<Arc<dyn TextCodec>>,
         kv_budget: u64,
         shared: Arc<Shared>,
+        registry: Arc<Registry>,
     ) -> Self {
         Self {
+            adapters: Adapters::new(config.max_loras, registry),
             free_slots: all_slots(config.max_num_seqs),
             sampling: SamplingBatch::new(config.max_num_seqs),
             config,
@@ -530,6 +537,25 @@ impl Scheduler {
         let mut room = usize::MAX;
         let mut i = 0;
         while let Some(waiting) = self.waiting.get(i) {
+            if let Some(a) = waiting
+                .job
+                .adapter
+                .as_ref()
+                .filter(|a| !self.adapters.is_live(a.id))
+            {
+                // Unloaded since the handle bound it.
+                let err = ValidationError::field(
+                    "model",
+                    format!("the LoRA adapter {:?} was unloaded", a.name),
+                );
+                if let Some(w) = self.waiting.remove(i) {
+                    self.shared.left_queue();
+                    self.outbox
+                        .push(Outgoing::error(&w.job.reply, EngineError::Invalid(err)));
+                    self.totals.failed_requests += 1;
+                }
+                continue;
+            }
             let kv = KvReservation::of(&waiting.job, &self.info);
             if let Err(err) = kv.check_fits(self.kv_budget) {
                 // Checked at submit, so not reached; never wait on what cannot fit.
@@ -581,9 +607,18 @@ impl Scheduler {
         self.kv_held_peak = self.kv_held_peak.max(held);
         // Top-k prompt alternatives are not kept with a prefix: such requests prefill it all.
         let looks = self.config.prefix_caching && pl.top_k == 0 && n > PREFIX_BLOCK;
+        let base_version = self.shared.weight_version();
+        let weight_version = match job
+            .adapter
+            .as_ref()
+            .and_then(|a| self.adapters.version(a.id))
+        {
+            Some(adapter) => format!("{base_version}+{adapter}"),
+            None => base_version,
+        };
         self.running.push(Group {
             prompt_hashes: if looks {
-                block_hashes(&job.prompt)
+                block_hashes(&job.prompt, job.adapter.as_ref().map(|a| a.id))
             } else {
                 Vec::new()
             },
@@ -604,7 +639,7 @@ impl Scheduler {
             prompt_sent: false,
             ended: false,
             failure: None,
-            weight_version: self.shared.weight_version(),
+            weight_version,
             cached_prompt_tokens: 0,
         });
     }
@@ -700,6 +735,7 @@ impl Scheduler {
                     start_pos: prompt_len + seq.out.tokens.len() - 1,
                     tokens: vec![seq.last_token()],
                     logits: LogitsWanted::Last,
+                    adapter: group.adapter(),
                 });
                 owners.push(ChunkOwner::Decode { group: g, seq: s });
             }
@@ -728,6 +764,7 @@ impl Scheduler {
                 start_pos: group.prefilled,
                 tokens: group.job.prompt[group.prefilled..group.prefilled + n].to_vec(),
                 logits,
+                adapter: group.adapter(),
             });
             owners.push(ChunkOwner::Prefill { group: g });
         }
@@ -956,7 +993,8 @@ impl Scheduler {
                     .filter(|s| !kept.iter().any(|k| k.0 == *s)),
             );
             self.kv_reserved = self.kv_reserved.saturating_sub(g.kv.bytes());
-            self.keep_prefixes(backend, kept);
+            let adapter = g.adapter();
+            self.keep_prefixes(backend, kept, adapter);
             if g.ended {
                 self.totals.failed_requests += 1;
                 if let Some(err) = g.failure.take() {
@@ -967,11 +1005,48 @@ impl Scheduler {
             self.totals.finished_requests += 1;
             self.outbox.push(g.reply_final());
         }
+        let running = &self.running;
+        self.adapters.settle(backend, |id| {
+            running.iter().any(|g| g.adapter() == Some(id))
+        });
+    }
+
+    /// Loads `adapter` under `name` (`adapters.rs`).
+    pub(super) fn load_adapter(
+        &mut self,
+        backend: &mut dyn Backend,
+        name: String,
+        adapter: &crate::model::lora::LoraAdapter,
+    ) -> Result<AdapterInfo, crate::model::lora::AdapterError> {
+        self.adapters.load(backend, name, adapter)
+    }
+
+    /// Takes adapter `name` out of service and drops its cached prefixes.
+    pub(super) fn unload_adapter(
+        &mut self,
+        backend: &mut dyn Backend,
+        name: &str,
+    ) -> Result<AdapterInfo, crate::model::lora::AdapterError> {
+        let running = &self.running;
+        let info = self.adapters.unload(backend, name, |id| {
+            running.iter().any(|g| g.adapter() == Some(id))
+        })?;
+        for slot in self.prefix_cache.drop_adapter(info.id) {
+            self.release_cached(backend, slot);
+        }
+        Ok(info)
     }
 }
 
 /// A finished slot's prefix to keep: the slot, its tokens and their logprobs.
 type KeptPrefix = (SlotId, Vec<TokenId>, Vec<Option<f32>>);
+
+impl Group {
+    /// The adapter the group runs on.
+    fn adapter(&self) -> Option<AdapterId> {
+        self.job.adapter.as_ref().map(|a| a.id)
+    }
+}
 
 impl Scheduler {
     /// The prefixes of a finished group worth keeping: each sequence's slot (prompt and the
@@ -1016,11 +1091,19 @@ impl Scheduler {
 
     /// Puts finished prefixes in the cache, releasing the ones it does not need, then evicts
     /// the least recently used while the cache and the running requests exceed the budget.
-    fn keep_prefixes(&mut self, backend: &mut dyn Backend, kept: Vec<KeptPrefix>) {
+    fn keep_prefixes(
+        &mut self,
+        backend: &mut dyn Backend,
+        kept: Vec<KeptPrefix>,
+        adapter: Option<AdapterId>,
+    ) {
         for (slot, tokens, logprobs) in kept {
             let bytes = (kv_capacity_for(tokens.len()).max(KV_GRANULE) as u64)
                 .saturating_mul(self.info.kv_bytes_per_token);
-            for released in self.prefix_cache.insert(slot, tokens, logprobs, bytes) {
+            for released in self
+                .prefix_cache
+                .insert(slot, tokens, logprobs, bytes, adapter)
+            {
                 self.release_cached(backend, released);
             }
         }

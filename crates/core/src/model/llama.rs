@@ -7,6 +7,7 @@
 //! (it holds the batch). The ONNX backend implements the same ops by recording graph nodes.
 
 use crate::model::config::ModelConfig;
+use crate::model::lora::LoraSite;
 use crate::model::plan::{LinearSpec, TensorSpec, WeightPlan};
 
 /// Head layout of attention.
@@ -88,6 +89,18 @@ pub trait LlamaOps {
     ) -> Result<Self::Tensor, Self::Error> {
         let y = self.linear(x, w)?;
         self.add(residual, &y)
+    }
+    /// `y` (the projection of `x` at `site` of `layer`) plus each row's LoRA update there,
+    /// `(x Aᵀ) Bᵀ`, for rows whose sequence runs an adapter that updates the site; other rows
+    /// as they are. The default, for backends without adapters, returns `y`.
+    fn lora(
+        &mut self,
+        _x: &Self::Tensor,
+        y: Self::Tensor,
+        _layer: usize,
+        _site: LoraSite,
+    ) -> Result<Self::Tensor, Self::Error> {
+        Ok(y)
     }
     /// Splits each row's columns into consecutive pieces of the given widths.
     fn split(
@@ -236,6 +249,7 @@ impl Llama {
         for (i, l) in w.layers.iter().enumerate() {
             let normed = ops.rms_norm(&x, &l.input_norm, h, eps)?;
             let qkv = ops.linear(&normed, &l.qkv)?;
+            let qkv = ops.lora(&normed, qkv, i, LoraSite::Qkv)?;
             let mut parts = ops.split(&qkv, &[q_out, kv_out, kv_out])?.into_iter();
             let (Some(mut q), Some(mut k), Some(v)) = (parts.next(), parts.next(), parts.next())
             else {
@@ -251,10 +265,13 @@ impl Llama {
             let k = ops.rope(&k, hd)?;
             let attn = ops.attention(i, &q, &k, &v, shape)?;
             x = ops.linear_add(&attn, &l.o, x)?;
+            x = ops.lora(&attn, x, i, LoraSite::O)?;
             let normed = ops.rms_norm(&x, &l.post_norm, h, eps)?;
             let gate_up = ops.linear(&normed, &l.gate_up)?;
+            let gate_up = ops.lora(&normed, gate_up, i, LoraSite::GateUp)?;
             let act = ops.swiglu(&gate_up, cfg.intermediate_size)?;
             x = ops.linear_add(&act, &l.down, x)?;
+            x = ops.lora(&act, x, i, LoraSite::Down)?;
         }
         let x = ops.logit_rows(x)?;
         let x = ops.rms_norm(&x, &w.norm, h, eps)?;

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 mod fields;
 pub mod llama;
+pub mod lora;
 pub mod plan;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
@@ -24,4 +25,5 @@ pub use config::{
     read_config,
 };
 pub use llama::{AttentionShape, LayerWeights, Llama, LlamaOps, LlamaWeights, LoadOps};
+pub use lora::{AdapterError, LoraAdapter, LoraSite, LoraUpdate};
 pub use plan::{LayerPlan, LinearSpec, TensorSpec, WeightPlan};

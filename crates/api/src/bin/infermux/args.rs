@@ -196,6 +196,16 @@ pub struct ServeArgs {
     /// Turn the prefix cache off: every prompt is prefilled in full.
     #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
+    /// LoRA adapters (PEFT folders) to serve from the start, as NAME=PATH (vLLM's flag):
+    /// requests name one as their `model`.
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH", value_parser = lora_module)]
+    pub lora_modules: Vec<(String, PathBuf)>,
+    /// Accepted for vLLM scripts: adapters are always available.
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// Most LoRA adapters loaded at once (vLLM's flag); loading one more is a typed error.
+    #[arg(long, default_value_t = 8, value_parser = count(1, 1024))]
+    pub max_loras: usize,
     /// Key every route but /health*, /ping and /metrics needs, as `Authorization: Bearer KEY`
     /// or `X-API-Key: KEY` (401 otherwise). Default: none needed.
     #[arg(long, value_name = "KEY", env = "INFERMUX_API_KEY", hide_env_values = true, value_parser = key)]
@@ -211,6 +221,16 @@ pub struct ServeArgs {
     /// The folder model paths of the control routes must lie in (symlinks followed).
     #[arg(long, value_name = "DIR", requires = "enable_control_routes")]
     pub allowed_model_dir: Option<PathBuf>,
+}
+
+/// `NAME=PATH` of `--lora-modules`.
+fn lora_module(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{s:?} is not NAME=PATH")),
+    }
 }
 
 /// A key: not empty, no whitespace or control characters (it travels in a header).

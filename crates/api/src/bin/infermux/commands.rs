@@ -206,8 +206,22 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         kv_budget_bytes: args.kv_cache_memory_bytes,
         prefix_caching: !args.no_enable_prefix_caching,
+        max_loras: args.max_loras,
     };
     let client = client_with(&args.model, engine)?;
+    for (name, path) in &args.lora_modules {
+        let info = client
+            .engine()
+            .load_adapter(name, path)
+            .wait()
+            .with_context(|| format!("--lora-modules {name}={}", path.display()))?;
+        eprintln!(
+            "LoRA adapter {name}: rank {}, {} ({} parameters)",
+            info.rank,
+            info.targets.join(", "),
+            info.num_params
+        );
+    }
     // On stderr: stdout's first line is `listening on ...`, which scripts and tests wait for.
     let budget = client.engine().kv_budget_bytes();
     let source = match args.kv_cache_memory_bytes {

@@ -510,6 +510,7 @@ fn streams_refused_at_submit_hand_their_error_to_take_rejection() {
         max_num_batched_tokens: 64,
         kv_budget_bytes: Some(budget),
         prefix_caching: true,
+        max_loras: 8,
     };
     let e = Engine::start(backend, config).unwrap();
     let stream = |prompt: Vec<TokenId>, params: SamplingParams| {

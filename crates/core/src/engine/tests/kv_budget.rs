@@ -22,6 +22,7 @@ fn config(budget: u64) -> EngineConfig {
         kv_budget_bytes: Some(budget),
         // These tests count reservations exactly; the cache's own budget use is tested apart.
         prefix_caching: false,
+        max_loras: 8,
     }
 }
 
@@ -278,6 +279,7 @@ fn short_requests_pass_a_blocked_one_only_within_its_bypass_window() {
         max_num_batched_tokens: 64,
         kv_budget_bytes: Some(1 << 30),
         prefix_caching: false,
+        max_loras: 8,
     };
     let e = Engine::start(backend, config).unwrap();
     let request = |first: TokenId, n: usize, max_tokens: usize, seed: u64| {

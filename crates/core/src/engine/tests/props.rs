@@ -235,6 +235,7 @@ fn hostile_parameters_and_prompts_never_panic_and_leave_no_slot_held() {
         max_num_batched_tokens: 16,
         kv_budget_bytes: Some(4 * 128 * KV_BYTES_PER_TOKEN),
         prefix_caching: true,
+        max_loras: 8,
     };
     let tools = EngineTools {
         codec: Some(Arc::new(Letters)),
