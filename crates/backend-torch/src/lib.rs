@@ -15,15 +15,17 @@
 mod device;
 mod error;
 mod kv;
+mod lora;
 mod ops;
 mod weights;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use infermux_core::backend::{WeightUpdateError, open_checkpoint};
+use infermux_core::model::{AdapterError, LoraAdapter, WeightPlan};
 use infermux_core::{
-    Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits,
+    AdapterId, Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits,
     ModelConfig, ModelDir, ModelInfo, SlotId,
 };
 
@@ -32,6 +34,7 @@ pub use error::TorchBackendError;
 
 use device::runtime_error;
 use kv::{SlotKv, TorchKvStore};
+use lora::TorchLora;
 use ops::{RopeTables, TorchForward, TorchLoader, TorchWeights};
 use weights::Weights;
 
@@ -53,6 +56,8 @@ pub struct TorchBackend {
     kv: KvTable<SlotKv>,
     store: TorchKvStore,
     device: tch::Device,
+    /// Loaded LoRA adapters.
+    adapters: HashMap<AdapterId, TorchLora>,
 }
 
 /// Reads the weights of `dir` for the model of `cfg` onto `device` as `kind`: the one loader of
@@ -103,6 +108,7 @@ impl TorchBackend {
             rope,
             store,
             device,
+            adapters: HashMap::new(),
         })
     }
 }
@@ -121,6 +127,14 @@ impl Backend for TorchBackend {
                 message: format!("a batch addresses slot {:?} twice", c.slot),
             });
         }
+        if let Some(id) = batch
+            .chunks
+            .iter()
+            .filter_map(|c| c.adapter)
+            .find(|id| !self.adapters.contains_key(id))
+        {
+            return Err(BackendError::UnknownAdapter(id));
+        }
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }
@@ -129,8 +143,9 @@ impl Backend for TorchBackend {
             self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
         }
         let logits = {
-            let mut ops = TorchForward::new(batch, &self.rope, &self.kv, self.device)
-                .map_err(runtime_error)?;
+            let mut ops =
+                TorchForward::new(batch, &self.rope, &self.kv, &self.adapters, self.device)
+                    .map_err(runtime_error)?;
             self.model.forward(&mut ops, &self.weights)?
         };
         for c in &batch.chunks {
@@ -165,6 +180,26 @@ impl Backend for TorchBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    fn weight_plan(&self) -> Option<&WeightPlan> {
+        Some(&self.model.plan)
+    }
+
+    fn load_adapter(&mut self, id: AdapterId, adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        let lora =
+            TorchLora::upload(adapter, self.device, tch_kind(self.info.dtype)).map_err(|e| {
+                AdapterError::Load {
+                    name: adapter.path.display().to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        self.adapters.insert(id, lora);
+        Ok(())
+    }
+
+    fn unload_adapter(&mut self, id: AdapterId) {
+        self.adapters.remove(&id);
     }
 
     fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {

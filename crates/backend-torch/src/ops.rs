@@ -6,15 +6,18 @@
 //! GQA) against that chunk's KV slot. Nothing here knows an architecture: biases and q/k norms
 //! are whatever the plan holds.
 
+use std::collections::HashMap;
+
 use infermux_core::model::{
-    AttentionShape, LinearSpec, LlamaOps, LlamaWeights, LoadOps, TensorSpec,
+    AttentionShape, LinearSpec, LlamaOps, LlamaWeights, LoadOps, LoraSite, TensorSpec,
 };
-use infermux_core::{BackendError, ForwardBatch, KvTable, ModelConfig};
+use infermux_core::{AdapterId, BackendError, ForwardBatch, KvTable, ModelConfig};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::device::runtime_error;
 use crate::error::TorchBackendError;
 use crate::kv::SlotKv;
+use crate::lora::{AdapterRows, TorchLora};
 use crate::weights::Weights;
 
 /// A projection `y = x @ weightᵀ + bias`, its parts already concatenated.
@@ -114,6 +117,8 @@ impl RopeTables {
 /// positions, and the KV table whose (already reserved) slots attention writes and reads.
 pub(crate) struct TorchForward<'a> {
     batch: &'a ForwardBatch,
+    adapters: &'a HashMap<AdapterId, TorchLora>,
+    adapter_rows: AdapterRows,
     kv: &'a KvTable<SlotKv>,
     device: Device,
     /// Token ids, `[tokens]`.
@@ -129,6 +134,7 @@ impl<'a> TorchForward<'a> {
         batch: &'a ForwardBatch,
         rope: &RopeTables,
         kv: &'a KvTable<SlotKv>,
+        adapters: &'a HashMap<AdapterId, TorchLora>,
         device: Device,
     ) -> Result<Self, TchError> {
         let (mut ids, mut positions) = (Vec::new(), Vec::new());
@@ -139,6 +145,8 @@ impl<'a> TorchForward<'a> {
         let positions = Tensor::f_from_slice(&positions)?.f_to_device(device)?;
         Ok(Self {
             batch,
+            adapters,
+            adapter_rows: AdapterRows::new(batch, device)?,
             kv,
             device,
             ids: Tensor::f_from_slice(&ids)?.f_to_device(device)?,
@@ -266,6 +274,18 @@ impl LlamaOps for TorchForward<'_> {
 
     fn linear(&mut self, x: &Tensor, w: &Linear) -> Result<Tensor, BackendError> {
         x.f_linear(&w.weight, w.bias.as_ref())
+            .map_err(runtime_error)
+    }
+
+    fn lora(
+        &mut self,
+        x: &Tensor,
+        y: Tensor,
+        layer: usize,
+        site: LoraSite,
+    ) -> Result<Tensor, BackendError> {
+        self.adapter_rows
+            .apply(self.adapters, x, y, layer, site)
             .map_err(runtime_error)
     }
 

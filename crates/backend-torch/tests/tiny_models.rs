@@ -473,3 +473,119 @@ fn reduced_precision_stays_close_to_f32() {
         assert!(worst <= 0.05 * scale, "{dtype:?}: {worst} vs scale {scale}");
     }
 }
+
+/// A PEFT adapter (rank 2 on q, k, o, up and down of both layers) equals the same update
+/// merged into the weights (`W + (alpha / r) B A`) on its rows, and base rows in the same
+/// batch equal the base model.
+#[test]
+fn adapter_rows_equal_merged_weights_and_base_rows_stay_base() {
+    use infermux_core::AdapterId;
+    use infermux_core::model::LoraAdapter;
+    let _guard = tch::no_grad_guard();
+    let (config, mut tensors) = tiny_tensors(&VARIANTS[0]);
+    let base_model = write_model("lora-base", &config, &tensors);
+    let (r, alpha) = (2i64, 5.0f64);
+    let mut adapter = Vec::new();
+    for layer in 0..2 {
+        for module in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.o_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            let name = format!("model.layers.{layer}.{module}");
+            let at = tensors
+                .iter()
+                .position(|(n, _)| *n == format!("{name}.weight"))
+                .unwrap();
+            let (out, inp) = (tensors[at].1.size()[0], tensors[at].1.size()[1]);
+            let a = Tensor::randn([r, inp], (Kind::Float, tch::Device::Cpu)) * 0.3;
+            let b = Tensor::randn([out, r], (Kind::Float, tch::Device::Cpu)) * 0.3;
+            let merged = &tensors[at].1 + b.matmul(&a) * (alpha / r as f64);
+            tensors[at].1 = merged;
+            adapter.push((format!("base_model.model.{name}.lora_A.weight"), a));
+            adapter.push((format!("base_model.model.{name}.lora_B.weight"), b));
+        }
+    }
+    let merged_model = write_model("lora-merged", &config, &tensors);
+    let adapter_dir = base_model.dir.join("adapter");
+    std::fs::create_dir_all(&adapter_dir).unwrap();
+    Tensor::write_safetensors(&adapter, adapter_dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        adapter_dir.join("adapter_config.json"),
+        format!(r#"{{"r": {r}, "lora_alpha": {alpha}, "target_modules": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"]}}"#),
+    )
+    .unwrap();
+    let mut served = TorchBackend::load(&base_model.dir, TorchOptions::default()).unwrap();
+    let lora = LoraAdapter::read(&adapter_dir, served.weight_plan().unwrap()).unwrap();
+    served.load_adapter(AdapterId(1), &lora).unwrap();
+    let mut merged = TorchBackend::load(&merged_model.dir, TorchOptions::default()).unwrap();
+    let mut base = TorchBackend::load(&base_model.dir, TorchOptions::default()).unwrap();
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 97).collect();
+    let on = |slot, start, tokens: &[u32], adapter| SeqChunk {
+        adapter,
+        ..chunk(slot, start, tokens, LogitsWanted::All)
+    };
+    let a = Some(AdapterId(1));
+    let batches = [
+        vec![
+            on(0, 0, &prompt, a),
+            on(1, 0, &prompt[..9], None),
+            on(2, 0, &prompt[..5], a),
+        ],
+        vec![
+            on(1, 9, &[5], None),
+            on(0, 20, &[8], a),
+            on(2, 5, &[1, 2], a),
+        ],
+    ];
+    for chunks in batches {
+        let got = served
+            .forward(&ForwardBatch {
+                chunks: chunks.clone(),
+            })
+            .unwrap();
+        let plain: Vec<SeqChunk> = chunks
+            .iter()
+            .map(|c| SeqChunk {
+                adapter: None,
+                ..c.clone()
+            })
+            .collect();
+        let want_adapter = merged
+            .forward(&ForwardBatch {
+                chunks: plain.clone(),
+            })
+            .unwrap();
+        let want_base = base.forward(&ForwardBatch { chunks: plain }).unwrap();
+        for (i, c) in chunks.iter().enumerate() {
+            let want = if c.adapter.is_some() {
+                &want_adapter
+            } else {
+                &want_base
+            };
+            let mut moved = 0f32;
+            for ((g, w), b) in got.chunk(i).zip(want.chunk(i)).zip(want_base.chunk(i)) {
+                for ((x, y), z) in g.iter().zip(w).zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "chunk {i}: {x} vs {y}"
+                    );
+                    moved = moved.max((y - z).abs());
+                }
+            }
+            assert_eq!(c.adapter.is_some(), moved > 1e-3, "chunk {i}: {moved}");
+        }
+    }
+    served.unload_adapter(AdapterId(1));
+    let err = served
+        .forward(&ForwardBatch {
+            chunks: vec![on(5, 0, &prompt[..3], a)],
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::UnknownAdapter(AdapterId(1))),
+        "{err}"
+    );
+}
