@@ -205,14 +205,14 @@ impl LoraAdapter {
             names.dedup();
             names
         };
-        if let Targets::Named(names) = &config.targets {
-            if let Some(bad) = names.iter().find(|n| !known.contains(n)) {
-                return Err(AdapterError::UnknownTarget {
-                    file: config_path,
-                    module: bad.clone(),
-                    known: known.join(", "),
-                });
-            }
+        if let Targets::Named(names) = &config.targets
+            && let Some(bad) = names.iter().find(|n| !known.contains(n))
+        {
+            return Err(AdapterError::UnknownTarget {
+                file: config_path,
+                module: bad.clone(),
+                known: known.join(", "),
+            });
         }
         let checkpoint = Checkpoint::read(std::slice::from_ref(&weights_path))?;
         let mismatch = |tensor: &str, reason: String| AdapterError::Mismatch {
@@ -246,13 +246,13 @@ impl LoraAdapter {
                     known: known.join(", "),
                 });
             };
-            if let Targets::Named(names) = &config.targets {
-                if !names.contains(&short) {
-                    return Err(mismatch(
-                        module,
-                        format!("{short} is not in target_modules ({})", names.join(", ")),
-                    ));
-                }
+            if let Targets::Named(names) = &config.targets
+                && !names.contains(&short)
+            {
+                return Err(mismatch(
+                    module,
+                    format!("{short} is not in target_modules ({})", names.join(", ")),
+                ));
             }
             let (Some(a_name), Some(b_name)) = (a_name, b_name) else {
                 return Err(mismatch(module, "needs both lora_A and lora_B".into()));
@@ -480,13 +480,13 @@ impl AdapterConfig {
             return Err(invalid("must be a JSON object".into()));
         };
         let get = |k: &str| map.get(k).filter(|v| !v.is_null());
-        if let Some(t) = get("peft_type") {
-            if t.as_str() != Some("LORA") {
-                return Err(unsupported(
-                    "peft_type",
-                    format!("{t}; only LORA adapters load"),
-                ));
-            }
+        if let Some(t) = get("peft_type")
+            && t.as_str() != Some("LORA")
+        {
+            return Err(unsupported(
+                "peft_type",
+                format!("{t}; only LORA adapters load"),
+            ));
         }
         let rank = match get("r").and_then(Value::as_u64) {
             Some(r @ 1..=4096) => r as usize,
@@ -528,13 +528,13 @@ impl AdapterConfig {
                 "transposed (Conv1D) layouts are not supported".into(),
             ));
         }
-        if let Some(b) = get("bias") {
-            if b.as_str() != Some("none") {
-                return Err(unsupported(
-                    "bias",
-                    format!("{b}; only \"none\" (no trained biases)"),
-                ));
-            }
+        if let Some(b) = get("bias")
+            && b.as_str() != Some("none")
+        {
+            return Err(unsupported(
+                "bias",
+                format!("{b}; only \"none\" (no trained biases)"),
+            ));
         }
         let nonempty = |v: &Value| match v {
             Value::Array(a) => !a.is_empty(),
@@ -687,7 +687,8 @@ pub(crate) mod tests {
         let folder = Folder::copy_of("qwen2");
         let ok = json!({"r": 2, "lora_alpha": 4, "target_modules": ["down_proj"]});
         let down = [("mlp.down_proj", 64, 96)];
-        let cases: Vec<(serde_json::Value, Vec<(&str, usize, usize)>, &[&str])> = vec![
+        type Case<'a> = (serde_json::Value, Vec<(&'a str, usize, usize)>, &'a [&'a str]);
+        let cases: Vec<Case> = vec![
             (
                 json!({"r": 2, "target_modules": ["c_attn"]}),
                 down.to_vec(),
