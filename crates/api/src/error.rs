@@ -13,6 +13,9 @@ pub enum Error {
     /// The model folder could not be used.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A LoRA adapter could not be loaded, found or unloaded.
+    #[error(transparent)]
+    Adapter(#[from] infermux_core::AdapterError),
     /// The tokenizer could not be loaded or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -71,8 +71,9 @@ pub use service::{ModelSource, ServiceClient};
 pub use tokenizer::Tokenizer;
 pub use types::{SampleResponse, SampledSequence, ScoreResponse, StopReason};
 
+pub use infermux_core::engine::AdapterInfo;
 pub use infermux_core::{
-    BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,
+    AdapterError, BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,
     GuidedDecodingParams, ImageChunk, ImageFormat, LogprobsMode, ModelInput, ModelInputChunk,
     OutputKind, Pending, SamplingParams, SequenceUpdate, StreamUpdate, TokenId, TopLogprobs,
     ValidationError,

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use infermux_core::backend::{WeightUpdateError, check_same_model, open_checkpoint};
 use infermux_core::engine::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
+use infermux_core::engine::AdapterInfo;
 use infermux_core::{
-    BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelConfig,
+    AdapterError, BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelConfig,
     ModelInput, Pending, PromptLogprobs, SamplingParams,
 };
 
@@ -219,6 +220,63 @@ impl SamplingClient {
     /// `weight_version`, or the number of updates so far when it named none.
     pub fn weight_version(&self) -> String {
         self.inner.engine.weight_version()
+    }
+
+    /// Loads the PEFT LoRA adapter in `path` under `name` into this client's engine (no
+    /// restart, nothing drained): [`SamplingClient::with_lora`]`(name)` then samples from it,
+    /// in the same batches as the base and other adapters.
+    pub fn load_lora(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Pending<AdapterInfo, AdapterError> {
+        self.inner.engine.load_adapter(name, path.as_ref())
+    }
+
+    /// Takes adapter `name` out of service (running requests on it finish first).
+    pub fn unload_lora(&self, name: &str) -> Pending<AdapterInfo, AdapterError> {
+        self.inner.engine.unload_adapter(name)
+    }
+
+    /// The loaded adapters.
+    pub fn loras(&self) -> Vec<AdapterInfo> {
+        self.inner.engine.adapters()
+    }
+
+    /// A client on the same engine whose requests run on the loaded adapter `name`; its
+    /// responses' `policy_version` names the adapter's version.
+    pub fn with_lora(&self, name: &str) -> Result<SamplingClient> {
+        let engine = self.inner.engine.with_adapter(name)?;
+        Ok(self.on_engine(engine))
+    }
+
+    /// Tinker's sampling client made from an adapter's `model_path`: loads the adapter in
+    /// `path` (named by its path) and returns a client that samples from it.
+    pub fn create_lora_client(&self, path: impl AsRef<Path>) -> Result<SamplingClient> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        self.load_lora(&name, path).wait()?;
+        self.with_lora(&name)
+    }
+
+    /// A client on the base weights of this client's engine.
+    pub fn base(&self) -> SamplingClient {
+        self.on_engine(self.inner.engine.base())
+    }
+
+    /// The adapter this client's requests run on, if any.
+    pub fn lora_name(&self) -> Option<&str> {
+        self.inner.engine.adapter_name()
+    }
+
+    fn on_engine(&self, engine: Engine) -> SamplingClient {
+        Self::new(
+            engine,
+            self.inner.tokenizer.clone(),
+            self.inner.base_model.clone(),
+            self.inner.config.clone(),
+            self.inner.backend,
+        )
     }
 
     /// The engine underneath, for stats and advanced use.

@@ -31,11 +31,13 @@ use super::error::ApiError;
 use super::routes::{Body, Shared, parse_body};
 
 /// The routes that need the admin key.
-const CONTROL_ROUTES: [&str; 4] = [
+const CONTROL_ROUTES: [&str; 6] = [
     "/update_weights_from_disk",
     "/pause_generation",
     "/continue_generation",
     "/flush_cache",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
 ];
 
 /// Whether `path` is a control route (the admin key guards it).
@@ -59,6 +61,96 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         .route("/pause_generation", post(pause_generation))
         .route("/continue_generation", post(continue_generation))
         .route("/flush_cache", get(flush_cache).post(flush_cache))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
+}
+
+/// vLLM's `LoadLoRAAdapterRequest` / `UnloadLoRAAdapterRequest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraBody {
+    lora_name: String,
+    #[serde(default)]
+    lora_path: Option<String>,
+    /// vLLM's name for a numeric id; accepted and ignored (ids are the engine's).
+    #[serde(default)]
+    lora_int_id: Option<Value>,
+    /// vLLM's in-place reload; refused (unload, then load).
+    #[serde(default)]
+    load_inplace: bool,
+}
+
+/// `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}`: reads the PEFT folder (inside
+/// `--allowed-model-dir`) into the default model's engine; requests then name it as `model`.
+async fn load_lora_adapter(State(state): Shared, body: Body) -> Response {
+    let result = async {
+        let body: LoraBody = parse_body(&state, body).await?;
+        let Some(control) = &state.control else {
+            return Err(ApiError::no_route("/v1/load_lora_adapter"));
+        };
+        if body.load_inplace {
+            return Err(ApiError::invalid(
+                "load_inplace",
+                "load_inplace is not supported: unload the adapter, then load it",
+            ));
+        }
+        let _ = body.lora_int_id;
+        if state.models.iter().any(|m| m.name == body.lora_name) {
+            return Err(ApiError::invalid(
+                "lora_name",
+                format!("{:?} is the name of a served model", body.lora_name),
+            ));
+        }
+        let Some(given) = body.lora_path.clone() else {
+            return Err(ApiError::invalid("lora_path", "`lora_path` is required"));
+        };
+        let allowed = control.allowed_model_dir.clone();
+        let path = blocking(move || resolve_model_path(&given, &allowed))
+            .await?
+            .map_err(|e| e.renamed(&[("model_path", "lora_path")]))?;
+        let client = state.default_model().client.clone();
+        let name = body.lora_name.clone();
+        let info = blocking(move || client.load_lora(&name, &path).wait())
+            .await?
+            .map_err(|e| ApiError::from_adapter(&e))?;
+        Ok(json!({
+            "success": true,
+            "message": format!("Success: LoRA adapter '{}' added successfully.", info.name),
+            "lora_name": info.name,
+            "version": info.version,
+            "rank": info.rank,
+            "target_modules": info.targets,
+            "num_params": info.num_params,
+        }))
+    }
+    .await;
+    match result {
+        Ok(reply) => Json(reply).into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+/// `POST /v1/unload_lora_adapter` `{"lora_name"}`: new requests on it fail (404), running
+/// ones finish on it.
+async fn unload_lora_adapter(State(state): Shared, body: Body) -> Response {
+    let result = async {
+        let body: LoraBody = parse_body(&state, body).await?;
+        let client = state.default_model().client.clone();
+        let info = client
+            .unload_lora(&body.lora_name)
+            .await
+            .map_err(|e| ApiError::from_adapter(&e))?;
+        Ok::<_, ApiError>(json!({
+            "success": true,
+            "message": format!("Success: LoRA adapter '{}' removed successfully.", info.name),
+            "lora_name": info.name,
+        }))
+    }
+    .await;
+    match result {
+        Ok(reply) => Json(reply).into_response(),
+        Err(error) => failure(error),
+    }
 }
 
 /// The read-only route, served always.

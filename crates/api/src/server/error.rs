@@ -166,9 +166,37 @@ impl ApiError {
                 Some("model".into()),
             )
             .with_code("model_not_found"),
+            Error::Adapter(e) => Self::from_adapter(e),
             Error::Model(_) | Error::Backend { .. } | Error::Remote(_) => {
                 Self::internal(err.to_string())
             }
+        }
+    }
+
+    /// Maps a LoRA adapter error: an unknown name → 404, a bad name, folder or adapter (or
+    /// one this backend cannot run) → 400 naming `lora_name` or `lora_path`, a backend that
+    /// failed taking the tensors → 500, a stopped engine → 503.
+    pub fn from_adapter(err: &infermux_core::AdapterError) -> Self {
+        use infermux_core::AdapterError as A;
+        let message = err.to_string();
+        match err {
+            A::NotFound(_) => Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                message,
+                Some("lora_name".into()),
+            )
+            .with_code("model_not_found"),
+            A::AlreadyLoaded(_) | A::InvalidName { .. } | A::TooMany { .. } => {
+                Self::invalid("lora_name", message)
+            }
+            A::BackendUnsupported
+            | A::Model(_)
+            | A::Unsupported { .. }
+            | A::UnknownTarget { .. }
+            | A::Mismatch { .. } => Self::invalid("lora_path", message),
+            A::Shutdown => Self::status(StatusCode::SERVICE_UNAVAILABLE, message),
+            A::Load { .. } => Self::internal(message),
         }
     }
 

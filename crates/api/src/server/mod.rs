@@ -67,8 +67,8 @@ pub struct ServerConfig {
     pub control: Option<ControlConfig>,
 }
 
-/// One model a server answers for.
-#[derive(Debug)]
+/// One model a server answers for (or a LoRA adapter of the first, resolved per request).
+#[derive(Debug, Clone)]
 pub(crate) struct ServedModel {
     pub(crate) name: String,
     pub(crate) client: SamplingClient,
@@ -89,14 +89,32 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    /// The model named `name`; without a name, the first one (404 for an unknown name).
-    pub(crate) fn model(&self, name: Option<&str>) -> Result<&ServedModel, ApiError> {
-        match name {
-            None => Ok(self.default_model()),
-            Some(name) => self.models.iter().find(|m| m.name == name).ok_or_else(|| {
-                let served: Vec<String> = self.models.iter().map(|m| m.name.clone()).collect();
-                ApiError::unknown_model(name, &served)
+    /// The model named `name`: a served model, or a LoRA adapter loaded into the first (as
+    /// vLLM: an adapter's name is a `model`); without a name, the first model (404 for an
+    /// unknown name, listing both).
+    pub(crate) fn model(&self, name: Option<&str>) -> Result<ServedModel, ApiError> {
+        let Some(name) = name else {
+            return Ok(self.default_model().clone());
+        };
+        if let Some(m) = self.models.iter().find(|m| m.name == name) {
+            return Ok(m.clone());
+        }
+        let base = self.default_model();
+        match base.client.with_lora(name) {
+            Ok(client) => Ok(ServedModel {
+                name: name.to_string(),
+                client,
+                created: base.created,
             }),
+            Err(_) => {
+                let served: Vec<String> = self
+                    .models
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .chain(base.client.loras().into_iter().map(|a| a.name))
+                    .collect();
+                Err(ApiError::unknown_model(name, &served))
+            }
         }
     }
 

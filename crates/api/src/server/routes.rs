@@ -646,9 +646,14 @@ fn card(m: &ServedModel) -> ModelCard {
 
 /// `GET /v1/models`.
 pub(crate) async fn models(State(state): Shared) -> Response {
+    let base = state.default_model();
+    let adapters = base.client.loras().into_iter().map(|a| ModelCard {
+        id: a.name,
+        ..card(base)
+    });
     Json(ModelList {
         object: "list",
-        data: state.models.iter().map(card).collect(),
+        data: state.models.iter().map(card).chain(adapters).collect(),
     })
     .into_response()
 }
@@ -667,7 +672,7 @@ pub(crate) async fn model(State(state): Shared, request: Request) -> Response {
                 .into_response();
         }
     };
-    reply(state.model(Some(&id)).map(card))
+    reply(state.model(Some(&id)).map(|m| card(&m)))
 }
 
 /// `%XX` escapes of a path segment decoded; `None` when the result is not UTF-8.
@@ -744,6 +749,7 @@ pub(crate) async fn method_not_allowed(request: Request) -> Response {
         | "/pause_generation"
         | "/continue_generation" => "POST",
         "/flush_cache" => "GET, POST",
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => "POST",
         _ => "GET",
     };
     let mut response = ApiError::method_not_allowed(
@@ -772,6 +778,8 @@ fn route_label(path: &str) -> &'static str {
         "/pause_generation" => "/pause_generation",
         "/continue_generation" => "/continue_generation",
         "/flush_cache" => "/flush_cache",
+        "/v1/load_lora_adapter" => "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter" => "/v1/unload_lora_adapter",
         "/get_weight_version" => "/get_weight_version",
         p if p.starts_with("/v1/models") => "/v1/models",
         "/api/v1/asample" => "/api/v1/asample",

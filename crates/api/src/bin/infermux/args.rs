@@ -65,6 +65,9 @@ pub struct ChatArgs {
 pub struct SampleArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A PEFT LoRA adapter folder to run on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -131,6 +134,9 @@ pub struct GuidedArgs {
 pub struct LogprobsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// A PEFT LoRA adapter folder to run on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]

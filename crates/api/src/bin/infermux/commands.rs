@@ -35,6 +35,16 @@ fn client_with(args: &ModelArgs, engine: infermux::EngineConfig) -> Result<Sampl
         .with_context(|| format!("loading {} on {}", args.model.display(), args.backend))
 }
 
+/// `client` on the PEFT adapter at `lora`, when given.
+fn with_lora(client: SamplingClient, lora: Option<&std::path::Path>) -> Result<SamplingClient> {
+    match lora {
+        Some(path) => client
+            .create_lora_client(path)
+            .with_context(|| format!("--lora {}", path.display())),
+        None => Ok(client),
+    }
+}
+
 fn prompt_tokens(
     client: &SamplingClient,
     prompt: &PromptArgs,
@@ -54,7 +64,7 @@ fn prompt_tokens(
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
-    let client = client(&args.model)?;
+    let client = with_lora(client(&args.model)?, args.lora.as_deref())?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let prompt = ModelInput::from_ints(tokens.clone());
     let response = match args.beam_width {
@@ -152,7 +162,7 @@ fn guided_params(args: &GuidedArgs) -> Result<Option<GuidedDecodingParams>> {
 }
 
 fn logprobs(args: LogprobsArgs) -> Result<()> {
-    let client = client(&args.model)?;
+    let client = with_lora(client(&args.model)?, args.lora.as_deref())?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let scored = client.score(ModelInput::from_ints(tokens.clone())).wait()?;
     let logprobs = scored.logprobs;
