@@ -73,10 +73,10 @@ pub use types::{SampleResponse, SampledSequence, ScoreResponse, StopReason};
 
 pub use infermux_core::engine::AdapterInfo;
 pub use infermux_core::{
-    AdapterError, BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason, GenerateStream,
-    GuidedDecodingParams, ImageChunk, ImageFormat, LogprobsMode, ModelInput, ModelInputChunk,
-    OutputKind, Pending, SamplingParams, SequenceUpdate, StreamUpdate, TokenId, TopLogprobs,
-    ValidationError,
+    AdapterError, BeamSearchParams, DType, Device, EngineConfig, EngineError, FinishReason,
+    GenerateStream, GuidedDecodingParams, ImageChunk, ImageFormat, LogprobsMode, ModelInput,
+    ModelInputChunk, OutputKind, Pending, SamplingParams, SequenceUpdate, StreamUpdate, TokenId,
+    TopLogprobs, ValidationError,
 };
 
 /// The core crate, for backend implementers and advanced use.

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use infermux_core::backend::{WeightUpdateError, check_same_model, open_checkpoint};
-use infermux_core::engine::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
 use infermux_core::engine::AdapterInfo;
+use infermux_core::engine::{PauseMode, PauseReport, UpdateMode, WeightUpdate, WeightUpdateReport};
 use infermux_core::{
-    AdapterError, BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream, ModelConfig,
-    ModelInput, Pending, PromptLogprobs, SamplingParams,
+    AdapterError, BeamSearchParams, BeamSearchRequest, Engine, GenerateRequest, GenerateStream,
+    ModelConfig, ModelInput, Pending, PromptLogprobs, SamplingParams,
 };
 
 use crate::BackendKind;

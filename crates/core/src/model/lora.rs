@@ -687,7 +687,11 @@ pub(crate) mod tests {
         let folder = Folder::copy_of("qwen2");
         let ok = json!({"r": 2, "lora_alpha": 4, "target_modules": ["down_proj"]});
         let down = [("mlp.down_proj", 64, 96)];
-        type Case<'a> = (serde_json::Value, Vec<(&'a str, usize, usize)>, &'a [&'a str]);
+        type Case<'a> = (
+            serde_json::Value,
+            Vec<(&'a str, usize, usize)>,
+            &'a [&'a str],
+        );
         let cases: Vec<Case> = vec![
             (
                 json!({"r": 2, "target_modules": ["c_attn"]}),
