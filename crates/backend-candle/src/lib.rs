@@ -195,14 +195,7 @@ impl Backend for CandleBackend {
                 message: format!("token id {t} is outside the vocabulary ({vocab})"),
             });
         }
-        if let Some(id) = batch
-            .chunks
-            .iter()
-            .filter_map(|c| c.adapter)
-            .find(|id| !self.adapters.contains_key(id))
-        {
-            return Err(BackendError::UnknownAdapter(id));
-        }
+        batch.check_adapters(|id| self.adapters.contains_key(&id))?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, vocab, Vec::new());
         }

@@ -189,9 +189,7 @@ impl Backend for OnnxBackend {
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Logits, BackendError> {
         batch.check_positions(|slot| self.kv.len(slot), self.info.max_context)?;
         // The exported graph holds the base weights only; it loads no adapters.
-        if let Some(id) = batch.chunks.iter().find_map(|c| c.adapter) {
-            return Err(BackendError::UnknownAdapter(id));
-        }
+        batch.check_adapters(|_| false)?;
         let vocab = self.info.vocab_size;
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch.chunks.len()];
         for mut group in groups(batch) {

@@ -127,14 +127,7 @@ impl Backend for TorchBackend {
                 message: format!("a batch addresses slot {:?} twice", c.slot),
             });
         }
-        if let Some(id) = batch
-            .chunks
-            .iter()
-            .filter_map(|c| c.adapter)
-            .find(|id| !self.adapters.contains_key(id))
-        {
-            return Err(BackendError::UnknownAdapter(id));
-        }
+        batch.check_adapters(|id| self.adapters.contains_key(&id))?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }

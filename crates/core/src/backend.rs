@@ -149,6 +149,20 @@ impl ForwardBatch {
         out
     }
 
+    /// `Err(UnknownAdapter)` for the first chunk naming an adapter `loaded` denies (a backend
+    /// checks before computing anything).
+    pub fn check_adapters(&self, loaded: impl Fn(AdapterId) -> bool) -> Result<(), BackendError> {
+        match self
+            .chunks
+            .iter()
+            .filter_map(|c| c.adapter)
+            .find(|&id| !loaded(id))
+        {
+            Some(id) => Err(BackendError::UnknownAdapter(id)),
+            None => Ok(()),
+        }
+    }
+
     /// Total tokens in the batch.
     pub fn num_tokens(&self) -> usize {
         self.chunks.iter().map(|c| c.tokens.len()).sum()

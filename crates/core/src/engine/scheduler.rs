@@ -541,23 +541,13 @@ impl Scheduler {
                     "model",
                     format!("the LoRA adapter {:?} was unloaded", a.name),
                 );
-                if let Some(w) = self.waiting.remove(i) {
-                    self.shared.left_queue();
-                    self.outbox
-                        .push(Outgoing::error(&w.job.reply, EngineError::Invalid(err)));
-                    self.totals.failed_requests += 1;
-                }
+                self.reject_waiting(i, err);
                 continue;
             }
             let kv = KvReservation::of(&waiting.job, &self.info);
             if let Err(err) = kv.check_fits(self.kv_budget) {
                 // Checked at submit, so not reached; never wait on what cannot fit.
-                if let Some(w) = self.waiting.remove(i) {
-                    self.shared.left_queue();
-                    self.outbox
-                        .push(Outgoing::error(&w.job.reply, EngineError::Invalid(err)));
-                    self.totals.failed_requests += 1;
-                }
+                self.reject_waiting(i, err);
                 continue;
             }
             let may_pass = i == 0
@@ -582,6 +572,16 @@ impl Scheduler {
                 }
             }
             i += 1;
+        }
+    }
+
+    /// Removes waiting job `i` and fails it with `err`.
+    fn reject_waiting(&mut self, i: usize, err: ValidationError) {
+        if let Some(w) = self.waiting.remove(i) {
+            self.shared.left_queue();
+            self.outbox
+                .push(Outgoing::error(&w.job.reply, EngineError::Invalid(err)));
+            self.totals.failed_requests += 1;
         }
     }
 
