@@ -116,6 +116,10 @@ struct FakeBackend {
     delay: Option<std::time::Duration>,
     /// The fake's "weights": 0 at start, set by `update_weights` (see [`fake_row`]).
     weights: u32,
+    /// A plan to read adapters against (`None`: the fake runs no adapters).
+    plan: Option<crate::model::WeightPlan>,
+    /// Loaded adapters: each shifts its rows as weights `1000 + id` would.
+    adapters: std::collections::HashSet<crate::backend::AdapterId>,
 }
 
 impl FakeBackend {
@@ -142,6 +146,8 @@ impl FakeBackend {
                 bad_rows: None,
                 delay: None,
                 weights: 0,
+                plan: None,
+                adapters: Default::default(),
             },
             counters,
         )
@@ -211,8 +217,12 @@ impl Backend for FakeBackend {
         if let Some(delay) = self.delay {
             std::thread::sleep(delay);
         }
+        batch.check_adapters(|id| self.adapters.contains(&id))?;
         let mut data = Vec::new();
         for c in &batch.chunks {
+            let weights = c
+                .adapter
+                .map_or(self.weights, |a| self.weights + 1000 + a.0);
             if self.poison && c.tokens.contains(&POISON) {
                 return Err(BackendError::Runtime {
                     runtime: "fake",
@@ -245,7 +255,7 @@ impl Backend for FakeBackend {
             for (i, &t) in c.tokens.iter().enumerate() {
                 hist.push(t);
                 if i + rows >= c.tokens.len() {
-                    let mut row = fake_row(hist, self.weights);
+                    let mut row = fake_row(hist, weights);
                     if let Some(value) = self.bad_rows.and_then(|f| f(hist)) {
                         row.fill(value);
                     }
@@ -290,6 +300,23 @@ impl Backend for FakeBackend {
 
     fn set_kv_budget(&mut self, bytes: Option<u64>) {
         self.kv.set_budget(bytes);
+    }
+
+    fn weight_plan(&self) -> Option<&crate::model::WeightPlan> {
+        self.plan.as_ref()
+    }
+
+    fn load_adapter(
+        &mut self,
+        id: crate::backend::AdapterId,
+        _adapter: &crate::model::LoraAdapter,
+    ) -> Result<(), crate::model::AdapterError> {
+        self.adapters.insert(id);
+        Ok(())
+    }
+
+    fn unload_adapter(&mut self, id: crate::backend::AdapterId) {
+        self.adapters.remove(&id);
     }
 
     /// A folder named `weights-N` holds the weights N; `mismatch` is another model's; `panic`
@@ -693,6 +720,7 @@ fn pending_block_on<F: std::future::Future>(fut: F) -> F::Output {
     }
 }
 
+mod adapters;
 mod control;
 mod fields;
 mod hostile;
