@@ -111,6 +111,7 @@ impl RemoteSamplingClient {
             sampling_params,
             include_prompt_logprobs,
             topk_prompt_logprobs,
+            model: None,
         };
         self.spawn("/v1/sample", body, Ok)
     }
@@ -138,7 +139,10 @@ impl RemoteSamplingClient {
     pub fn compute_logprobs(&self, prompt: ModelInput) -> SamplerFuture<Vec<Option<f32>>> {
         self.spawn(
             "/v1/compute_logprobs",
-            ComputeLogprobsRequest { prompt },
+            ComputeLogprobsRequest {
+                prompt,
+                model: None,
+            },
             |r: ComputeLogprobsResponse| Ok(r.logprobs),
         )
     }

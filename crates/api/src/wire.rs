@@ -29,6 +29,10 @@ pub struct SampleRequest {
     /// Return this many alternatives per prompt position.
     #[serde(default)]
     pub topk_prompt_logprobs: usize,
+    /// A loaded LoRA adapter to sample from, by name (or a served model's name); absent: the
+    /// first served model.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 fn one() -> usize {
@@ -70,6 +74,8 @@ impl Serialize for SampleRequest {
             sampling_params: &'a SamplingParams,
             include_prompt_logprobs: bool,
             topk_prompt_logprobs: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            model: &'a Option<String>,
         }
         let params = SamplingParams {
             n: self.num_samples,
@@ -81,6 +87,7 @@ impl Serialize for SampleRequest {
             sampling_params: &params,
             include_prompt_logprobs: self.include_prompt_logprobs,
             topk_prompt_logprobs: self.topk_prompt_logprobs,
+            model: &self.model,
         }
         .serialize(serializer)
     }
@@ -92,6 +99,10 @@ impl Serialize for SampleRequest {
 pub struct ComputeLogprobsRequest {
     /// The sequence to score.
     pub prompt: ModelInput,
+    /// A loaded LoRA adapter to score with, by name (or a served model's name); absent: the
+    /// first served model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// Reply of `POST /v1/compute_logprobs`: one entry per prompt token, the first `null`.

@@ -3,7 +3,8 @@
 //! changes the logprobs; its replies carry `weight_version` `0+NAME#ID`), adapter and base
 //! requests sent together equal the same requests sent alone (mixed batches change no
 //! number), vLLM's load/unload routes behind the admin key and `--allowed-model-dir`, typed
-//! 400/404s for bad names, paths and adapters.
+//! 400/404s for bad names, paths and adapters; `/v1/sample` and `/v1/compute_logprobs` take
+//! the adapter as `model` too.
 
 mod server_support;
 
@@ -156,6 +157,31 @@ fn adapters_are_models_batched_with_the_base_and_loaded_at_run_time() {
             .fold(0.0, f64::max);
         assert!(worst < 1e-4, "{model}: {got:?} vs alone {want:?}");
     }
+
+    // The native routes take the adapter as `model` too.
+    let tokens =
+        json!({"chunks": [{"type": "encoded_text", "tokens": [504, 3575, 282, 4649, 314, 260]}]});
+    let scored = |model: Option<&str>| {
+        let mut body = json!({"prompt": tokens});
+        if let Some(m) = model {
+            body["model"] = json!(m);
+        }
+        let r = server.post("/v1/compute_logprobs", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let (plain, adapted) = (scored(None), scored(Some("ada")));
+    assert_eq!(adapted["policy_version"], "0+ada#0");
+    assert_ne!(plain["logprobs"], adapted["logprobs"]);
+    let sampled = server.post(
+        "/v1/sample",
+        &json!({"prompt": tokens, "model": "ada", "num_samples": 2,
+            "sampling_params": {"max_tokens": 3, "temperature": 1.0, "seed": 3}}),
+    );
+    assert_eq!(sampled.status, 200, "{}", sampled.text());
+    assert_eq!(sampled.json()["policy_version"], "0+ada#0");
+    let nope = server.post("/v1/sample", &json!({"prompt": tokens, "model": "nope"}));
+    assert_eq!(nope.status, 404, "{}", nope.text());
 
     // Unknown names are 404s listing what is served.
     let unknown = completion(&server, "nope");

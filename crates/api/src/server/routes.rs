@@ -580,7 +580,7 @@ pub(crate) async fn sample(State(state): Shared, body: Body) -> Response {
             state.limits.max_sequences_per_request,
             samples_field(&params, "num_samples"),
         )?;
-        let served = state.default_model();
+        let served = state.model(req.model.as_deref())?;
         let client = served.client.clone();
         let series = state.metrics.model_series(&served.name);
         let work = async {
@@ -614,7 +614,7 @@ pub(crate) async fn compute_logprobs(State(state): Shared, body: Body) -> Respon
     let result = async {
         let deadline = state.admission.deadline();
         let req: ComputeLogprobsRequest = parse_body(&state, body).await?;
-        let client = state.default_model().client.clone();
+        let client = state.model(req.model.as_deref())?.client.clone();
         let work = async {
             let pending = blocking(move || client.score(req.prompt)).await?;
             let scored = pending.await?;
