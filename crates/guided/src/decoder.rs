@@ -221,6 +221,17 @@ impl LlgDecoder {
                 self.limits.max_input_bytes
             )));
         }
+        // A choice list wider than an Earley row may hold fails only once decoding reaches the
+        // row where all options are alive (after a first token many share): whether a request
+        // is refused would depend on what it samples. Refused here, whatever it would draw.
+        if let Some(n) = params.choice.as_ref().map(Vec::len)
+            && n > self.limits.max_items_in_row
+        {
+            return Err(invalid(format!(
+                "{n} choices, more than the grammar engine's limit of {} options",
+                self.limits.max_items_in_row
+            )));
+        }
         let grammar = build_grammar(params, mode)?;
         let key = serde_json::to_string(&grammar).map_err(|e| invalid(e.to_string()))?;
         let matcher = match self.cached(&key) {
