@@ -19,7 +19,7 @@ use crate::{cargo, setup_all};
 
 /// The Python peer script, relative to the repository root.
 const PEER_SCRIPT: &str = "xtask/peer_bench.py";
-/// The reference stack's venv (`cargo xtask golden` creates it).
+/// The reference stack's venv (`cargo xtask setup` creates it).
 const PEER_PYTHON: &str = "runtimes/py/bin/python";
 /// Goldens whose tokens make the workload's prompts (real text, not random ids).
 const CORPUS: &str = "tests/data/goldens/smollm2-135m-instruct.json";
@@ -193,7 +193,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
             }
         } else {
             eprintln!(
-                "no peer: {} missing (run `cargo xtask golden` to create it)",
+                "no peer: {} missing (run `cargo xtask setup` to create it)",
                 python.display()
             );
             None

@@ -11,7 +11,7 @@ mod server_support;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use server_support::{Reply, Server, request_with};
+use server_support::{Reply, Server};
 
 const ADMIN_KEY: &str = "adm-lora-7f";
 
@@ -62,15 +62,7 @@ fn write_adapter(dir: &Path, salt: u32) {
 }
 
 fn admin(server: &Server, path: &str, body: &Value) -> Reply {
-    let body = body.to_string();
-    let auth = format!("Bearer {ADMIN_KEY}");
-    request_with(
-        &server.addr,
-        "POST",
-        path,
-        &[("Authorization", &auth)],
-        Some(body.as_bytes()),
-    )
+    server.post_as(ADMIN_KEY, path, body)
 }
 
 fn completion(server: &Server, model: &str) -> Reply {

@@ -11,7 +11,7 @@ use super::remove_dir_if_exists;
 use crate::run_status;
 
 /// Where downloaded runtime wheels are kept, relative to the repository root.
-const DOWNLOAD_DIR: &str = "runtimes/.download";
+pub const DOWNLOAD_DIR: &str = "runtimes/.download";
 /// Marker written last into a complete runtime folder.
 const MARKER_FILE: &str = ".infermux-installed";
 

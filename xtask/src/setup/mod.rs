@@ -3,6 +3,7 @@
 pub mod install;
 pub mod model;
 pub mod py_openai;
+pub mod py_reference;
 pub mod py_router;
 pub mod py_sdks;
 pub mod runtimes;
@@ -67,8 +68,9 @@ pub struct Components {
 }
 
 /// Installs the selected runtimes, the `openai` Python client (for the server's client test),
-/// sglang-router (for the scale-out test) and the official Tinker/Fireworks SDKs (for their
-/// tests), then prepares the model; returns the model folder.
+/// sglang-router (for the scale-out test), the official Tinker/Fireworks SDKs (for their
+/// tests) and the torch + transformers + peft stack (for the trainer-agreement test), then
+/// prepares the model; returns the model folder.
 pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
     py_openai::ensure(root)?;
     py_router::ensure(root)?;
@@ -76,6 +78,8 @@ pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
     if components.torch {
         install::ensure(root, &runtimes::LIBTORCH)?;
     }
+    // After libtorch: pip takes torch from the wheel that install downloaded.
+    py_reference::ensure(root)?;
     if components.onnx {
         install::ensure(root, &runtimes::ONNXRUNTIME)?;
     }

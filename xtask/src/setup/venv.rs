@@ -1,5 +1,6 @@
 //! A Python venv under `runtimes/` with pinned packages, for the tests that drive infermux with
-//! real clients and peers (the `openai` client, sglang-router, the Tinker and Fireworks SDKs).
+//! real clients and peers (the `openai` client, sglang-router, the Tinker and Fireworks SDKs, the
+//! transformers reference stack).
 //! Idempotent: nothing is fetched once the pinned versions import.
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ pub struct PinnedVenv {
     pub packages: &'static [&'static str],
     /// Extra `pip install` flags (e.g. `--only-binary=NAME`).
     pub pip_flags: &'static [&'static str],
+    /// Folders of local wheels, relative to the repository root, given to pip as
+    /// `--find-links` when they exist (the torch wheel `setup` already downloaded).
+    pub find_links: &'static [&'static str],
     /// Python that succeeds only when the pinned packages import at their versions.
     pub import_check: &'static str,
 }
@@ -49,8 +53,13 @@ impl PinnedVenv {
             "--disable-pip-version-check",
             "--quiet",
         ])
-        .args(self.pip_flags)
-        .args(self.packages);
+        .args(self.pip_flags);
+        for dir in self.find_links.iter().map(|d| root.join(d)) {
+            if dir.is_dir() {
+                cmd.arg("--find-links").arg(dir);
+            }
+        }
+        cmd.args(self.packages);
         run_status(&mut cmd).with_context(|| format!("pip install of {} failed", self.what))?;
         anyhow::ensure!(
             self.imports_ok(&python),

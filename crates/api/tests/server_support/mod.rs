@@ -36,11 +36,16 @@ impl Server {
     /// Starts `infermux serve --model <reference> --backend candle --port 0 <extra>` and waits
     /// for its `listening on http://...` line.
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_on("candle", extra)
+    }
+
+    /// [`Server::start`] on `backend`.
+    pub fn start_on(backend: &str, extra: &[&str]) -> Self {
         let model = model_dir();
         let mut child = Command::new(env!("CARGO_BIN_EXE_infermux"))
             .args(["serve", "--model"])
             .arg(&model)
-            .args(["--backend", "candle", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--backend", backend, "--host", "127.0.0.1", "--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -72,6 +77,19 @@ impl Server {
     /// `POST path` with a JSON body.
     pub fn post(&self, path: &str, body: &Value) -> Reply {
         self.request("POST", path, Some(body.to_string().as_bytes()))
+    }
+
+    /// `POST path` with a JSON body and `Authorization: Bearer KEY` (the control routes).
+    pub fn post_as(&self, key: &str, path: &str, body: &Value) -> Reply {
+        let auth = format!("Bearer {key}");
+        let body = body.to_string();
+        request_with(
+            &self.addr,
+            "POST",
+            path,
+            &[("Authorization", &auth)],
+            Some(body.as_bytes()),
+        )
     }
 
     /// `GET path`.
