@@ -28,7 +28,10 @@ pub const BASELINE: &str = "tests/data/conformance-baseline.json";
 /// A lower-is-better value may grow by this fraction of itself…
 const REL_MARGIN: f64 = 0.5;
 /// …or by this fraction of its bound, whichever is larger, before it counts as worse.
-const LIMIT_MARGIN: f64 = 0.1;
+/// A quarter, not less: the same commit measures torch's score batch invariance as 0 on
+/// AMD EPYC and 1.5e-5 (of a 1e-4 bound) on Intel Sapphire Rapids (libtorch picks its GEMM
+/// kernel by CPU), and the baseline must hold on both CI machines.
+const LIMIT_MARGIN: f64 = 0.25;
 
 /// Flags of `cargo xtask conformance`.
 #[derive(Args, Debug)]
@@ -744,8 +747,8 @@ mod tests {
         .map(|(k, e)| (k.to_string(), e.to_json()))
         .collect();
         let current: BTreeMap<String, Entry> = [
-            ("candle/a/x", entry(9e-5, true)), // within 10% of the limit: unchanged
-            ("candle/a/y", entry(2e-4, true)), // worse beyond the margin
+            ("candle/a/x", entry(2e-4, true)), // within 25% of the limit: unchanged
+            ("candle/a/y", entry(3e-4, true)), // worse beyond the margin
             ("candle/a/z", entry(1.1e-3, false)), // pass -> fail
             ("candle/a/w", entry(1e-5, true)), // fail -> pass
             ("candle/a/v", entry(1e-5, true)), // new
@@ -769,7 +772,33 @@ mod tests {
         let updated = update_entries(&previous, &current, &measured);
         assert_eq!(updated.len(), 7);
         assert_eq!(updated["torch/a/x"], previous["torch/a/x"]);
-        assert_eq!(updated["candle/a/y"]["value"], 2e-4);
+        assert_eq!(updated["candle/a/y"]["value"], 3e-4);
+    }
+
+    /// The swing CI saw between two CPUs on one commit is not a regression.
+    #[test]
+    fn cross_cpu_gemm_noise_is_unchanged() {
+        let tight = |value: f64| Entry {
+            value,
+            limit: 1e-4,
+            lower_is_better: true,
+            pass: true,
+        };
+        let previous: Map<String, Value> =
+            [("torch/batch_invariance/score".to_string(), tight(0.0).to_json())]
+                .into_iter()
+                .collect();
+        let scope = Scope {
+            backends: vec!["torch".to_string()],
+            models: vec!["smollm2".to_string()],
+        };
+        let now = |v: f64| {
+            [("torch/batch_invariance/score".to_string(), tight(v))]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(compare(&previous, &now(1.526e-5), &scope).unchanged, 1);
+        assert_eq!(compare(&previous, &now(4e-5), &scope).regressions.len(), 1);
     }
 
     #[test]
