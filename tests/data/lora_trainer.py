@@ -98,23 +98,24 @@ def completion_logprobs(model, prompt, completion):
 
 
 def score(args):
+    """Scores every job's sequences; jobs on the same weights share one loaded model (each
+    weight set is loaded once, however the jobs interleave)."""
     with open(args.jobs) as f:
         jobs = json.load(f)
-    cache = {}
-    results = []
-    for job in jobs:
-        key = (job["model"], job.get("adapter"))
-        if key not in cache:
-            cache.clear()
-            model = load(job["model"])
-            if job.get("adapter"):
-                model = PeftModel.from_pretrained(model, job["adapter"])
-                model.eval()
-            cache[key] = model
-        model = cache[key]
-        results.append(
-            [completion_logprobs(model, s["prompt"], s["completion"]) for s in job["sequences"]]
-        )
+    by_weights = {}
+    for i, job in enumerate(jobs):
+        by_weights.setdefault((job["model"], job.get("adapter")), []).append(i)
+    results = [None] * len(jobs)
+    for (model_dir, adapter), indices in by_weights.items():
+        model = load(model_dir)
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter)
+            model.eval()
+        for i in indices:
+            results[i] = [
+                completion_logprobs(model, s["prompt"], s["completion"]) for s in jobs[i]["sequences"]
+            ]
+        del model
     with open(args.out, "w") as f:
         json.dump(results, f)
 

@@ -4,18 +4,20 @@
 //! Writes a Markdown table (`docs/bench/scale-out.md` by default) with the machine's CPU.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use crate::serve_bench::{
+    Proc, build_infermux, commit_line, cpu_model, free_port, load_average, quantile, request,
+    serve, target_dir, today,
+};
+use crate::setup;
 use crate::setup::py_router;
-use crate::{cargo, run_status, setup};
 
 /// The name replicas serve the model under.
 const MODEL: &str = "bench";
@@ -66,16 +68,6 @@ struct Scenario {
     runs: Vec<Run>,
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs every scenario, then writes and prints the table.
 pub fn run(root: &Path, args: &BenchScaleArgs) -> Result<()> {
     ensure!(
@@ -84,23 +76,8 @@ pub fn run(root: &Path, args: &BenchScaleArgs) -> Result<()> {
     );
     let model = setup::run(root)?;
     let python = py_router::ensure(root)?;
-    let mut build = cargo();
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "infermux",
-        "--features",
-        "cli",
-        "--bin",
-        "infermux",
-    ]);
-    run_status(&mut build)?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("release/infermux");
-    let logs = target.join("bench-scale");
+    let bin = build_infermux(root)?;
+    let logs = target_dir(root).join("bench-scale");
     std::fs::create_dir_all(&logs)?;
     let ctx = Ctx {
         bin,
@@ -172,41 +149,20 @@ impl Ctx<'_> {
     /// Starts replica `i` on a free loopback port (`threads`: its kernels' thread count, or
     /// candle's default of one per core); waits for its `listening on` line.
     fn replica(&self, i: usize, threads: Option<usize>) -> Result<(Proc, String)> {
-        let port = free_port()?;
-        let log = std::fs::File::create(self.logs.join(format!("replica-{i}.log")))?;
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["serve", "--model"])
-            .arg(&self.model)
-            .args(["--backend", "candle", "--host", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .args([
-                "--served-model-name",
-                MODEL,
-                "--kv-cache-memory-bytes",
-                "1GiB",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
+        cmd.args(["serve", "--model"]).arg(&self.model).args([
+            "--backend",
+            "candle",
+            "--served-model-name",
+            MODEL,
+            "--kv-cache-memory-bytes",
+            "1GiB",
+        ]);
         if let Some(t) = threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
         }
-        let mut child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
-        let mut stdout = child.stdout.take().context("replica stdout")?;
-        let proc = Proc(child);
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while stdout.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        let addr = format!("127.0.0.1:{port}");
-        ensure!(
-            String::from_utf8_lossy(&line).trim() == format!("listening on http://{addr}"),
-            "replica {i} did not start (see {})",
-            self.logs.join(format!("replica-{i}.log")).display()
-        );
-        Ok((proc, addr))
+        serve(cmd, &self.logs.join(format!("replica-{i}.log")))
+            .with_context(|| format!("replica {i}"))
     }
 
     /// Starts sglang-router in front of `workers` and waits until it counts them all healthy.
@@ -345,78 +301,6 @@ fn workload(addr: &str, requests: usize, max_tokens: usize) -> Result<Run> {
     })
 }
 
-/// One HTTP/1.1 request (`Connection: close`, loopback); the status and the JSON body.
-fn request(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no HTTP reply head")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    ensure!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "unexpected chunked reply to {path}"
-    );
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("bad status line")?;
-    let value = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
-    Ok((status, value))
-}
-
-/// A port on 127.0.0.1 nothing listens on now.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// The CPU model as `lscpu` names it.
-fn cpu_model() -> String {
-    let out = Command::new("lscpu").output().ok();
-    out.and_then(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("Model name:").map(|m| m.trim().to_string()))
-    })
-    .unwrap_or_else(|| "unknown".into())
-}
-
-/// The stdout of `cmd args` trimmed, or `unknown`.
-fn stdout_of(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// The 1-minute load average (`/proc/loadavg`): other work on the machine skews the figures.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// The `q` quantile of sorted `xs`.
-fn quantile(xs: &[f64], q: f64) -> f64 {
-    xs[((xs.len() - 1) as f64 * q).round() as usize]
-}
-
 /// The Markdown report.
 fn render(
     root: &Path,
@@ -425,32 +309,8 @@ fn render(
     load: (String, String),
     scenarios: &[Scenario],
 ) -> Result<String> {
-    let commit = stdout_of(
-        "git",
-        &[
-            "-C",
-            &root.to_string_lossy(),
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ],
-    );
-    let dirty = stdout_of(
-        "git",
-        &[
-            "-C",
-            &root.to_string_lossy(),
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-        ],
-    );
-    let commit = if dirty.is_empty() {
-        format!("commit `{commit}`")
-    } else {
-        format!("commit `{commit}` with uncommitted changes")
-    };
-    let date = stdout_of("date", &["-u", "+%Y-%m-%d"]);
+    let commit = commit_line(root);
+    let date = today();
     let mut md = String::new();
     writeln!(
         md,

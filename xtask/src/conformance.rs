@@ -784,10 +784,12 @@ mod tests {
             lower_is_better: true,
             pass: true,
         };
-        let previous: Map<String, Value> =
-            [("torch/batch_invariance/score".to_string(), tight(0.0).to_json())]
-                .into_iter()
-                .collect();
+        let previous: Map<String, Value> = [(
+            "torch/batch_invariance/score".to_string(),
+            tight(0.0).to_json(),
+        )]
+        .into_iter()
+        .collect();
         let scope = Scope {
             backends: vec!["torch".to_string()],
             models: vec!["smollm2".to_string()],

@@ -85,6 +85,7 @@ pub fn run(root: &Path, args: &ExportArgs) -> Result<()> {
         dtype,
         force: args.force,
         standalone,
+        ..Default::default()
     };
     export(&model, &out, &options)?;
     if args.verify {

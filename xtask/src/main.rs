@@ -1,10 +1,12 @@
 //! Developer tasks for infermux (`cargo xtask <command>`).
 
 mod bench;
+mod bench_rl;
 mod bench_scale;
 mod conformance;
 mod export;
 mod golden;
+mod serve_bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -66,6 +68,9 @@ enum Cmd {
     /// Throughput of `infermux serve` replicas behind sglang-router (runtimes/py-router)
     /// against one replica direct, same workload, same run → docs/bench/scale-out.md.
     BenchScale(bench_scale::BenchScaleArgs),
+    /// What an RL loop asks of `infermux serve`: prefix-cache TTFT, a GRPO step with and
+    /// without the cache, mixed-adapter batches, weight updates under load → docs/bench/rl.md.
+    BenchRl(bench_rl::BenchRlArgs),
 }
 
 /// Flags that leave out a native runtime (the model is always prepared).
@@ -119,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Conformance(args) => conformance::run(&root, &args),
         Cmd::Bench(args) => bench::run(&root, &args),
         Cmd::BenchScale(args) => bench_scale::run(&root, &args),
+        Cmd::BenchRl(args) => bench_rl::run(&root, &args),
     }
 }
 

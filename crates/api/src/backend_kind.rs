@@ -75,8 +75,15 @@ pub struct LoadOptions {
     pub engine: EngineConfig,
 }
 
-/// Builds the chosen backend over the model folder at `path`.
-pub(crate) fn load_backend(path: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>> {
+/// Builds the chosen backend over the model folder at `path`; with `merge`, onnx merges that
+/// PEFT adapter into the weights (the other backends load adapters into a running engine).
+pub(crate) fn load_backend(
+    path: &Path,
+    options: &LoadOptions,
+    merge: Option<&Path>,
+) -> Result<Box<dyn Backend>> {
+    #[cfg(not(feature = "onnx"))]
+    let _ = merge;
     let failed = |reason: String| Error::Backend {
         backend: options.backend,
         reason,
@@ -117,8 +124,16 @@ pub(crate) fn load_backend(path: &Path, options: &LoadOptions) -> Result<Box<dyn
                 device: options.device,
                 ..Default::default()
             };
-            let backend = infermux_backend_onnx::OnnxBackend::load(path, opts)
-                .map_err(|e| failed(e.to_string()))?;
+            let backend = match merge {
+                Some(adapter) => {
+                    infermux_backend_onnx::OnnxBackend::load_merged(path, adapter, opts)
+                }
+                None => infermux_backend_onnx::OnnxBackend::load(path, opts),
+            }
+            .map_err(|e| match e {
+                infermux_backend_onnx::OnnxBackendError::Adapter(e) => Error::Adapter(e),
+                e => failed(e.to_string()),
+            })?;
             Ok(Box::new(backend))
         }
         #[allow(unreachable_patterns)]

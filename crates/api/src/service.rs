@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use infermux_core::{Backend, Engine, EngineTools, ModelError};
 
-use crate::backend_kind::{LoadOptions, load_backend};
+use infermux_core::model::lora::ADAPTER_CONFIG;
+
+use crate::backend_kind::{BackendKind, LoadOptions, load_backend};
 use crate::error::{Error, Result};
 use crate::registry::ModelRegistry;
 use crate::sampling_client::SamplingClient;
@@ -73,7 +75,7 @@ impl ServiceClient {
         base_model: &str,
     ) -> Result<SamplingClient> {
         let path = self.registry.resolve(base_model)?;
-        self.load(&path, base_model.trim().to_string())
+        self.load(&path, base_model.trim().to_string(), None)
     }
 
     /// Starts a sampling client for `source`: a registry name or a model folder.
@@ -93,16 +95,75 @@ impl ServiceClient {
     /// weights or graph the backend needs) and starts an engine for it. The config is
     /// range-checked and the weights' headers checked against it before anything is allocated:
     /// a lying or truncated folder is an [`Error::Model`] naming the field or tensor.
+    ///
+    /// A PEFT adapter folder (`adapter_config.json`) is Tinker's `model_path` of trained
+    /// weights: its base (`base_model_name_or_path`: a folder, or a name the registry knows)
+    /// is loaded with the adapter, as [`ServiceClient::create_lora_sampling_client`].
     pub fn create_sampling_client(&self, model: impl AsRef<Path>) -> Result<SamplingClient> {
         let path = model.as_ref();
-        let base_model = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.display().to_string());
-        self.load(path, base_model)
+        if path.join(ADAPTER_CONFIG).is_file() {
+            let base = self.adapter_base(path)?;
+            return self.create_lora_sampling_client(base, path);
+        }
+        self.load(path, folder_name(path), None)
     }
 
-    fn load(&self, path: &Path, base_model: String) -> Result<SamplingClient> {
+    /// Starts a sampling client on the model folder `base` with the PEFT adapter in `adapter`
+    /// (Tinker's sampling client on trained LoRA weights). candle and torch load the adapter
+    /// into the base's engine, where requests on the base and on other adapters share its
+    /// batches; onnx merges it into the weights at load (`W + B A`; its graph holds the
+    /// weights), so that engine serves the adapted model only.
+    pub fn create_lora_sampling_client(
+        &self,
+        base: impl AsRef<Path>,
+        adapter: impl AsRef<Path>,
+    ) -> Result<SamplingClient> {
+        let (base, adapter) = (base.as_ref(), adapter.as_ref());
+        if self.options.backend == BackendKind::Onnx {
+            return self.load(base, folder_name(base), Some(adapter));
+        }
+        self.load(base, folder_name(base), None)?
+            .create_lora_client(adapter)
+    }
+
+    /// The base model folder an adapter's `base_model_name_or_path` names.
+    fn adapter_base(&self, adapter: &Path) -> Result<PathBuf> {
+        let file = adapter.join(ADAPTER_CONFIG);
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            file: file.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+        let Some(name) = json["base_model_name_or_path"].as_str() else {
+            return Err(invalid(
+                "base_model_name_or_path is missing: give the base model with                  create_lora_sampling_client(base, adapter)"
+                    .into(),
+            )
+            .into());
+        };
+        let local = Path::new(name);
+        let local = if local.is_relative() {
+            adapter.join(local)
+        } else {
+            local.to_path_buf()
+        };
+        if local.join("config.json").is_file() {
+            return Ok(local);
+        }
+        Ok(self.registry.resolve(name)?)
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        base_model: String,
+        merge: Option<&Path>,
+    ) -> Result<SamplingClient> {
         if !path.is_dir() {
             return Err(ModelError::MissingFile {
                 dir: path.to_path_buf(),
@@ -114,7 +175,7 @@ impl ServiceClient {
         // backend sizes anything from it (the backends check it again, with the weights'
         // headers, before reading any tensor).
         let (config, _) = infermux_core::model::read_config(path)?;
-        let backend = load_backend(path, &self.options)?;
+        let backend = load_backend(path, &self.options, merge)?;
         if !path.join("tokenizer.json").is_file() {
             return Err(ModelError::MissingFile {
                 dir: path.to_path_buf(),
@@ -137,4 +198,11 @@ impl ServiceClient {
             self.options.backend,
         ))
     }
+}
+
+/// A folder's last component, the name a client reports as its base model.
+fn folder_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }

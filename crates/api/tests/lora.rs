@@ -8,10 +8,10 @@
 
 mod server_support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use server_support::{Reply, Server};
+use server_support::{Reply, Server, write_adapter};
 
 const ADMIN_KEY: &str = "adm-lora-7f";
 
@@ -22,43 +22,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Writes a PEFT adapter for SmolLM2-135M (hidden 576, k/v 192, 30 layers): rank 4 on q and v.
-fn write_adapter(dir: &Path, salt: u32) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut header = serde_json::Map::new();
-    let mut data: Vec<u8> = Vec::new();
-    let mut state = 0x9E37_79B9u32.wrapping_mul(salt + 1);
-    let mut add = |name: String, shape: [usize; 2]| {
-        let begin = data.len();
-        for _ in 0..shape[0] * shape[1] {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            let v = (state as f32 / u32::MAX as f32 - 0.5) * 0.15;
-            data.extend_from_slice(&v.to_le_bytes());
-        }
-        header.insert(
-            name,
-            json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
-        );
-    };
-    for layer in 0..30 {
-        for (module, out) in [("q_proj", 576), ("v_proj", 192)] {
-            let base = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
-            add(format!("{base}.lora_A.weight"), [4, 576]);
-            add(format!("{base}.lora_B.weight"), [out, 4]);
-        }
-    }
-    let h = serde_json::to_vec(&header).unwrap();
-    let mut file = (h.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&h);
-    file.extend_from_slice(&data);
-    std::fs::write(dir.join("adapter_model.safetensors"), file).unwrap();
-    let config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16,
-        "target_modules": ["q_proj", "v_proj"], "bias": "none"});
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
 }
 
 fn admin(server: &Server, path: &str, body: &Value) -> Reply {
@@ -244,4 +207,91 @@ fn adapters_are_models_batched_with_the_base_and_loaded_at_run_time() {
     // The base and the other adapter serve on, unchanged.
     assert_eq!(logprobs(&completion(&server, "ada")), a);
     assert_eq!(logprobs(&completion(&server, &base_name)), b);
+}
+
+/// `infermux logprobs --lora DIR --json` on `backend`: each token's logprob.
+fn cli_logprobs(backend: &str, lora: Option<&std::path::Path>) -> Vec<Option<f64>> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_infermux"));
+    cmd.args(["logprobs", "--model"])
+        .arg(server_support::model_dir())
+        .args(["--backend", backend, "--json"])
+        .args([
+            "--prompt",
+            "The capital of France is Paris, and the capital of Italy is",
+        ]);
+    if let Some(dir) = lora {
+        cmd.arg("--lora").arg(dir);
+    }
+    let out = cmd.output().expect("running infermux");
+    assert!(
+        out.status.success(),
+        "{backend}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Value::as_f64)
+        .collect()
+}
+
+/// onnx runs an adapter by merging it into the weights at load (`W + B A`, exported beside
+/// the adapter): its logprobs equal candle's, which applies the same adapter per row, within
+/// the f32 tolerance, and differ from the base; `serve --lora-modules` on onnx is refused
+/// with a message saying so. The build CI runs has onnx; a build without it has nothing here
+/// to check.
+#[test]
+fn onnx_merges_an_adapter_at_load_and_agrees_with_candle() {
+    if !cfg!(feature = "onnx") {
+        return;
+    }
+    let root = Scratch(std::env::temp_dir().join(format!("infermux-merge-{}", std::process::id())));
+    let dir = root.0.join("ada");
+    write_adapter(&dir, 5);
+    let candle = cli_logprobs("candle", Some(&dir));
+    let onnx = cli_logprobs("onnx", Some(&dir));
+    let base = cli_logprobs("onnx", None);
+    assert_eq!(candle.len(), onnx.len());
+    let gap = |a: &[Option<f64>], b: &[Option<f64>]| {
+        a.iter()
+            .zip(b)
+            .filter_map(|(x, y)| Some((x.as_ref()? - y.as_ref()?).abs()))
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        gap(&candle, &onnx) < 1e-3,
+        "onnx merged vs candle: {}",
+        gap(&candle, &onnx)
+    );
+    assert!(
+        gap(&base, &onnx) > 1e-2,
+        "the merged adapter changed nothing"
+    );
+    assert!(
+        dir.join("onnx/model.onnx").is_file(),
+        "the merged graph is beside the adapter"
+    );
+
+    let module = format!("ada={}", dir.display());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_infermux"))
+        .args(["serve", "--model"])
+        .arg(server_support::model_dir())
+        .args([
+            "--backend",
+            "onnx",
+            "--port",
+            "0",
+            "--lora-modules",
+            &module,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--lora-modules") && err.contains("merges"),
+        "{err}"
+    );
 }

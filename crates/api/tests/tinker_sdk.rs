@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use infermux::{ModelInput, SampleResponse, SamplingClient, SamplingParams, ServiceClient};
 use serde_json::{Value, json};
-use server_support::{Reply, Server, model_dir, request_with};
+use server_support::{Reply, Server, model_dir, request_with, write_adapter};
 
 /// The key the servers here require (Tinker's SDK insists on the `tml-` prefix).
 const KEY: &str = "tml-infermux-test-key";
@@ -417,6 +417,64 @@ fn sdk_samples_and_logprobs_equal_the_in_process_client() {
         .filter(|k| !k.ends_with(" 200"))
         .collect::<Vec<_>>();
     assert!(errors.is_empty(), "error replies on the happy path: {by}");
+}
+
+/// Tinker's `create_sampling_client(model_path=...)` on trained weights: a `tinker://` path
+/// whose last segment names a loaded LoRA adapter samples and scores on that adapter (equal
+/// to the in-process client on the same adapter, unlike the base), and reports the base model.
+#[test]
+fn a_tinker_model_path_naming_a_loaded_adapter_samples_from_the_adapter() {
+    let dir = std::env::temp_dir().join(format!("infermux-tinker-lora-{}", std::process::id()));
+    write_adapter(&dir, 3);
+    let module = format!("step-3={}", dir.display());
+    let server = start_server(&["--lora-modules", &module]);
+    let case = Case {
+        prompt: tokens("The capital of France is"),
+        num_samples: 2,
+        params: json!({"max_tokens": 8, "seed": 11, "temperature": 0.9}),
+        include_prompt_logprobs: false,
+        topk_prompt_logprobs: 0,
+        topk_sample_logprobs: 0,
+    };
+    let score = tokens("Paris is the capital of France.");
+    let got = drive(
+        "lora",
+        &server,
+        json!({"model_path": "tinker://run-7/sampler_weights/step-3",
+               "cases": [case.json()], "score": score}),
+    );
+    let adapted = local().create_lora_client(&dir).unwrap();
+    let want = adapted
+        .sample(
+            ModelInput::from_ints(case.prompt.clone()),
+            case.num_samples,
+            case.params(),
+            false,
+            0,
+        )
+        .wait()
+        .unwrap();
+    assert_eq!(got["base_model"], MODEL);
+    assert_same(&got["sample"], &want, "adapter sample");
+    assert_ne!(
+        want.sequences,
+        case.expected().sequences,
+        "the adapter changed nothing"
+    );
+    let want_score = adapted
+        .compute_logprobs(ModelInput::from_ints(score.clone()))
+        .wait()
+        .unwrap();
+    assert_eq!(opt_f32s(&got["score"]), want_score);
+    assert_ne!(
+        want_score,
+        local()
+            .compute_logprobs(ModelInput::from_ints(score))
+            .wait()
+            .unwrap()
+    );
+    assert_eq!(got["http"]["status_5xx"], 0, "{}", got["http"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Errors of loading a graph into ONNX Runtime.
 
+use infermux_core::model::AdapterError;
 use infermux_core::{BackendError, ModelError};
 
 /// Why an [`crate::OnnxBackend`] could not be created.
@@ -19,6 +20,9 @@ pub enum OnnxBackendError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The adapter to merge cannot be used with this model.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
     /// The backend failed while preparing.
     #[error(transparent)]
     Backend(#[from] BackendError),

@@ -28,6 +28,7 @@ mod session;
 use std::path::{Path, PathBuf};
 
 use infermux_core::backend::{WeightUpdateError, check_same_model};
+use infermux_core::model::{LoraAdapter, ModelDir, WeightPlan};
 use infermux_core::{
     Backend, BackendError, DType, Device, ForwardBatch, Logits, ModelConfig, ModelInfo, SeqChunk,
     SlotId,
@@ -79,6 +80,35 @@ impl OnnxBackend {
         let dir = dir.as_ref();
         let (config, eos) = infermux_core::model::read_config(dir)?;
         let graph = session::find_graph(dir)?;
+        let (session, io) = open_graph(&graph, &config, &options)?;
+        Self::new(config, eos, session, io, options)
+    }
+
+    /// Loads the model folder `dir` with the PEFT adapter in `adapter` merged into its weights
+    /// (`W + B A`, exported into `ADAPTER/onnx`, skipped when that export is current): onnx's
+    /// way to run an adapter, as its graph holds the weights. Every request then runs on the
+    /// adapted model; adapters per request (`load_adapter`) stay unsupported here.
+    pub fn load_merged(
+        dir: impl AsRef<Path>,
+        adapter: impl AsRef<Path>,
+        options: OnnxOptions,
+    ) -> Result<Self, OnnxBackendError> {
+        let (dir, adapter) = (dir.as_ref(), adapter.as_ref());
+        let model = ModelDir::open(dir)?;
+        let plan = WeightPlan::new(&model.config, |n| model.checkpoint.contains(n));
+        let lora = LoraAdapter::read(adapter, &plan)?;
+        let export_options = export::ExportOptions {
+            lora: Some(std::sync::Arc::new(lora)),
+            ..Default::default()
+        };
+        let out = export::default_out_dir(adapter, export::ExportDtype::F32);
+        let report =
+            export::export(dir, &out, &export_options).map_err(|e| OnnxBackendError::Graph {
+                path: out.clone(),
+                reason: format!("merging the adapter {}: {e}", adapter.display()),
+            })?;
+        let (config, eos) = infermux_core::model::read_config(dir)?;
+        let graph = report.out_dir.join(export::GRAPH_FILE);
         let (session, io) = open_graph(&graph, &config, &options)?;
         Self::new(config, eos, session, io, options)
     }

@@ -52,6 +52,7 @@ fn exported(tag: &str, name: &str, dtype: ExportDtype) -> Option<PathBuf> {
         dtype,
         force: true,
         standalone: true,
+        lora: None,
     };
     let report = export::export(&src, &out, &options).expect("export");
     assert!(!report.skipped && report.nodes > 0);

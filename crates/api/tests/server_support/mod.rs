@@ -5,11 +5,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The reference model folder.
 pub fn model_dir() -> PathBuf {
@@ -267,4 +267,41 @@ pub fn raw_reply(addr: &str, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
     out
+}
+
+/// Writes a PEFT adapter for SmolLM2-135M (hidden 576, k/v 192, 30 layers): rank 4 on q and v.
+pub fn write_adapter(dir: &Path, salt: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut state = 0x9E37_79B9u32.wrapping_mul(salt + 1);
+    let mut add = |name: String, shape: [usize; 2]| {
+        let begin = data.len();
+        for _ in 0..shape[0] * shape[1] {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let v = (state as f32 / u32::MAX as f32 - 0.5) * 0.15;
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name,
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
+        );
+    };
+    for layer in 0..30 {
+        for (module, out) in [("q_proj", 576), ("v_proj", 192)] {
+            let base = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
+            add(format!("{base}.lora_A.weight"), [4, 576]);
+            add(format!("{base}.lora_B.weight"), [out, 4]);
+        }
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&data);
+    std::fs::write(dir.join("adapter_model.safetensors"), file).unwrap();
+    let config = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none"});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
 }

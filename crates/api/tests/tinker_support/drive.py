@@ -158,6 +158,20 @@ def parity(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def lora(spec: dict[str, Any]) -> dict[str, Any]:
+    """A sampling client made from a `tinker://` model_path naming a loaded LoRA adapter."""
+    sc = service(spec)
+    sampler = sc.create_sampling_client(model_path=spec["model_path"]).result()
+    out: dict[str, Any] = {
+        "base_model": sampler.get_base_model(),
+        "sample": response_json(sampler.sample(**sample_kwargs(spec["cases"][0])).result()),
+        "score": nums(sampler.compute_logprobs(prompt(spec["score"])).result()),
+    }
+    sc.close("success").result()
+    out["http"] = http_summary()
+    return out
+
+
 def load(spec: dict[str, Any]) -> dict[str, Any]:
     sc = service(spec)
     sampler = sc.create_sampling_client(base_model=spec["model"]).result()
@@ -248,7 +262,7 @@ def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
     with open(path) as f:
         spec = json.load(f)
-    out = {"parity": parity, "load": load, "errors": errors}[mode](spec)
+    out = {"parity": parity, "lora": lora, "load": load, "errors": errors}[mode](spec)
     out["tinker_version"] = tinker.__version__
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()

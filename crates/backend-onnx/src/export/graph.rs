@@ -2,6 +2,9 @@
 //! initializers, deduplicated constants, and the plan of the external data file.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use infermux_core::model::LoraUpdate;
 
 use super::proto::{AttrValue, Attribute, ElemType, Node, Tensor, TensorData};
 
@@ -19,6 +22,12 @@ pub(crate) enum Source {
         parts: Vec<String>,
         cols: usize,
         transpose: bool,
+    },
+    /// A projection's checkpoint parts (as [`Source::Checkpoint`] with `transpose`) with a
+    /// LoRA adapter's `ΔW = B A` added before the transpose: an adapter merged at export.
+    Merged {
+        parts: Vec<String>,
+        update: Arc<LoraUpdate>,
     },
     /// Values computed by the exporter (RoPE tables).
     Values(Vec<f32>),

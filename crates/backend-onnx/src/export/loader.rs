@@ -7,7 +7,9 @@
 //! embedding's `[vocab, hidden]` layout and runs as `Gemm(transB = 1)`, so the matrix is stored
 //! once and read by both the embedding `Gather` and the head.
 
-use infermux_core::model::{LinearSpec, LoadOps, TensorSpec};
+use std::sync::Arc;
+
+use infermux_core::model::{LinearSpec, LoadOps, LoraAdapter, TensorSpec, WeightPlan};
 
 use super::ExportError;
 use super::checkpoint::Checkpoint;
@@ -48,6 +50,8 @@ pub(crate) struct Loader<'a> {
     /// The plan's output head, and whether it is the embedding matrix.
     pub head: &'a LinearSpec,
     pub tied: bool,
+    /// An adapter to merge into the projections it updates, with the plan it was read for.
+    pub lora: Option<(&'a LoraAdapter, &'a WeightPlan)>,
 }
 
 /// A tensor's name without `.weight` / `.bias`: the scope of the nodes that use it.
@@ -114,10 +118,19 @@ impl LoadOps for Loader<'_> {
             };
             self.graph.external(name, &[spec.out, spec.inp], source)
         } else {
-            let source = Source::Checkpoint {
-                parts,
-                cols: spec.inp,
-                transpose: true,
+            let update = self
+                .lora
+                .and_then(|(adapter, plan)| adapter.update_of(plan, spec));
+            let source = match update {
+                Some(u) => Source::Merged {
+                    parts,
+                    update: Arc::new(u.clone()),
+                },
+                None => Source::Checkpoint {
+                    parts,
+                    cols: spec.inp,
+                    transpose: true,
+                },
             };
             self.graph
                 .external(format!("{name}.T"), &[spec.inp, spec.out], source)

@@ -35,7 +35,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
 
 use infermux_core::ModelError;
-use infermux_core::model::{Llama, ModelConfig, ModelDir};
+use std::sync::Arc;
+
+use infermux_core::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use infermux_core::model::{Llama, LoraAdapter, ModelConfig, ModelDir};
 
 use checkpoint::Checkpoint;
 use graph::{DataJob, Graph, Source};
@@ -90,7 +93,7 @@ impl ExportDtype {
 }
 
 /// How to export.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExportOptions {
     /// Element type of the graph.
     pub dtype: ExportDtype,
@@ -101,6 +104,9 @@ pub struct ExportOptions {
     /// `config.json` and `tokenizer.json`) that `OnnxBackend::load` and the API open directly.
     /// Not needed for the default output, `MODEL/onnx`, which the backend finds from `MODEL`.
     pub standalone: bool,
+    /// A LoRA adapter (read for this model's plan) merged into the projections it updates:
+    /// the graph then computes the adapted model, `W + B A`, for every request.
+    pub lora: Option<Arc<LoraAdapter>>,
 }
 
 /// What an export did.
@@ -194,6 +200,7 @@ fn record(
     config: &ModelConfig,
     checkpoint: &Checkpoint,
     dtype: ExportDtype,
+    lora: Option<&LoraAdapter>,
 ) -> Result<Recorded, ExportError> {
     let llama = Llama::new(config.clone(), |name| checkpoint.contains(name));
     let mut graph = Graph::new(dtype.elem());
@@ -202,6 +209,7 @@ fn record(
         checkpoint,
         head: &llama.plan.lm_head,
         tied: llama.plan.tied,
+        lora: lora.map(|a| (a, &llama.plan)),
     })?;
     let logits = llama.forward(&mut Recorder::new(&mut graph, config), &weights)?;
     if logits.head_dim.is_some() || !graph.rename_output(&logits.name, "logits") {
@@ -300,18 +308,22 @@ fn marker(
     graph: &[u8],
     options: &ExportOptions,
 ) -> Result<serde_json::Value, ExportError> {
-    let mut weights = serde_json::Map::new();
-    for file in &dir.weight_files {
-        let meta = fs::metadata(file).map_err(io_error(file))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64);
-        let name = file.file_name().unwrap_or_default().to_string_lossy();
-        weights.insert(name.into_owned(), serde_json::json!([meta.len(), mtime]));
-    }
-    Ok(serde_json::json!({
+    let stamps = |files: &mut dyn Iterator<Item = PathBuf>| -> Result<_, ExportError> {
+        let mut map = serde_json::Map::new();
+        for file in files {
+            let meta = fs::metadata(&file).map_err(io_error(&file))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            map.insert(name.into_owned(), serde_json::json!([meta.len(), mtime]));
+        }
+        Ok(serde_json::Value::Object(map))
+    };
+    let weights = stamps(&mut dir.weight_files.iter().cloned())?;
+    let mut marker = serde_json::json!({
         "exporter": concat!("infermux-backend-onnx ", env!("CARGO_PKG_VERSION")),
         "opset": OPSET,
         "ir_version": IR_VERSION,
@@ -319,7 +331,18 @@ fn marker(
         "standalone": options.standalone,
         "graph_fnv1a64": format!("{:016x}", fnv1a64(graph)),
         "weights": weights,
-    }))
+    });
+    // A merged export depends on the base folder and the adapter's files too.
+    if let Some(adapter) = &options.lora {
+        marker["lora"] = serde_json::json!({
+            "base": absolute(&dir.path)?.display().to_string(),
+            "adapter": absolute(&adapter.path)?.display().to_string(),
+            "files": stamps(&mut [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+                .into_iter()
+                .map(|f| adapter.path.join(f)))?,
+        });
+    }
+    Ok(marker)
 }
 
 fn is_current(out: &Path, marker: &serde_json::Value) -> bool {
@@ -352,7 +375,12 @@ pub fn export(
         });
     }
     let checkpoint = Checkpoint::open(&dir.weight_files)?;
-    let recorded = record(&dir.config, &checkpoint, options.dtype)?;
+    let recorded = record(
+        &dir.config,
+        &checkpoint,
+        options.dtype,
+        options.lora.as_deref(),
+    )?;
     let marker = marker(&dir, &recorded.graph_bytes, options)?;
     let mut report = ExportReport {
         out_dir: out.clone(),
@@ -447,6 +475,23 @@ fn write_data(
                 if *transpose {
                     values = transposed(&values, values.len() / cols, *cols);
                 }
+                &values
+            }
+            Source::Merged { parts, update } => {
+                for part in parts {
+                    checkpoint.read_f32(part, &mut values)?;
+                }
+                if values.len() != update.out * update.inp {
+                    return Err(ExportError::Graph(format!(
+                        "{}: {} values for a [{}, {}] adapter update",
+                        job.name,
+                        values.len(),
+                        update.out,
+                        update.inp
+                    )));
+                }
+                update.merge_into(&mut values);
+                values = transposed(&values, update.out, update.inp);
                 &values
             }
         };

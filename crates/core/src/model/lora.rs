@@ -67,6 +67,33 @@ pub struct LoraUpdate {
     pub b: Vec<f32>,
 }
 
+impl LoraUpdate {
+    /// Adds `ΔW = B A` to `weight`, the site's fused `[out, inp]` weight (row-major): the
+    /// adapter merged into the base, for a backend whose graph holds its weights (onnx).
+    ///
+    /// # Panics
+    /// When `weight` does not hold `out × inp` values (the caller read the wrong tensor).
+    pub fn merge_into(&self, weight: &mut [f32]) {
+        assert_eq!(
+            weight.len(),
+            self.out * self.inp,
+            "merge_into: weight shape"
+        );
+        for (o, row) in weight.chunks_exact_mut(self.inp).enumerate() {
+            let b = &self.b[o * self.rank..(o + 1) * self.rank];
+            for (k, &bk) in b.iter().enumerate() {
+                if bk == 0.0 {
+                    continue; // B is block-diagonal: most of a fused row is zero
+                }
+                let a = &self.a[k * self.inp..(k + 1) * self.inp];
+                for (w, &ak) in row.iter_mut().zip(a) {
+                    *w += bk * ak;
+                }
+            }
+        }
+    }
+}
+
 /// A PEFT LoRA adapter, checked against a model's plan and laid out per layer and site.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraAdapter {
@@ -308,6 +335,15 @@ impl LoraAdapter {
             scale,
             targets,
             layers,
+        })
+    }
+
+    /// The update of `spec`, one of `plan`'s fused decoder projections, if this adapter has
+    /// one: what a backend that merges adapters into its weights at load asks per linear.
+    pub fn update_of(&self, plan: &WeightPlan, spec: &LinearSpec) -> Option<&LoraUpdate> {
+        plan.layers.iter().enumerate().find_map(|(layer, l)| {
+            let site = LoraSite::ALL.into_iter().find(|s| s.spec(l) == spec)?;
+            self.layers.get(layer)?[site.index()].as_ref()
         })
     }
 
@@ -680,6 +716,37 @@ pub(crate) mod tests {
         std::fs::write(folder.0.join(ADAPTER_CONFIG), config.to_string()).unwrap();
         let a = LoraAdapter::read(&folder.0, &plan()).unwrap();
         assert!((a.scale - 8.0 / 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Merging adds `scale · B_part A_part` to each part's rows of the fused weight, nothing
+    /// to the parts the adapter leaves alone; `update_of` finds a site by its linear.
+    #[test]
+    fn merging_adds_each_parts_scaled_product_to_its_rows() {
+        let folder = Folder::copy_of("qwen2");
+        let config = json!({"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]});
+        adapter(
+            &folder.0,
+            config,
+            2,
+            &[("self_attn.q_proj", 64, 64), ("self_attn.v_proj", 32, 64)],
+        );
+        let plan = plan();
+        let a = LoraAdapter::read(&folder.0, &plan).unwrap();
+        let u = a.update_of(&plan, &plan.layers[0].qkv).unwrap();
+        assert!(a.update_of(&plan, &plan.layers[0].down).is_none());
+        assert!(a.update_of(&plan, &plan.layers[1].qkv).is_none());
+        let mut w = vec![1.0f32; 128 * 64];
+        u.merge_into(&mut w);
+        let (aq, av) = (values(2 * 64, 0.0), values(2 * 64, 1.0));
+        let (bq, bv) = (values(64 * 2, 9.0), values(32 * 2, 10.0));
+        let want = |b: &[f32], a: &[f32], row: usize, col: usize| {
+            1.0 + 4.0 * (b[row * 2] * a[col] + b[row * 2 + 1] * a[64 + col])
+        };
+        for col in [0, 17, 63] {
+            assert!((w[5 * 64 + col] - want(&bq, &aq, 5, col)).abs() < 1e-6);
+            assert_eq!(w[70 * 64 + col], 1.0, "k rows stay");
+            assert!((w[100 * 64 + col] - want(&bv, &av, 4, col)).abs() < 1e-6);
+        }
     }
 
     #[test]

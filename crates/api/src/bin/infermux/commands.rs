@@ -19,29 +19,33 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn client(args: &ModelArgs) -> Result<SamplingClient> {
-    client_with(args, infermux::EngineConfig::default())
+fn client(args: &ModelArgs, lora: Option<&std::path::Path>) -> Result<SamplingClient> {
+    client_with(args, infermux::EngineConfig::default(), lora)
 }
 
-fn client_with(args: &ModelArgs, engine: infermux::EngineConfig) -> Result<SamplingClient> {
+/// A client on `args.model`, on the PEFT adapter at `lora` when given (onnx merges it into
+/// the weights at load; the others load it into the engine).
+fn client_with(
+    args: &ModelArgs,
+    engine: infermux::EngineConfig,
+    lora: Option<&std::path::Path>,
+) -> Result<SamplingClient> {
     let options = LoadOptions {
         backend: args.backend,
         device: args.device,
         dtype: args.dtype,
         engine,
     };
-    ServiceClient::with_options(options)
-        .create_sampling_client(&args.model)
-        .with_context(|| format!("loading {} on {}", args.model.display(), args.backend))
-}
-
-/// `client` on the PEFT adapter at `lora`, when given.
-fn with_lora(client: SamplingClient, lora: Option<&std::path::Path>) -> Result<SamplingClient> {
+    let service = ServiceClient::with_options(options);
+    let loading = || format!("loading {} on {}", args.model.display(), args.backend);
     match lora {
-        Some(path) => client
-            .create_lora_client(path)
-            .with_context(|| format!("--lora {}", path.display())),
-        None => Ok(client),
+        Some(path) => service
+            .create_lora_sampling_client(&args.model, path)
+            .with_context(|| format!("--lora {}", path.display()))
+            .with_context(loading),
+        None => service
+            .create_sampling_client(&args.model)
+            .with_context(loading),
     }
 }
 
@@ -64,7 +68,7 @@ fn prompt_tokens(
 }
 
 fn sample(args: SampleArgs) -> Result<()> {
-    let client = with_lora(client(&args.model)?, args.lora.as_deref())?;
+    let client = client(&args.model, args.lora.as_deref())?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let prompt = ModelInput::from_ints(tokens.clone());
     let response = match args.beam_width {
@@ -162,7 +166,7 @@ fn guided_params(args: &GuidedArgs) -> Result<Option<GuidedDecodingParams>> {
 }
 
 fn logprobs(args: LogprobsArgs) -> Result<()> {
-    let client = with_lora(client(&args.model)?, args.lora.as_deref())?;
+    let client = client(&args.model, args.lora.as_deref())?;
     let tokens = prompt_tokens(&client, &args.prompt, &args.chat)?;
     let scored = client.score(ModelInput::from_ints(tokens.clone())).wait()?;
     let logprobs = scored.logprobs;
@@ -218,7 +222,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         prefix_caching: !args.no_enable_prefix_caching,
         max_loras: args.max_loras,
     };
-    let client = client_with(&args.model, engine)?;
+    if args.model.backend == infermux::BackendKind::Onnx && !args.lora_modules.is_empty() {
+        anyhow::bail!(
+            "--lora-modules: the onnx backend does not run adapters per request (its graph \
+             holds the weights); `infermux sample|logprobs --lora DIR` merges one into the \
+             weights at load, and candle and torch serve adapters per request"
+        );
+    }
+    let client = client_with(&args.model, engine, None)?;
     for (name, path) in &args.lora_modules {
         let info = client
             .engine()

@@ -31,9 +31,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::convert::{blocking, check_sequences, request_id};
 use super::error::ApiError;
+use super::{AppState, ServedModel};
 use futures::{Completer, Futures, Outcome, Refused, Registered};
 
 /// How long `retrieve_future` holds a request for a running future before `try_again` (under
@@ -115,10 +115,11 @@ struct Samplers {
     order: VecDeque<String>,
 }
 
-/// A sampling session: which served model it samples, as the client named it.
+/// A sampling session: which served model or loaded adapter it samples (by name, resolved
+/// per request, so an adapter unloaded meanwhile fails the sample), as the client named it.
 #[derive(Debug, Clone)]
 struct Sampler {
-    model: usize,
+    model: String,
     base_model: String,
     model_path: Option<String>,
 }
@@ -269,37 +270,56 @@ async fn not_supported(method: Method, uri: Uri) -> Response {
     )
 }
 
-/// Which served model `base_model` / `model_path` name: a served name, `org/<served name>`
-/// (a Hugging Face id), or a `tinker://` path whose last segment is a served name. Adapters
-/// and other checkpoints are not supported yet (400 naming the field).
+/// Which served model or LoRA adapter `base_model` / `model_path` name: a served name,
+/// `org/<served name>` (a Hugging Face id), or a `tinker://` path whose last segment is a
+/// served model or an adapter loaded into the first (`--lora-modules`, `/v1/load_lora_adapter`):
+/// Tinker's `model_path` of trained weights. Its name, and whether it is an adapter.
 fn resolve(
     state: &AppState,
     base_model: Option<&str>,
     model_path: Option<&str>,
-) -> Result<usize, String> {
+) -> Result<(String, bool), String> {
     for (field, value) in [("model_path", model_path), ("base_model", base_model)] {
         if value.is_some_and(|v| v.len() > MAX_NAME_BYTES) {
             return Err(format!("{field} is longer than {MAX_NAME_BYTES} bytes"));
         }
     }
     let served: Vec<&str> = state.models.iter().map(|m| m.name.as_str()).collect();
+    let short = |name: &str| name.rsplit('/').next().unwrap_or(name).to_string();
     let find = |name: &str| {
-        let short = name.rsplit('/').next().unwrap_or(name);
-        served.iter().position(|s| *s == name || *s == short)
+        let short = short(name);
+        served
+            .iter()
+            .find(|s| **s == name || **s == short)
+            .map(|s| s.to_string())
     };
     match (model_path, base_model) {
         (Some(path), _) => {
             let rest = path
                 .strip_prefix("tinker://")
                 .ok_or_else(|| format!("model_path {path:?} is not a tinker:// path"))?;
-            find(rest).ok_or_else(|| {
-                format!(
-                    "model_path {path:?}: adapters and checkpoints are not supported by infermux yet; \
-                     a model_path must name a served model ({served:?})"
-                )
-            })
+            if let Some(name) = find(rest) {
+                return Ok((name, false));
+            }
+            let adapters: Vec<String> = state
+                .default_model()
+                .client
+                .loras()
+                .into_iter()
+                .map(|a| a.name)
+                .collect();
+            let last = short(rest);
+            match adapters.iter().find(|a| **a == rest || **a == last) {
+                Some(a) => Ok((a.clone(), true)),
+                None => Err(format!(
+                    "model_path {path:?}: its last segment names neither a served model \
+                     ({served:?}) nor a loaded LoRA adapter ({adapters:?}); load the adapter \
+                     first (--lora-modules or POST /v1/load_lora_adapter)"
+                )),
+            }
         }
         (None, Some(name)) => find(name)
+            .map(|n| (n, false))
             .ok_or_else(|| format!("base_model {name:?} is not served here (served: {served:?})")),
         (None, None) => Err("one of base_model or model_path is required".into()),
     }
@@ -327,14 +347,20 @@ async fn create_sampling_session(State(state): Shared, Extension(t): Ext, body: 
             format!("session_id is longer than {MAX_NAME_BYTES} bytes"),
         );
     }
-    let model = match resolve(&state, req.base_model.as_deref(), req.model_path.as_deref()) {
-        Ok(m) => m,
-        Err(msg) => return detail(StatusCode::BAD_REQUEST, msg),
-    };
+    let (model, adapter) =
+        match resolve(&state, req.base_model.as_deref(), req.model_path.as_deref()) {
+            Ok(m) => m,
+            Err(msg) => return detail(StatusCode::BAD_REQUEST, msg),
+        };
     let id = format!("{}:sample:{}", req.session_id, req.sampling_session_seq_id);
-    let base_model = req
-        .base_model
-        .unwrap_or_else(|| state.models[model].name.clone());
+    // An adapter's session reports the model it adapts (the SDK loads its tokenizer).
+    let base_model = req.base_model.unwrap_or_else(|| {
+        if adapter {
+            state.default_model().name.clone()
+        } else {
+            model.clone()
+        }
+    });
     t.add_sampler(
         id.clone(),
         Sampler {
@@ -579,7 +605,7 @@ async fn asample(State(state): Shared, Extension(t): Ext, body: Body) -> Respons
             }
         },
         None => match resolve(&state, req.base_model.as_deref(), req.model_path.as_deref()) {
-            Ok(m) => (m, None),
+            Ok((m, _)) => (m, None),
             Err(msg) => return detail(StatusCode::BAD_REQUEST, msg),
         },
     };
@@ -588,6 +614,11 @@ async fn asample(State(state): Shared, Extension(t): Ext, body: Body) -> Respons
     {
         return accepted(&r);
     }
+    // An adapter's session fails here once the adapter is unloaded.
+    let served = match state.model(Some(&model)) {
+        Ok(served) => served,
+        Err(e) => return from_api(e),
+    };
     let limits = &state.limits;
     let cap = 2 * (limits.max_concurrent_requests + limits.max_queue).max(1);
     if !t.futures.has_room(cap) {
@@ -632,7 +663,7 @@ async fn asample(State(state): Shared, Extension(t): Ext, body: Body) -> Respons
     let id = done.id().to_string();
     let task = tokio::spawn(run_job(
         state.clone(),
-        model,
+        served,
         job,
         first,
         admit,
@@ -656,7 +687,7 @@ fn refusal(refused: Refused) -> Response {
 #[allow(clippy::too_many_arguments)]
 async fn run_job<A>(
     state: Arc<AppState>,
-    model: usize,
+    served: ServedModel,
     job: Job,
     first: Poll<Result<super::limits::Permit, ApiError>>,
     admit: std::pin::Pin<Box<A>>,
@@ -666,7 +697,6 @@ async fn run_job<A>(
 ) where
     A: Future<Output = Result<super::limits::Permit, ApiError>> + Send,
 {
-    let served = &state.models[model];
     let client = served.client.clone();
     let series = state.metrics.model_series(&served.name);
     let (topk_prompt, topk_sampled) = (job.topk_prompt, job.topk_sampled);
