@@ -141,19 +141,19 @@ impl ServiceClient {
             serde_json::from_str(&text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
         let Some(name) = json["base_model_name_or_path"].as_str() else {
             return Err(invalid(
-                "base_model_name_or_path is missing: give the base model with                  create_lora_sampling_client(base, adapter)"
+                "base_model_name_or_path is missing: give the base model with \
+                 create_lora_sampling_client(base, adapter)"
                     .into(),
             )
             .into());
         };
-        let local = Path::new(name);
-        let local = if local.is_relative() {
-            adapter.join(local)
-        } else {
-            local.to_path_buf()
-        };
-        if local.join("config.json").is_file() {
-            return Ok(local);
+        // As PEFT wrote it (a folder as the trainer named it, absolute or relative to where it
+        // ran), then relative to the adapter, then a name the registry knows.
+        let given = Path::new(name);
+        for folder in [given.to_path_buf(), adapter.join(given)] {
+            if folder.join("config.json").is_file() {
+                return Ok(folder);
+            }
         }
         Ok(self.registry.resolve(name)?)
     }

@@ -295,3 +295,35 @@ fn onnx_merges_an_adapter_at_load_and_agrees_with_candle() {
         "{err}"
     );
 }
+
+/// Tinker's `create_sampling_client(model_path=ADAPTER)` in Rust: a PEFT folder loads its base
+/// (`base_model_name_or_path`) with the adapter, equal to loading the adapter into a client on
+/// that base; without the field it is a typed error naming it.
+#[test]
+fn a_peft_folder_as_model_path_loads_its_base_with_the_adapter() {
+    use infermux::{ModelInput, ServiceClient};
+    let root = Scratch(std::env::temp_dir().join(format!("infermux-mp-{}", std::process::id())));
+    let dir = root.0.join("ada");
+    write_adapter(&dir, 7);
+    let config_path = dir.join("adapter_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let service = ServiceClient::new();
+    let missing = service
+        .create_sampling_client(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("base_model_name_or_path"), "{missing}");
+
+    config["base_model_name_or_path"] = json!(server_support::model_dir().display().to_string());
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let prompt = || ModelInput::from_ints(vec![504, 3575, 282, 4649, 314, 7042]);
+    let by_path = service.create_sampling_client(&dir).unwrap();
+    let base = service
+        .create_sampling_client(server_support::model_dir())
+        .unwrap();
+    let loaded = base.create_lora_client(&dir).unwrap();
+    let want = loaded.compute_logprobs(prompt()).wait().unwrap();
+    assert_eq!(by_path.compute_logprobs(prompt()).wait().unwrap(), want);
+    assert_ne!(base.compute_logprobs(prompt()).wait().unwrap(), want);
+}
