@@ -64,6 +64,30 @@ pub struct BenchRlArgs {
     /// Output file (default: docs/bench/rl.md).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run only these scenarios (default: all), e.g. `--only mixed,updates` while tuning one.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Scenario>,
+}
+
+/// The scenarios of `cargo xtask bench-rl`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Time to first token over a shared 1,024-token prefix.
+    Prefix,
+    /// A GRPO step with the cache on and off.
+    Grpo,
+    /// 32 requests over adapters and the base against the base alone.
+    Mixed,
+    /// Weight updates under load.
+    Updates,
+}
+
+/// What the scenarios measured (`None`: not run).
+struct Results {
+    prefix: Option<Vec<PrefixRun>>,
+    grpo: Option<Grpo>,
+    mixed: Option<Mixed>,
+    updates: Option<Updates>,
 }
 
 /// Runs every scenario, then writes and prints the report.
@@ -122,13 +146,24 @@ pub fn run(root: &Path, args: &BenchRlArgs) -> Result<()> {
         &json!({"model": MODEL, "prompt": "Warm up", "max_tokens": 4}),
     )?;
 
-    let prefix = prefix_ttft(&cached, args.repeats)?;
-    let grpo = grpo(&cached, &plain, args.grpo_repeats)?;
-    let mixed = mixed_adapters(&cached, args.repeats)?;
-    let updates = weight_updates(&cached, &checkpoints, args.repeats)?;
+    let runs = |s: Scenario| args.only.is_empty() || args.only.contains(&s);
+    let results = Results {
+        prefix: runs(Scenario::Prefix)
+            .then(|| prefix_ttft(&cached, args.repeats))
+            .transpose()?,
+        grpo: runs(Scenario::Grpo)
+            .then(|| grpo(&cached, &plain, args.grpo_repeats))
+            .transpose()?,
+        mixed: runs(Scenario::Mixed)
+            .then(|| mixed_adapters(&cached, args.repeats))
+            .transpose()?,
+        updates: runs(Scenario::Updates)
+            .then(|| weight_updates(&cached, &checkpoints, args.repeats))
+            .transpose()?,
+    };
 
     let load = (load_before, load_average());
-    let md = render(root, args, load, &prefix, &grpo, &mixed, &updates)?;
+    let md = render(root, args, load, &results)?;
     let out = args
         .out
         .clone()
@@ -627,10 +662,7 @@ fn render(
     root: &Path,
     args: &BenchRlArgs,
     load: (String, String),
-    prefix: &[PrefixRun],
-    grpo: &Grpo,
-    mixed: &Mixed,
-    updates: &Updates,
+    results: &Results,
 ) -> Result<String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut md = String::new();
@@ -654,124 +686,129 @@ fn render(
         l1 = load.1,
     )?;
 
-    let cold: Vec<f64> = prefix.iter().map(|p| p.cold_s).collect();
-    let warm: Vec<f64> = prefix.iter().map(|p| p.warm_s).collect();
-    let ratios: Vec<f64> = prefix.iter().map(|p| p.cold_s / p.warm_s).collect();
-    let ttft = median(&ratios);
-    writeln!(
-        md,
-        "## Prefix cache: time to first token over a shared 1,024-token prefix\n"
-    )?;
-    writeln!(
-        md,
-        "A fresh 1,024-token prefix + 16 tokens, then the same prefix + 16 other tokens; \
-         `max_tokens` 1, so a request's latency is its time to first token.\n"
-    )?;
-    writeln!(
-        md,
-        "| cold | warm (prefix cached) | cached prompt tokens | cold ÷ warm | goal |"
-    )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|")?;
-    writeln!(
-        md,
-        "| {:.3} s | {:.3} s | {} | **{ttft:.1}×** | ≥ 5× {} |\n",
-        median(&cold),
-        median(&warm),
-        prefix.iter().map(|p| p.cached_tokens).min().unwrap_or(0),
-        if ttft >= 5.0 { "✓" } else { "✗" },
-    )?;
-
-    writeln!(
-        md,
-        "## GRPO step: 32 prompts × 8 samples, 512-token system prompt, 64 new tokens\n"
-    )?;
-    writeln!(
-        md,
-        "Every prompt is the same 512-token system prompt and 32 tokens of its own; 64 tokens \
-         per sample (`ignore_eos`, temperature 1). The cache is flushed before each run, as \
-         the weight update between two RL steps flushes it. Throughput: generated tokens ÷ \
-         the step's wall time.\n"
-    )?;
-    writeln!(
-        md,
-        "| shape | cache off | cache on | prompt tokens from cache | on ÷ off | goal |"
-    )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-    for (label, arms) in [
-        ("256 requests (each prompt sent 8×)", &grpo.repeated),
-        ("32 requests, `n` 8", &grpo.fanned),
-    ] {
-        let on = median(&arms[0].tok_s);
-        let off = median(&arms[1].tok_s);
+    if let Some(prefix) = &results.prefix {
+        let cold: Vec<f64> = prefix.iter().map(|p| p.cold_s).collect();
+        let warm: Vec<f64> = prefix.iter().map(|p| p.warm_s).collect();
+        let ratios: Vec<f64> = prefix.iter().map(|p| p.cold_s / p.warm_s).collect();
+        let ttft = median(&ratios);
         writeln!(
             md,
-            "| {label} | {off:.1} tok/s | {on:.1} tok/s | {} | **{:.2}×** | ≥ 1.5× {} |",
-            arms[0].cached.iter().min().unwrap_or(&0),
-            on / off,
-            if on / off >= 1.5 { "✓" } else { "✗" },
+            "## Prefix cache: time to first token over a shared 1,024-token prefix\n"
+        )?;
+        writeln!(
+            md,
+            "A fresh 1,024-token prefix + 16 tokens, then the same prefix + 16 other tokens; \
+             `max_tokens` 1, so a request's latency is its time to first token.\n"
+        )?;
+        writeln!(
+            md,
+            "| cold | warm (prefix cached) | cached prompt tokens | cold ÷ warm | goal |"
+        )?;
+        writeln!(md, "|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            md,
+            "| {:.3} s | {:.3} s | {} | **{ttft:.1}×** | ≥ 5× {} |\n",
+            median(&cold),
+            median(&warm),
+            prefix.iter().map(|p| p.cached_tokens).min().unwrap_or(0),
+            if ttft >= 5.0 { "✓" } else { "✗" },
         )?;
     }
-    writeln!(
-        md,
-        "\nWith `n` 8 the engine already prefills each prompt once and forks its KV into the 8 \
-         samples (cache or not), so there the cache saves only the shared system prompt.\n"
-    )?;
-
-    let base = median(&mixed.base_tok_s);
-    let mix = median(&mixed.mixed_tok_s);
-    writeln!(
-        md,
-        "## Mixed adapters: 32 requests over {ADAPTERS} adapters + base\n"
-    )?;
-    writeln!(
-        md,
-        "32 concurrent requests of 64 tokens, round-robin over the base and {ADAPTERS} LoRA \
-         adapters (rank {RANK}, all seven projections, loaded with `--lora-modules`), one \
-         batch; against the same 32 on the base alone, alternating.\n"
-    )?;
-    writeln!(md, "| base only | mixed | mixed ÷ base | goal |")?;
-    writeln!(md, "|---:|---:|---:|---:|")?;
-    writeln!(
-        md,
-        "| {base:.1} tok/s | {mix:.1} tok/s | **{:.0} %** | ≥ 70 % {} |\n",
-        100.0 * mix / base,
-        if mix / base >= 0.7 { "✓" } else { "✗" },
-    )?;
-
-    writeln!(md, "## Weight updates under load\n")?;
-    writeln!(
-        md,
-        "8 clients complete 16-token requests in a loop while `POST /update_weights_from_disk` \
-         (drain mode: running requests finish on the old weights) alternates between a \
-         scaled copy of the weights and the originals; after each call returns, a 1-token \
-         request must report the new `weight_version`.\n"
-    )?;
-    let first: Vec<f64> = updates.runs.iter().map(|u| u.first_token_s).collect();
-    let calls: Vec<f64> = updates.runs.iter().map(|u| u.call_s).collect();
-    let loads: Vec<f64> = updates.runs.iter().map(|u| u.load_s).collect();
-    let worst = first.iter().copied().fold(0.0, f64::max);
-    writeln!(
-        md,
-        "| call → first token on new weights (median / worst) | update call | backend load | requests drained | load requests | failed | goal |"
-    )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
-    writeln!(
-        md,
-        "| **{:.3} s** / {worst:.3} s | {:.3} s | {:.3} s | {} | {} | {} | < 1.5 s, 0 failed {} |",
-        median(&first),
-        median(&calls),
-        median(&loads),
-        updates.runs.iter().map(|u| u.drained).sum::<u64>(),
-        updates.load_requests,
-        updates.load_failures.len(),
-        if worst < 1.5 && updates.load_failures.is_empty() {
-            "✓"
-        } else {
-            "✗"
-        },
-    )?;
-    for failure in updates.load_failures.iter().take(5) {
-        writeln!(md, "\n- failed: {failure}")?;
+    if let Some(grpo) = &results.grpo {
+        writeln!(
+            md,
+            "## GRPO step: 32 prompts × 8 samples, 512-token system prompt, 64 new tokens\n"
+        )?;
+        writeln!(
+            md,
+            "Every prompt is the same 512-token system prompt and 32 tokens of its own; 64 tokens \
+             per sample (`ignore_eos`, temperature 1). The cache is flushed before each run, as \
+             the weight update between two RL steps flushes it. Throughput: generated tokens ÷ \
+             the step's wall time.\n"
+        )?;
+        writeln!(
+            md,
+            "| shape | cache off | cache on | prompt tokens from cache | on ÷ off | goal |"
+        )?;
+        writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+        for (label, arms) in [
+            ("256 requests (each prompt sent 8×)", &grpo.repeated),
+            ("32 requests, `n` 8", &grpo.fanned),
+        ] {
+            let on = median(&arms[0].tok_s);
+            let off = median(&arms[1].tok_s);
+            writeln!(
+                md,
+                "| {label} | {off:.1} tok/s | {on:.1} tok/s | {} | **{:.2}×** | ≥ 1.5× {} |",
+                arms[0].cached.iter().min().unwrap_or(&0),
+                on / off,
+                if on / off >= 1.5 { "✓" } else { "✗" },
+            )?;
+        }
+        writeln!(
+            md,
+            "\nWith `n` 8 the engine already prefills each prompt once and forks its KV into the 8 \
+             samples (cache or not), so there the cache saves only the shared system prompt.\n"
+        )?;
+    }
+    if let Some(mixed) = &results.mixed {
+        let base = median(&mixed.base_tok_s);
+        let mix = median(&mixed.mixed_tok_s);
+        writeln!(
+            md,
+            "## Mixed adapters: 32 requests over {ADAPTERS} adapters + base\n"
+        )?;
+        writeln!(
+            md,
+            "32 concurrent requests of 64 tokens, round-robin over the base and {ADAPTERS} LoRA \
+             adapters (rank {RANK}, all seven projections, loaded with `--lora-modules`), one \
+             batch; against the same 32 on the base alone, alternating.\n"
+        )?;
+        writeln!(md, "| base only | mixed | mixed ÷ base | goal |")?;
+        writeln!(md, "|---:|---:|---:|---:|")?;
+        writeln!(
+            md,
+            "| {base:.1} tok/s | {mix:.1} tok/s | **{:.0} %** | ≥ 70 % {} |\n",
+            100.0 * mix / base,
+            if mix / base >= 0.7 { "✓" } else { "✗" },
+        )?;
+    }
+    if let Some(updates) = &results.updates {
+        writeln!(md, "## Weight updates under load\n")?;
+        writeln!(
+            md,
+            "8 clients complete 16-token requests in a loop while `POST /update_weights_from_disk` \
+             (drain mode: running requests finish on the old weights) alternates between a \
+             scaled copy of the weights and the originals; after each call returns, a 1-token \
+             request must report the new `weight_version`.\n"
+        )?;
+        let first: Vec<f64> = updates.runs.iter().map(|u| u.first_token_s).collect();
+        let calls: Vec<f64> = updates.runs.iter().map(|u| u.call_s).collect();
+        let loads: Vec<f64> = updates.runs.iter().map(|u| u.load_s).collect();
+        let worst = first.iter().copied().fold(0.0, f64::max);
+        writeln!(
+            md,
+            "| call → first token on new weights (median / worst) | update call | arrival → swap (read, then swap) | requests drained | load requests | failed | goal |"
+        )?;
+        writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
+        writeln!(
+            md,
+            "| **{:.3} s** / {worst:.3} s | {:.3} s | {:.3} s | {} | {} | {} | < 1.5 s, 0 failed {} |",
+            median(&first),
+            median(&calls),
+            median(&loads),
+            updates.runs.iter().map(|u| u.drained).sum::<u64>(),
+            updates.load_requests,
+            updates.load_failures.len(),
+            if worst < 1.5 && updates.load_failures.is_empty() {
+                "✓"
+            } else {
+                "✗"
+            },
+        )?;
+        for failure in updates.load_failures.iter().take(5) {
+            writeln!(md, "\n- failed: {failure}")?;
+        }
     }
     Ok(md)
 }

@@ -23,7 +23,7 @@ mod weights;
 use std::collections::HashMap;
 use std::path::Path;
 
-use infermux_core::backend::{WeightUpdateError, open_checkpoint};
+use infermux_core::backend::{StagedWeights, WeightStager, WeightUpdateError, open_checkpoint};
 use infermux_core::kv::{KvTable, KvUsage};
 use infermux_core::model::{
     AdapterError, Llama, LlamaWeights, LoraAdapter, ModelConfig, WeightPlan,
@@ -39,7 +39,7 @@ pub use error::CandleBackendError;
 
 use device::runtime_error;
 use kv::{KvStore, SlotKv};
-use lora::CandleLora;
+use lora::{CandleAdapters, CandleLora};
 use ops::{CandleEmbedding, CandleLinear, Loader, Runtime, Step};
 use weights::Weights;
 
@@ -78,7 +78,7 @@ pub struct CandleBackend {
     kv: KvTable<SlotKv>,
     store: KvStore,
     /// Loaded LoRA adapters.
-    adapters: HashMap<AdapterId, CandleLora>,
+    adapters: CandleAdapters,
 }
 
 /// A model's weights in candle's handles.
@@ -159,7 +159,7 @@ impl CandleBackend {
             weights: loaded,
             rt,
             store,
-            adapters: HashMap::new(),
+            adapters: CandleAdapters::default(),
         })
     }
 }
@@ -195,7 +195,7 @@ impl Backend for CandleBackend {
                 message: format!("token id {t} is outside the vocabulary ({vocab})"),
             });
         }
-        batch.check_adapters(|id| self.adapters.contains_key(&id))?;
+        batch.check_adapters(|id| self.adapters.contains(id))?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, vocab, Vec::new());
         }
@@ -204,8 +204,12 @@ impl Backend for CandleBackend {
         }
         let ids: Vec<SlotId> = batch.chunks.iter().map(|c| c.slot).collect();
         let mut slots = self.kv.get_many_mut(&ids)?;
+        let adapter_rows = self
+            .adapters
+            .rows(batch, &self.rt.device, self.rt.dtype)
+            .map_err(runtime_error)?;
         let mut step =
-            Step::new(&self.rt, &self.adapters, batch, &mut slots).map_err(runtime_error)?;
+            Step::new(&self.rt, adapter_rows, batch, &mut slots).map_err(runtime_error)?;
         let data = self
             .llama
             .forward(&mut step, &self.weights)
@@ -254,19 +258,27 @@ impl Backend for CandleBackend {
     }
 
     fn unload_adapter(&mut self, id: AdapterId) {
-        self.adapters.remove(&id);
+        self.adapters.remove(id);
     }
 
-    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
-        let checkpoint = open_checkpoint(dir, &self.llama.config)?;
-        let (llama, weights) =
-            load_weights(&checkpoint, &self.llama.config, &self.rt).map_err(|e| {
-                WeightUpdateError::Load {
+    fn weight_stager(&self) -> Option<WeightStager> {
+        let (config, rt) = (self.llama.config.clone(), self.rt.clone());
+        Some(Box::new(move |dir: &Path| {
+            let checkpoint = open_checkpoint(dir, &config)?;
+            let loaded =
+                load_weights(&checkpoint, &config, &rt).map_err(|e| WeightUpdateError::Load {
                     path: dir.to_path_buf(),
                     message: e.to_string(),
-                }
-            })?;
-        // Loaded in full: only now do the new weights replace the old.
+                })?;
+            Ok(Box::new(loaded) as StagedWeights)
+        }))
+    }
+
+    fn install_weights(&mut self, staged: StagedWeights) -> Result<(), WeightUpdateError> {
+        // Loaded in full by the stager: only now do the new weights replace the old.
+        let (llama, weights) = *staged
+            .downcast::<(Llama, CandleWeights)>()
+            .map_err(|_| WeightUpdateError::ForeignStage)?;
         self.llama = llama;
         self.weights = weights;
         Ok(())
@@ -519,6 +531,141 @@ mod tests {
                 matches!(err, BackendError::UnknownAdapter(AdapterId(4))),
                 "{err}"
             );
+        }
+        std::fs::remove_dir_all(&root).ok();
+    }
+
+    /// Writes a PEFT adapter of rank `r` on `modules` of both layers of `md` into `dir`.
+    fn write_adapter(md: &ModelDir, dir: &Path, r: usize, modules: &[&str], salt: f32) {
+        use candle_core::Tensor;
+        use infermux_core::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+        let dev = candle_core::Device::Cpu;
+        let weights = candle_core::safetensors::load(&md.weight_files[0], &dev).unwrap();
+        let mut adapter = HashMap::new();
+        for (m, module) in modules.iter().enumerate() {
+            for layer in 0..2 {
+                let name = weights
+                    .keys()
+                    .find(|k| {
+                        k.starts_with(&format!("model.layers.{layer}."))
+                            && k.ends_with(&format!("{module}.weight"))
+                    })
+                    .unwrap()
+                    .trim_end_matches(".weight")
+                    .to_string();
+                let (out, inp) = weights[&format!("{name}.weight")].dims2().unwrap();
+                let s = salt + (m * 2 + layer) as f32;
+                let values = |n: usize, s: f32| -> Vec<f32> {
+                    (0..n)
+                        .map(|i| ((i as f32 * 0.913 + s).sin()) * 0.2)
+                        .collect()
+                };
+                let a = Tensor::from_vec(values(r * inp, s), (r, inp), &dev).unwrap();
+                let b = Tensor::from_vec(values(out * r, s + 0.5), (out, r), &dev).unwrap();
+                adapter.insert(format!("base_model.model.{name}.lora_A.weight"), a);
+                adapter.insert(format!("base_model.model.{name}.lora_B.weight"), b);
+            }
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        candle_core::safetensors::save(&adapter, dir.join(ADAPTER_WEIGHTS)).unwrap();
+        let targets: Vec<String> = modules.iter().map(|m| format!("{m:?}")).collect();
+        let config = format!(
+            r#"{{"peft_type": "LORA", "r": {r}, "lora_alpha": {}, "target_modules": [{}]}}"#,
+            2 * r,
+            targets.join(", ")
+        );
+        std::fs::write(dir.join(ADAPTER_CONFIG), config).unwrap();
+    }
+
+    /// Adapters of different ranks and sites (one skips sites the other updates) and base rows
+    /// in one batch, through the stacked matmuls: each chunk equals the same chunk run alone
+    /// (one adapter's plain matmul pair, or the base), also after the set of adapters changes.
+    #[test]
+    fn a_batch_mixing_adapters_equals_each_chunk_alone() {
+        let md = tiny("qwen2");
+        let root = std::env::temp_dir().join(format!("infermux-candle-mix-{}", std::process::id()));
+        let (x_dir, y_dir) = (root.join("x"), root.join("y"));
+        write_adapter(
+            &md,
+            &x_dir,
+            2,
+            &["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+            0.0,
+        );
+        write_adapter(&md, &y_dir, 3, &["q_proj", "up_proj"], 7.0);
+        let (x, y) = (Some(AdapterId(1)), Some(AdapterId(2)));
+        let prompt: Vec<u32> = (0..14).map(|i| (i * 5 + 2) % 97).collect();
+        let on = |slot, start, tokens: &[u32], adapter| SeqChunk {
+            adapter,
+            ..chunk(slot, start, tokens, LogitsWanted::All)
+        };
+        for kernels in [CpuKernels::Custom, CpuKernels::Builtin] {
+            let mut served = load(&md, kernels, None);
+            let mut alone = load(&md, kernels, None);
+            for (id, dir) in [(1, &x_dir), (2, &y_dir)] {
+                let lora = LoraAdapter::read(dir, served.weight_plan().unwrap()).unwrap();
+                served.load_adapter(AdapterId(id), &lora).unwrap();
+                alone.load_adapter(AdapterId(id), &lora).unwrap();
+            }
+            let batches = [
+                vec![
+                    on(0, 0, &prompt, x),
+                    on(1, 0, &prompt[..9], None),
+                    on(2, 0, &prompt[..7], y),
+                    on(3, 0, &prompt[..5], x),
+                ],
+                vec![
+                    on(0, 14, &[8], x),
+                    on(1, 9, &[5], None),
+                    on(3, 5, &[1, 2], x),
+                ],
+                vec![
+                    on(2, 7, &[4], y),
+                    on(0, 15, &[3], x),
+                    on(1, 10, &[6, 6], None),
+                ],
+            ];
+            let mut base = load(&md, kernels, None);
+            for chunks in batches {
+                let got = served
+                    .forward(&ForwardBatch {
+                        chunks: chunks.clone(),
+                    })
+                    .unwrap();
+                for (i, c) in chunks.iter().enumerate() {
+                    // The same chunk alone, on a slot of its own that holds the same prefix
+                    // (every chunk before it ran alone there too), and on the base.
+                    let slot = SlotId(10 + c.slot.0);
+                    let alone_chunk = SeqChunk { slot, ..c.clone() };
+                    let base_chunk = SeqChunk {
+                        adapter: None,
+                        ..alone_chunk.clone()
+                    };
+                    let want = alone
+                        .forward(&ForwardBatch {
+                            chunks: vec![alone_chunk],
+                        })
+                        .unwrap();
+                    let plain = base
+                        .forward(&ForwardBatch {
+                            chunks: vec![base_chunk],
+                        })
+                        .unwrap();
+                    let (mut worst, mut moved) = (0f32, 0f32);
+                    for ((g, w), b) in got.chunk(i).zip(want.chunk(0)).zip(plain.chunk(0)) {
+                        for ((a, e), z) in g.iter().zip(w).zip(b) {
+                            worst = worst.max((a - e).abs() / (1.0 + e.abs()));
+                            moved = moved.max((e - z).abs());
+                        }
+                    }
+                    assert!(worst <= 1e-5, "{kernels:?} chunk {i}: {worst}");
+                    assert_eq!(
+                        c.adapter.is_some(),
+                        moved > 1e-3,
+                        "{kernels:?} chunk {i}: {moved}"
+                    );
+                }
+            }
         }
         std::fs::remove_dir_all(&root).ok();
     }

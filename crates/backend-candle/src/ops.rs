@@ -3,21 +3,21 @@
 //! On the CPU in f32 with [`crate::CpuKernels::Custom`] the ops run our kernels as candle
 //! custom ops ([`crate::cpu`]); everywhere else they are candle's built-in tensor ops.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
+use infermux_core::SeqChunk;
 use infermux_core::kv::KvSlot;
 use infermux_core::model::{AttentionShape, LinearSpec, LlamaOps, LoadOps, LoraSite, TensorSpec};
-use infermux_core::{AdapterId, SeqChunk};
 
 use crate::cpu::{self, Isa, PackedMatrix};
 use crate::error::CandleBackendError;
 use crate::kv::SlotKv;
-use crate::lora::{AdapterRows, CandleLora};
+use crate::lora::AdapterRows;
 use crate::weights::Weights;
 
 /// Where and how the ops run, fixed at load.
+#[derive(Clone)]
 pub(crate) struct Runtime {
     pub device: Device,
     pub dtype: DType,
@@ -122,7 +122,6 @@ impl LoadOps for Loader<'_> {
 /// One forward pass over a batch: its chunks, their KV slots (reserved), positions and ids.
 pub(crate) struct Step<'s, 'a> {
     rt: &'s Runtime,
-    adapters: &'s HashMap<AdapterId, CandleLora>,
     adapter_rows: AdapterRows,
     chunks: &'s [SeqChunk],
     slots: &'s mut [&'a mut KvSlot<SlotKv>],
@@ -135,7 +134,7 @@ pub(crate) struct Step<'s, 'a> {
 impl<'s, 'a> Step<'s, 'a> {
     pub fn new(
         rt: &'s Runtime,
-        adapters: &'s HashMap<AdapterId, CandleLora>,
+        adapter_rows: AdapterRows,
         batch: &'s infermux_core::ForwardBatch,
         slots: &'s mut [&'a mut KvSlot<SlotKv>],
     ) -> candle_core::Result<Self> {
@@ -146,8 +145,7 @@ impl<'s, 'a> Step<'s, 'a> {
             .collect();
         Ok(Self {
             rt,
-            adapters,
-            adapter_rows: AdapterRows::new(batch, &rt.device)?,
+            adapter_rows,
             chunks: &batch.chunks,
             slots,
             positions,
@@ -337,7 +335,7 @@ impl LlamaOps for Step<'_, '_> {
         layer: usize,
         site: LoraSite,
     ) -> candle_core::Result<Tensor> {
-        self.adapter_rows.apply(self.adapters, x, y, layer, site)
+        self.adapter_rows.apply(x, y, layer, site)
     }
 
     fn split(&mut self, x: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {

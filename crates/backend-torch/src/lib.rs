@@ -22,7 +22,7 @@ mod weights;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use infermux_core::backend::{WeightUpdateError, open_checkpoint};
+use infermux_core::backend::{StagedWeights, WeightStager, WeightUpdateError, open_checkpoint};
 use infermux_core::model::{AdapterError, LoraAdapter, WeightPlan};
 use infermux_core::{
     AdapterId, Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits,
@@ -195,15 +195,26 @@ impl Backend for TorchBackend {
         self.adapters.remove(&id);
     }
 
-    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
-        let checkpoint = open_checkpoint(dir, &self.model.config)?;
+    fn weight_stager(&self) -> Option<WeightStager> {
+        let (config, device) = (self.model.config.clone(), self.device);
         let kind = tch_kind(self.info.dtype);
-        let (model, weights) = load_weights(&checkpoint, &self.model.config, self.device, kind)
-            .map_err(|e| WeightUpdateError::Load {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
+        Some(Box::new(move |dir: &Path| {
+            let checkpoint = open_checkpoint(dir, &config)?;
+            let loaded = load_weights(&checkpoint, &config, device, kind).map_err(|e| {
+                WeightUpdateError::Load {
+                    path: dir.to_path_buf(),
+                    message: e.to_string(),
+                }
             })?;
-        // Loaded in full: only now do the new weights replace the old.
+            Ok(Box::new(loaded) as StagedWeights)
+        }))
+    }
+
+    fn install_weights(&mut self, staged: StagedWeights) -> Result<(), WeightUpdateError> {
+        // Loaded in full by the stager: only now do the new weights replace the old.
+        let (model, weights) = *staged
+            .downcast::<(Llama, TorchWeights)>()
+            .map_err(|_| WeightUpdateError::ForeignStage)?;
         self.model = model;
         self.weights = weights;
         Ok(())

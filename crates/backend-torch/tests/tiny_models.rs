@@ -482,6 +482,7 @@ fn adapter_rows_equal_merged_weights_and_base_rows_stay_base() {
     use infermux_core::AdapterId;
     use infermux_core::model::LoraAdapter;
     let _guard = tch::no_grad_guard();
+    tch::manual_seed(14);
     let (config, mut tensors) = tiny_tensors(&VARIANTS[0]);
     let base_model = write_model("lora-base", &config, &tensors);
     let (r, alpha) = (2i64, 5.0f64);
@@ -565,17 +566,20 @@ fn adapter_rows_equal_merged_weights_and_base_rows_stay_base() {
             } else {
                 &want_base
             };
-            let mut moved = 0f32;
+            // `W x + s B (A x)` and `(W + s B A) x` round differently: libtorch's GEMM
+            // kernel (chosen per CPU) moved one logit by 1.3e-4 on Sapphire Rapids, so
+            // the bound is 1e-3 (the f32 pairwise bound of the other suites), and the
+            // adapter must move logits by far more than that.
+            let (mut moved, mut worst) = (0f32, 0f32);
             for ((g, w), b) in got.chunk(i).zip(want.chunk(i)).zip(want_base.chunk(i)) {
                 for ((x, y), z) in g.iter().zip(w).zip(b) {
-                    assert!(
-                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
-                        "chunk {i}: {x} vs {y}"
-                    );
+                    worst = worst.max((x - y).abs() / (1.0 + y.abs()));
                     moved = moved.max((y - z).abs());
                 }
             }
-            assert_eq!(c.adapter.is_some(), moved > 1e-3, "chunk {i}: {moved}");
+            eprintln!("chunk {i}: |Δ| {worst:.2e} vs the reference, adapter moved {moved:.3}");
+            assert!(worst <= 1e-3, "chunk {i}: {worst}");
+            assert_eq!(c.adapter.is_some(), moved > 2e-2, "chunk {i}: {moved}");
         }
     }
     served.unload_adapter(AdapterId(1));

@@ -329,8 +329,24 @@ pub trait Backend: Send {
     /// of the served model: same config and shapes, e.g. a training step's), through the loader
     /// the backend used at start. The new weights are loaded in full before they replace the
     /// old ones, so on error the old weights keep serving. The engine calls it only while no
-    /// slot holds KV state (KV computed with the old weights would be stale).
-    fn update_weights(&mut self, _dir: &Path) -> Result<(), WeightUpdateError> {
+    /// slot holds KV state (KV computed with the old weights would be stale). The default
+    /// stages with [`Backend::weight_stager`] and installs.
+    fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
+        let stage = self.weight_stager().ok_or(WeightUpdateError::Unsupported)?;
+        let staged = stage(dir)?;
+        self.install_weights(staged)
+    }
+
+    /// A reader of checkpoints into this backend's weights that runs on another thread while
+    /// the old weights keep serving, so an update costs the engine only the swap; `None` (the
+    /// default): the backend loads in [`Backend::update_weights`] on the engine thread.
+    fn weight_stager(&self) -> Option<WeightStager> {
+        None
+    }
+
+    /// Swaps in weights a [`WeightStager`] of this backend read (while no slot holds KV state,
+    /// as for [`Backend::update_weights`]).
+    fn install_weights(&mut self, _staged: StagedWeights) -> Result<(), WeightUpdateError> {
         Err(WeightUpdateError::Unsupported)
     }
 
@@ -413,6 +429,12 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn update_weights(&mut self, dir: &Path) -> Result<(), WeightUpdateError> {
         (**self).update_weights(dir)
     }
+    fn weight_stager(&self) -> Option<WeightStager> {
+        (**self).weight_stager()
+    }
+    fn install_weights(&mut self, staged: StagedWeights) -> Result<(), WeightUpdateError> {
+        (**self).install_weights(staged)
+    }
     fn weight_plan(&self) -> Option<&WeightPlan> {
         (**self).weight_plan()
     }
@@ -423,6 +445,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         (**self).unload_adapter(id)
     }
 }
+
+/// A checkpoint read by a backend's [`WeightStager`], waiting for
+/// [`Backend::install_weights`] (what is inside is the backend's own).
+pub type StagedWeights = Box<dyn std::any::Any + Send>;
+
+/// Reads the checkpoint folder it is given into new weights, touching nothing that serves.
+pub type WeightStager =
+    Box<dyn FnOnce(&Path) -> Result<StagedWeights, WeightUpdateError> + Send + 'static>;
 
 /// Why new weights were not swapped in; whatever the reason, the old weights keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -464,6 +494,9 @@ pub enum WeightUpdateError {
     /// The backend panicked while loading; the panic was caught and the old weights kept.
     #[error("the backend panicked while loading new weights: {0}")]
     Panicked(String),
+    /// [`Backend::install_weights`] was given weights another backend's stager read.
+    #[error("the staged weights were read by another backend's stager")]
+    ForeignStage,
     /// The engine thread is gone.
     #[error("the engine has shut down")]
     Shutdown,

@@ -277,9 +277,9 @@ fn update_error(err: &WeightUpdateError) -> ApiError {
         }
         // Reading tensors whose headers passed the checks failed: out of memory, a runtime
         // error, data that changed under us — the server's side.
-        WeightUpdateError::Panicked(_) | WeightUpdateError::Load { .. } => {
-            ApiError::internal(message)
-        }
+        WeightUpdateError::Panicked(_)
+        | WeightUpdateError::Load { .. }
+        | WeightUpdateError::ForeignStage => ApiError::internal(message),
         WeightUpdateError::Shutdown => ApiError::status(StatusCode::SERVICE_UNAVAILABLE, message),
         WeightUpdateError::Unsupported => ApiError::bad_request(message),
         WeightUpdateError::Model(_) | WeightUpdateError::Mismatch { .. } => {

@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, WeightUpdateError};
+use crate::backend::{Backend, StagedWeights, WeightStager, WeightUpdateError};
+use crate::engine::Command;
 use crate::engine::scheduler::Scheduler;
 use crate::sampling::batch::panic_message;
 
@@ -72,7 +73,8 @@ pub struct WeightUpdateReport {
     pub aborted_requests: usize,
     /// Requests that waited in the queue during the swap; they run on the new weights.
     pub held_requests: usize,
-    /// Seconds the backend took to load the new weights (the engine did not step meanwhile).
+    /// Seconds from the update's arrival to the swap: reading the new weights (on a thread
+    /// of its own where the backend has a stager, while running requests drain) and the swap.
     pub load_seconds: f64,
 }
 
@@ -96,12 +98,42 @@ pub struct PauseReport {
     pub paused_requests: usize,
 }
 
-/// A weight update on the engine thread: the request, its reply, and what it waited for.
+/// A weight update on the engine thread: the request, its reply, what it waited for, and
+/// the new weights a stager thread is reading meanwhile (`None`: the backend loads at the swap).
 pub(crate) struct PendingUpdate {
     pub request: WeightUpdate,
     pub reply: flume::Sender<Result<WeightUpdateReport, WeightUpdateError>>,
     pub drained: usize,
     pub aborted: usize,
+    started: Instant,
+    staging: Option<flume::Receiver<Result<StagedWeights, WeightUpdateError>>>,
+}
+
+/// Starts `stage` on its own thread; its result arrives on the returned channel, and `wake`
+/// (the engine's command channel, held weakly so it never keeps the engine alive) gets a
+/// [`Command::Wake`] so an engine waiting for it swaps at once. `None` if no thread could be
+/// spawned: the backend then loads at the swap.
+fn spawn_stager(
+    stage: WeightStager,
+    path: PathBuf,
+    wake: flume::WeakSender<Command>,
+) -> Option<flume::Receiver<Result<StagedWeights, WeightUpdateError>>> {
+    let (tx, rx) = flume::bounded(1);
+    let run = move || {
+        let staged = catch_unwind(AssertUnwindSafe(|| stage(&path)))
+            .unwrap_or_else(|panic| Err(WeightUpdateError::Panicked(panic_message(panic))));
+        // A superseded update dropped its receiver: these weights are discarded.
+        if tx.send(staged).is_ok()
+            && let Some(engine) = wake.upgrade()
+        {
+            drop(engine.send(Command::Wake));
+        }
+    };
+    std::thread::Builder::new()
+        .name("infermux-weights".into())
+        .spawn(run)
+        .ok()
+        .map(|_| rx)
 }
 
 /// `by` of the `Aborted` errors a weight update sends.
@@ -169,6 +201,7 @@ impl Scheduler {
         backend: &mut dyn Backend,
         request: WeightUpdate,
         reply: flume::Sender<Result<WeightUpdateReport, WeightUpdateError>>,
+        wake: &flume::WeakSender<Command>,
     ) {
         if self.control.update.is_some() {
             if request.mode == UpdateMode::Drain {
@@ -183,11 +216,17 @@ impl Scheduler {
             UpdateMode::Drain => (self.running_len(), 0),
             UpdateMode::Abort => (0, self.abort_all(backend, ABORTED_BY_UPDATE)),
         };
+        // The new weights are read while the running requests drain on the old ones.
+        let staging = backend
+            .weight_stager()
+            .and_then(|stage| spawn_stager(stage, request.path.clone(), wake.clone()));
         self.control.update = Some(PendingUpdate {
             request,
             reply,
             drained,
             aborted,
+            started: Instant::now(),
+            staging,
         });
     }
 
@@ -198,15 +237,36 @@ impl Scheduler {
         if self.running_len() > 0 {
             return;
         }
+        let staged = match self.control.update.as_ref().map(|u| &u.staging) {
+            None => return,
+            Some(None) => None,
+            Some(Some(staging)) => match staging.try_recv() {
+                Ok(staged) => Some(staged),
+                // Still reading: a `Command::Wake` comes when it is done.
+                Err(flume::TryRecvError::Empty) => return,
+                Err(flume::TryRecvError::Disconnected) => Some(Err(WeightUpdateError::Panicked(
+                    "the weight-loading thread ended without a result".into(),
+                ))),
+            },
+        };
         let Some(update) = self.control.update.take() else {
             return;
         };
-        let started = Instant::now();
-        // Cached prefixes hold KV computed with the old weights.
-        self.flush_prefix_cache(backend);
-        let path = &update.request.path;
-        let result = catch_unwind(AssertUnwindSafe(|| backend.update_weights(path)))
-            .unwrap_or_else(|panic| Err(WeightUpdateError::Panicked(panic_message(panic))));
+        let result = match staged {
+            // A checkpoint that failed to read never touches the serving weights or the cache.
+            Some(Err(e)) => Err(e),
+            staged => {
+                // Cached prefixes hold KV computed with the old weights.
+                self.flush_prefix_cache(backend);
+                let path = &update.request.path;
+                catch_unwind(AssertUnwindSafe(|| match staged {
+                    Some(Ok(weights)) => backend.install_weights(weights),
+                    _ => backend.update_weights(path),
+                }))
+                .unwrap_or_else(|panic| Err(WeightUpdateError::Panicked(panic_message(panic))))
+            }
+        };
+        let started = update.started;
         let reply = result.map(|()| {
             let weight_version = self
                 .shared()

@@ -125,6 +125,8 @@ enum Command {
         name: String,
         reply: flume::Sender<Result<AdapterInfo, AdapterError>>,
     },
+    /// Wakes the engine thread (a weight update's new weights are read).
+    Wake,
 }
 
 /// How often a paused engine thread wakes to drop cancelled requests and publish its stats
@@ -202,6 +204,7 @@ impl Engine {
         let info = Arc::new(backend.info().clone());
         let plan = backend.weight_plan().cloned().map(Arc::new);
         let (tx, rx) = flume::unbounded();
+        let wake = tx.downgrade();
         let shared = Arc::new(Shared::default());
         let registry = Arc::new(Registry::default());
         let scheduler = Scheduler::new(
@@ -216,7 +219,7 @@ impl Engine {
         let guard = ExitGuard(shared.clone());
         std::thread::Builder::new()
             .name("infermux-engine".into())
-            .spawn(move || run(backend, scheduler, rx, guard))
+            .spawn(move || run(backend, scheduler, rx, wake, guard))
             .map_err(|e| {
                 ValidationError::field("engine", format!("cannot spawn the engine thread: {e}"))
             })?;
@@ -701,12 +704,18 @@ impl Failed for GenerateStream {
 
 impl Command {
     /// Carries out the command on the engine thread.
-    fn handle(self, scheduler: &mut Scheduler, backend: &mut dyn Backend) {
+    fn handle(
+        self,
+        scheduler: &mut Scheduler,
+        backend: &mut dyn Backend,
+        wake: &flume::WeakSender<Command>,
+    ) {
         match self {
             Self::Submit(job) => scheduler.enqueue(*job),
             Self::UpdateWeights { request, reply } => {
-                scheduler.begin_update(backend, request, reply);
+                scheduler.begin_update(backend, request, reply, wake);
             }
+            Self::Wake => {}
             Self::Pause { mode, reply } => {
                 let report = scheduler.pause(backend, mode);
                 drop(reply.send(Ok(report)));
@@ -749,6 +758,7 @@ fn run<B: Backend>(
     mut backend: B,
     mut scheduler: Scheduler,
     rx: flume::Receiver<Command>,
+    wake: flume::WeakSender<Command>,
     _exit: ExitGuard,
 ) {
     loop {
@@ -767,12 +777,12 @@ fn run<B: Backend>(
                 }
             };
             if let Some(cmd) = cmd {
-                cmd.handle(&mut scheduler, &mut backend);
+                cmd.handle(&mut scheduler, &mut backend, &wake);
             }
             scheduler.drop_cancelled(&mut backend);
         }
         while let Ok(cmd) = rx.try_recv() {
-            cmd.handle(&mut scheduler, &mut backend);
+            cmd.handle(&mut scheduler, &mut backend, &wake);
         }
         scheduler.apply_update(&mut backend);
         scheduler.publish(&backend);

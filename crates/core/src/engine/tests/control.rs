@@ -176,6 +176,58 @@ fn a_bad_checkpoint_keeps_the_old_weights_serving() {
     assert_eq!(out.sequences[0].tokens, greedy_under(0, &prompt, 8));
 }
 
+/// A backend with a weight stager: the checkpoint is read on the `infermux-weights` thread
+/// while the running request keeps stepping on the old weights; the swap waits for the read.
+#[test]
+fn a_staged_checkpoint_is_read_while_running_requests_step_on() {
+    let (mut backend, counters, gate) = FakeBackend::gated(64);
+    let (stage, stage_gate) = flume::unbounded();
+    backend.stage_gate = Some(stage_gate);
+    let e = Engine::start(backend, EngineConfig::default()).unwrap();
+    let a_prompt = [1, 2, 3];
+    let a = e.generate(greedy(&a_prompt, 12));
+    gate.send(()).unwrap();
+    wait_for_steps(&counters, 1);
+    let update = e.update_weights(WeightUpdate::new("weights-1", UpdateMode::Drain));
+    let b = e.generate(greedy(&[4, 5, 6], 12));
+    drop(gate);
+    // The read is held: A still finishes, on the old weights, and nothing swaps.
+    let a = a.wait().unwrap();
+    assert_eq!(a.sequences[0].tokens, greedy_under(0, &a_prompt, 12));
+    let (tx, report) = flume::bounded(1);
+    std::thread::spawn(move || drop(tx.send(update.wait())));
+    assert!(
+        report.recv_timeout(Duration::from_millis(200)).is_err(),
+        "swapped before the read finished"
+    );
+    assert_eq!(e.weight_version(), "0");
+    drop(stage);
+    let report = report.recv().unwrap().unwrap();
+    assert_eq!((report.drained_requests, report.held_requests), (1, 1));
+    let b = b.wait().unwrap();
+    assert_eq!(b.sequences[0].tokens, greedy_under(1, &[4, 5, 6], 12));
+    assert_eq!(e.weight_version(), "1");
+    assert_eq!(*counters.slots_at_update.lock().unwrap(), vec![0]);
+    assert_eq!(
+        *counters.stager_threads.lock().unwrap(),
+        vec!["infermux-weights".to_string()]
+    );
+    // A bad checkpoint or a panicking read is typed, and the weights read last keep serving.
+    let err = e
+        .update_weights(WeightUpdate::new("mismatch", UpdateMode::Drain))
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, WeightUpdateError::Mismatch { .. }), "{err}");
+    let err = e
+        .update_weights(WeightUpdate::new("panic", UpdateMode::Abort))
+        .wait()
+        .unwrap_err();
+    assert!(matches!(err, WeightUpdateError::Panicked(ref m) if m.contains("fake loader bug")));
+    let out = e.generate(greedy(&a_prompt, 8)).wait().unwrap();
+    assert_eq!(out.sequences[0].tokens, greedy_under(1, &a_prompt, 8));
+    assert_eq!(e.weight_updates(), 1);
+}
+
 #[test]
 fn a_second_update_while_one_drains_is_refused() {
     let (e, counters, gate) = gated_engine(EngineConfig::default());

@@ -40,6 +40,8 @@ struct Counters {
     panic_on_kv_usage: std::sync::atomic::AtomicBool,
     /// Slots holding KV state at each successful weight update, in order.
     slots_at_update: Mutex<Vec<usize>>,
+    /// The thread each staged checkpoint read ran on.
+    stager_threads: Mutex<Vec<String>>,
 }
 
 /// One slot's fake KV: the tokens it caches, in storage that counts itself live while it exists.
@@ -120,6 +122,9 @@ struct FakeBackend {
     plan: Option<crate::model::WeightPlan>,
     /// Loaded adapters: each shifts its rows as weights `1000 + id` would.
     adapters: std::collections::HashSet<crate::backend::AdapterId>,
+    /// `Some`: updates are read by a [`Backend::weight_stager`], which first waits for a
+    /// permit on this channel (or runs freely once its sender is dropped).
+    stage_gate: Option<flume::Receiver<()>>,
 }
 
 impl FakeBackend {
@@ -148,6 +153,7 @@ impl FakeBackend {
                 weights: 0,
                 plan: None,
                 adapters: Default::default(),
+                stage_gate: None,
             },
             counters,
         )
@@ -319,19 +325,33 @@ impl Backend for FakeBackend {
         self.adapters.remove(&id);
     }
 
-    /// A folder named `weights-N` holds the weights N; `mismatch` is another model's; `panic`
-    /// makes the load panic.
     fn update_weights(&mut self, dir: &std::path::Path) -> Result<(), WeightUpdateError> {
-        let name = dir.file_name().unwrap_or_default().to_string_lossy();
-        if name == "panic" {
-            panic!("fake loader bug");
+        if self.stage_gate.is_some() {
+            let staged = (self.weight_stager().unwrap())(dir)?;
+            return self.install_weights(staged);
         }
-        let Some(n) = name.strip_prefix("weights-").and_then(|n| n.parse().ok()) else {
-            return Err(WeightUpdateError::Mismatch {
-                path: dir.to_path_buf(),
-                differences: vec![format!("hidden_size: served 1, checkpoint {name}")],
-            });
-        };
+        let n = fake_checkpoint(dir)?;
+        self.install_weights(Box::new(n))
+    }
+
+    fn weight_stager(&self) -> Option<crate::backend::WeightStager> {
+        let gate = self.stage_gate.clone()?;
+        let counters = self.counters.clone();
+        Some(Box::new(move |dir: &std::path::Path| {
+            gate.recv().ok();
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            counters.stager_threads.lock().unwrap().push(thread);
+            Ok(Box::new(fake_checkpoint(dir)?) as crate::backend::StagedWeights)
+        }))
+    }
+
+    fn install_weights(
+        &mut self,
+        staged: crate::backend::StagedWeights,
+    ) -> Result<(), WeightUpdateError> {
+        let n = *staged
+            .downcast::<u32>()
+            .map_err(|_| WeightUpdateError::ForeignStage)?;
         self.counters
             .slots_at_update
             .lock()
@@ -340,6 +360,21 @@ impl Backend for FakeBackend {
         self.weights = n;
         Ok(())
     }
+}
+
+/// The fake's checkpoints: a folder named `weights-N` holds the weights N; `mismatch` is
+/// another model's; `panic` makes the load panic.
+fn fake_checkpoint(dir: &std::path::Path) -> Result<u32, WeightUpdateError> {
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    if name == "panic" {
+        panic!("fake loader bug");
+    }
+    name.strip_prefix("weights-")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| WeightUpdateError::Mismatch {
+            path: dir.to_path_buf(),
+            differences: vec![format!("hidden_size: served 1, checkpoint {name}")],
+        })
 }
 
 fn engine(config: EngineConfig) -> (Engine, Arc<Counters>) {
