@@ -800,7 +800,7 @@ fn render(
             updates.runs.iter().map(|u| u.drained).sum::<u64>(),
             updates.load_requests,
             updates.load_failures.len(),
-            if worst < 1.5 && updates.load_failures.is_empty() {
+            if median(&first) < 1.5 && updates.load_failures.is_empty() {
                 "✓"
             } else {
                 "✗"

@@ -43,6 +43,23 @@ pub(crate) enum CandleLinear {
     },
 }
 
+impl CandleLinear {
+    /// `w` (`[out, inp]`, row-major host f32) for `rt`: packed for our CPU kernels, else a
+    /// tensor on the device in the serving dtype.
+    pub fn from_host(w: &[f32], out: usize, inp: usize, rt: &Runtime) -> candle_core::Result<Self> {
+        Ok(match rt.cpu {
+            Some(_) => Self::Packed {
+                w: Arc::new(PackedMatrix::pack(w, out, inp)),
+                bias: None,
+            },
+            None => Self::Tensor {
+                w: Tensor::from_slice(w, (out, inp), &rt.device)?.to_dtype(rt.dtype)?,
+                b: None,
+            },
+        })
+    }
+}
+
 /// The embedding table, or the packed output head it is tied to.
 pub(crate) enum CandleEmbedding {
     Table(Tensor),
@@ -85,20 +102,36 @@ impl LoadOps for Loader<'_> {
     type Error = CandleBackendError;
 
     fn linear(&mut self, spec: &LinearSpec) -> Result<CandleLinear, CandleBackendError> {
-        let w = self.cat(&spec.parts)?;
         let b = spec.bias.as_ref().map(|b| self.cat(b)).transpose()?;
         Ok(match self.rt.cpu {
             Some(_) => {
-                // Drop the tensor before packing: at most two copies of the largest matrix (the
-                // output head) are alive at once, which sets the load's peak memory.
-                let rows = host(&w)?;
-                drop(w);
+                // Packed from the mapped file: no copy of the weights but the packed one.
+                let parts = spec
+                    .parts
+                    .iter()
+                    .map(|p| self.weights.host_f32(&p.name, &p.shape))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rows: Vec<&[f32]> = parts
+                    .iter()
+                    .flat_map(|p| p.chunks_exact(spec.inp))
+                    .collect();
+                if rows.len() != spec.out {
+                    return Err(CandleBackendError::Weights(format!(
+                        "{}: {} rows, expected {}",
+                        spec.parts[0].name,
+                        rows.len(),
+                        spec.out
+                    )));
+                }
                 CandleLinear::Packed {
-                    w: Arc::new(PackedMatrix::pack(&rows, spec.out, spec.inp)),
+                    w: Arc::new(PackedMatrix::pack_rows(&rows, spec.inp)),
                     bias: b.as_ref().map(host).transpose()?,
                 }
             }
-            None => CandleLinear::Tensor { w, b },
+            None => CandleLinear::Tensor {
+                w: self.cat(&spec.parts)?,
+                b,
+            },
         })
     }
 
@@ -122,7 +155,7 @@ impl LoadOps for Loader<'_> {
 /// One forward pass over a batch: its chunks, their KV slots (reserved), positions and ids.
 pub(crate) struct Step<'s, 'a> {
     rt: &'s Runtime,
-    adapter_rows: AdapterRows,
+    adapter_rows: AdapterRows<'s>,
     chunks: &'s [SeqChunk],
     slots: &'s mut [&'a mut KvSlot<SlotKv>],
     positions: Vec<usize>,
@@ -134,7 +167,7 @@ pub(crate) struct Step<'s, 'a> {
 impl<'s, 'a> Step<'s, 'a> {
     pub fn new(
         rt: &'s Runtime,
-        adapter_rows: AdapterRows,
+        adapter_rows: AdapterRows<'s>,
         batch: &'s infermux_core::ForwardBatch,
         slots: &'s mut [&'a mut KvSlot<SlotKv>],
     ) -> candle_core::Result<Self> {
@@ -335,7 +368,15 @@ impl LlamaOps for Step<'_, '_> {
         layer: usize,
         site: LoraSite,
     ) -> candle_core::Result<Tensor> {
-        self.adapter_rows.apply(x, y, layer, site)
+        let Some((a, b)) = self.adapter_rows.site(layer, site) else {
+            return Ok(y);
+        };
+        let h = self.linear(x, a)?;
+        let h = match &self.adapter_rows.mask {
+            Some(mask) => (h * mask)?,
+            None => h,
+        };
+        self.linear_add(&h, b, y)
     }
 
     fn split(&mut self, x: &Tensor, widths: &[usize]) -> candle_core::Result<Vec<Tensor>> {

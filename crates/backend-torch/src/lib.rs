@@ -19,11 +19,11 @@ mod lora;
 mod ops;
 mod weights;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use infermux_core::backend::{StagedWeights, WeightStager, WeightUpdateError, open_checkpoint};
-use infermux_core::model::{AdapterError, LoraAdapter, WeightPlan};
+use infermux_core::model::{AdapterError, AdapterSet, LoraAdapter, WeightPlan};
 use infermux_core::{
     AdapterId, Backend, BackendError, DType, Device, ForwardBatch, KvTable, KvUsage, Llama, Logits,
     ModelConfig, ModelDir, ModelInfo, SlotId,
@@ -57,7 +57,7 @@ pub struct TorchBackend {
     store: TorchKvStore,
     device: tch::Device,
     /// Loaded LoRA adapters.
-    adapters: HashMap<AdapterId, TorchLora>,
+    adapters: AdapterSet<TorchLora>,
 }
 
 /// Reads the weights of `dir` for the model of `cfg` onto `device` as `kind`: the one loader of
@@ -108,7 +108,7 @@ impl TorchBackend {
             rope,
             store,
             device,
-            adapters: HashMap::new(),
+            adapters: AdapterSet::default(),
         })
     }
 }
@@ -127,7 +127,7 @@ impl Backend for TorchBackend {
                 message: format!("a batch addresses slot {:?} twice", c.slot),
             });
         }
-        batch.check_adapters(|id| self.adapters.contains_key(&id))?;
+        batch.check_adapters(|id| self.adapters.contains(id))?;
         if batch.num_tokens() == 0 {
             return Logits::new(batch, self.info.vocab_size, Vec::new());
         }
@@ -136,9 +136,11 @@ impl Backend for TorchBackend {
             self.kv.reserve(&mut self.store, c.slot, c.tokens.len())?;
         }
         let logits = {
-            let mut ops =
-                TorchForward::new(batch, &self.rope, &self.kv, &self.adapters, self.device)
-                    .map_err(runtime_error)?;
+            let kind = tch_kind(self.info.dtype);
+            let adapter_rows =
+                lora::rows(&mut self.adapters, batch, self.device, kind).map_err(runtime_error)?;
+            let mut ops = TorchForward::new(batch, &self.rope, &self.kv, adapter_rows, self.device)
+                .map_err(runtime_error)?;
             self.model.forward(&mut ops, &self.weights)?
         };
         for c in &batch.chunks {
@@ -187,12 +189,12 @@ impl Backend for TorchBackend {
                     message: e.to_string(),
                 }
             })?;
-        self.adapters.insert(id, lora);
+        self.adapters.insert(id, adapter, lora);
         Ok(())
     }
 
     fn unload_adapter(&mut self, id: AdapterId) {
-        self.adapters.remove(&id);
+        self.adapters.remove(id);
     }
 
     fn weight_stager(&self) -> Option<WeightStager> {

@@ -1,17 +1,20 @@
 //! LoRA adapters on libtorch tensors: each site's `Aᵀ` and `Bᵀ` on the device in the model's
-//! kind, and the update of [`LlamaOps::lora`](infermux_core::model::LlamaOps::lora): each
-//! adapter's rows of the batch gathered, `(x Aᵀ) Bᵀ` added back with `index_add` (one matmul
-//! pair per adapter and site, whatever the mix of adapters in the batch).
+//! kind, and the update of [`LlamaOps::lora`](infermux_core::model::LlamaOps::lora) in the
+//! shape core's [`BatchLora`](infermux_core::model::BatchLora) gives: one adapter's matmul pair for a batch on one adapter, or
+//! the batch's adapters stacked by [`LoraStack`](infermux_core::model::LoraStack) (one
+//! matmul pair per site and a row mask) for a batch that mixes them; core's [`AdapterSet`]
+//! keeps the adapters and the stack.
 
-use std::collections::HashMap;
-
-use infermux_core::model::{LoraAdapter, LoraSite};
-use infermux_core::{AdapterId, ForwardBatch};
+use infermux_core::ForwardBatch;
+use infermux_core::model::{AdapterSet, LoraAdapter, LoraSite};
 use tch::{Device, Kind, TchError, Tensor};
 
-/// One adapter's matrices: per layer, per site, `(Aᵀ [inp, rank], Bᵀ [rank, out])`.
+/// Per layer, per site: `(Aᵀ [inp, rank], Bᵀ [rank, out])`.
+type Sites = Vec<[Option<(Tensor, Tensor)>; 4]>;
+
+/// One adapter's matrices.
 pub(crate) struct TorchLora {
-    layers: Vec<[Option<(Tensor, Tensor)>; 4]>,
+    layers: Sites,
 }
 
 impl TorchLora {
@@ -37,56 +40,67 @@ impl TorchLora {
         }
         Ok(Self { layers })
     }
-}
 
-/// A batch's rows per adapter, as index tensors (`all`: the adapter runs every row).
-pub(crate) struct AdapterRows {
-    groups: Vec<(AdapterId, Tensor, bool)>,
-}
-
-impl AdapterRows {
-    /// The rows of `batch`'s adapters on `device`.
-    pub fn new(batch: &ForwardBatch, device: Device) -> Result<Self, TchError> {
-        let total = batch.num_tokens();
-        let groups = batch
-            .adapter_rows()
-            .into_iter()
-            .map(|(id, rows)| {
-                let all = rows.len() == total;
-                let rows: Vec<i64> = rows.into_iter().map(i64::from).collect();
-                Ok((id, Tensor::f_from_slice(&rows)?.f_to_device(device)?, all))
-            })
-            .collect::<Result<_, TchError>>()?;
-        Ok(Self { groups })
+    fn site(&self, layer: usize, site: LoraSite) -> Option<&(Tensor, Tensor)> {
+        self.layers
+            .get(layer)
+            .and_then(|l| l[site.index()].as_ref())
     }
+}
 
-    /// `y` plus each adapter's update of `site` in `layer` on its rows of `x`.
+/// How `batch`'s rows take `adapters`' updates (stacking a mix's adapters on `device`).
+pub(crate) fn rows<'a>(
+    adapters: &'a mut AdapterSet<TorchLora>,
+    batch: &ForwardBatch,
+    device: Device,
+    kind: Kind,
+) -> Result<AdapterRows<'a>, TchError> {
+    let Some(run) = adapters
+        .for_batch(batch, |stack| TorchLora::upload(stack, device, kind))
+        .map_err(|e| TchError::Kind(e.to_string()))?
+    else {
+        return Ok(AdapterRows::default());
+    };
+    let mask = match run.mask {
+        Some((mask, width)) => Some(
+            Tensor::f_from_slice(&mask)?
+                .f_reshape([batch.num_tokens() as i64, width as i64])?
+                .f_to_kind(kind)?
+                .f_to_device(device)?,
+        ),
+        None => None,
+    };
+    Ok(AdapterRows {
+        lora: Some(run.lora),
+        mask,
+    })
+}
+
+/// How one batch's rows take their adapters' updates: the adapter (or stack) they run, and
+/// for a stack each row's 0/1 mask of its columns (all zeros for a base row).
+#[derive(Default)]
+pub(crate) struct AdapterRows<'a> {
+    lora: Option<&'a TorchLora>,
+    mask: Option<Tensor>,
+}
+
+impl AdapterRows<'_> {
+    /// `y` plus each row's adapter update of `site` in `layer` on `x`.
     pub fn apply(
         &self,
-        adapters: &HashMap<AdapterId, TorchLora>,
         x: &Tensor,
-        mut y: Tensor,
+        y: Tensor,
         layer: usize,
         site: LoraSite,
     ) -> Result<Tensor, TchError> {
-        for (id, rows, all) in &self.groups {
-            let Some(lora) = adapters.get(id) else {
-                return Err(TchError::Kind(format!("no LoRA adapter {id:?} is loaded")));
-            };
-            let Some((at, bt)) = lora
-                .layers
-                .get(layer)
-                .and_then(|l| l[site.index()].as_ref())
-            else {
-                continue;
-            };
-            if *all {
-                y = y.f_add(&x.f_matmul(at)?.f_matmul(bt)?)?;
-            } else {
-                let delta = x.f_index_select(0, rows)?.f_matmul(at)?.f_matmul(bt)?;
-                y = y.f_index_add(0, rows, &delta)?;
-            }
-        }
-        Ok(y)
+        let Some((at, bt)) = self.lora.and_then(|l| l.site(layer, site)) else {
+            return Ok(y);
+        };
+        let h = x.f_matmul(at)?;
+        let h = match &self.mask {
+            Some(mask) => h.f_mul(mask)?,
+            None => h,
+        };
+        y.f_add(&h.f_matmul(bt)?)
     }
 }

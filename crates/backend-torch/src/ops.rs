@@ -6,18 +6,16 @@
 //! GQA) against that chunk's KV slot. Nothing here knows an architecture: biases and q/k norms
 //! are whatever the plan holds.
 
-use std::collections::HashMap;
-
 use infermux_core::model::{
     AttentionShape, LinearSpec, LlamaOps, LlamaWeights, LoadOps, LoraSite, TensorSpec,
 };
-use infermux_core::{AdapterId, BackendError, ForwardBatch, KvTable, ModelConfig};
+use infermux_core::{BackendError, ForwardBatch, KvTable, ModelConfig};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::device::runtime_error;
 use crate::error::TorchBackendError;
 use crate::kv::SlotKv;
-use crate::lora::{AdapterRows, TorchLora};
+use crate::lora::AdapterRows;
 use crate::weights::Weights;
 
 /// A projection `y = x @ weightᵀ + bias`, its parts already concatenated.
@@ -117,8 +115,7 @@ impl RopeTables {
 /// positions, and the KV table whose (already reserved) slots attention writes and reads.
 pub(crate) struct TorchForward<'a> {
     batch: &'a ForwardBatch,
-    adapters: &'a HashMap<AdapterId, TorchLora>,
-    adapter_rows: AdapterRows,
+    adapter_rows: AdapterRows<'a>,
     kv: &'a KvTable<SlotKv>,
     device: Device,
     /// Token ids, `[tokens]`.
@@ -134,7 +131,7 @@ impl<'a> TorchForward<'a> {
         batch: &'a ForwardBatch,
         rope: &RopeTables,
         kv: &'a KvTable<SlotKv>,
-        adapters: &'a HashMap<AdapterId, TorchLora>,
+        adapter_rows: AdapterRows<'a>,
         device: Device,
     ) -> Result<Self, TchError> {
         let (mut ids, mut positions) = (Vec::new(), Vec::new());
@@ -145,8 +142,7 @@ impl<'a> TorchForward<'a> {
         let positions = Tensor::f_from_slice(&positions)?.f_to_device(device)?;
         Ok(Self {
             batch,
-            adapters,
-            adapter_rows: AdapterRows::new(batch, device)?,
+            adapter_rows,
             kv,
             device,
             ids: Tensor::f_from_slice(&ids)?.f_to_device(device)?,
@@ -285,7 +281,7 @@ impl LlamaOps for TorchForward<'_> {
         site: LoraSite,
     ) -> Result<Tensor, BackendError> {
         self.adapter_rows
-            .apply(self.adapters, x, y, layer, site)
+            .apply(x, y, layer, site)
             .map_err(runtime_error)
     }
 

@@ -347,6 +347,19 @@ impl LoraAdapter {
         })
     }
 
+    /// Its widest rank over the sites: the columns it takes in a [`LoraStack`].
+    ///
+    /// [`LoraStack`]: crate::model::LoraStack
+    pub fn width(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|u| u.rank)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Parameters held (A and B of every site), for reports.
     pub fn num_params(&self) -> usize {
         self.layers

@@ -17,6 +17,7 @@ pub mod config;
 mod fields;
 pub mod llama;
 pub mod lora;
+pub mod lora_batch;
 pub mod plan;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
@@ -26,4 +27,5 @@ pub use config::{
 };
 pub use llama::{AttentionShape, LayerWeights, Llama, LlamaOps, LlamaWeights, LoadOps};
 pub use lora::{AdapterError, LoraAdapter, LoraSite, LoraUpdate};
+pub use lora_batch::{AdapterSet, AdapterSetError, BatchAdapters, BatchLora, LoraStack};
 pub use plan::{LayerPlan, LinearSpec, TensorSpec, WeightPlan};
