@@ -28,16 +28,18 @@ impl PackedMatrix {
     /// Packs `w`, an `[out, in]` row-major matrix.
     pub(crate) fn pack(w: &[f32], out: usize, inp: usize) -> Self {
         assert_eq!(w.len(), out * inp, "weight length");
-        let rows: Vec<&[f32]> = w.chunks_exact(inp.max(1)).take(out).collect();
+        assert!(inp > 0, "a matrix of zero-width rows");
+        let rows: Vec<&[f32]> = w.chunks_exact(inp).collect();
         Self::pack_rows(&rows, inp)
     }
 
     /// Packs the matrix whose rows are `rows` (each `inp` long): a load packs straight from
     /// the mapped checkpoint, the parts of a fused projection in turn.
     pub(crate) fn pack_rows(rows: &[&[f32]], inp: usize) -> Self {
-        /// Packed bytes above which the panels are split over threads of their own (not the
-        /// kernels' pool, which the engine may be stepping on): a weight update's read then
-        /// uses every core the engine leaves idle once its running requests have drained.
+        /// Packed bytes above which the panels are split over one thread per core (threads
+        /// of their own, not the kernels' pool, which the engine may be stepping on: a
+        /// weight update's read shares the cores with the requests still draining, then
+        /// takes all of them).
         const PARALLEL_BYTES: usize = 4 << 20;
         let out = rows.len();
         assert!(rows.iter().all(|r| r.len() == inp), "row length");

@@ -106,23 +106,33 @@ pub(crate) struct PendingUpdate {
     pub drained: usize,
     pub aborted: usize,
     started: Instant,
-    staging: Option<flume::Receiver<Result<StagedWeights, WeightUpdateError>>>,
+    staging: Option<Staging>,
 }
+
+/// A stager thread's result.
+type Staging = flume::Receiver<Result<StagedWeights, WeightUpdateError>>;
 
 /// Starts `stage` on its own thread; its result arrives on the returned channel, and `wake`
 /// (the engine's command channel, held weakly so it never keeps the engine alive) gets a
-/// [`Command::Wake`] so an engine waiting for it swaps at once. `None` if no thread could be
-/// spawned: the backend then loads at the swap.
+/// [`Command::Wake`] so an engine waiting for it swaps at once. `after`, the read of an update
+/// this one replaced, is waited for and dropped first, so at most one checkpoint is being
+/// read and held besides the serving weights. `None` if no thread could be spawned: the
+/// backend then loads at the swap.
 fn spawn_stager(
     stage: WeightStager,
     path: PathBuf,
     wake: flume::WeakSender<Command>,
-) -> Option<flume::Receiver<Result<StagedWeights, WeightUpdateError>>> {
+    after: Option<Staging>,
+) -> Option<Staging> {
     let (tx, rx) = flume::bounded(1);
     let run = move || {
+        if let Some(replaced) = after {
+            drop(replaced.recv());
+        }
         let staged = catch_unwind(AssertUnwindSafe(|| stage(&path)))
             .unwrap_or_else(|panic| Err(WeightUpdateError::Panicked(panic_message(panic))));
-        // A superseded update dropped its receiver: these weights are discarded.
+        // A replaced update's receiver is held by the read that replaced it, which drops
+        // these weights unused.
         if tx.send(staged).is_ok()
             && let Some(engine) = wake.upgrade()
         {
@@ -203,14 +213,14 @@ impl Scheduler {
         reply: flume::Sender<Result<WeightUpdateReport, WeightUpdateError>>,
         wake: &flume::WeakSender<Command>,
     ) {
-        if self.control.update.is_some() {
-            if request.mode == UpdateMode::Drain {
-                drop(reply.send(Err(WeightUpdateError::InProgress)));
-                return;
-            }
-            if let Some(old) = self.control.update.take() {
-                drop(old.reply.send(Err(WeightUpdateError::Superseded)));
-            }
+        if self.control.update.is_some() && request.mode == UpdateMode::Drain {
+            drop(reply.send(Err(WeightUpdateError::InProgress)));
+            return;
+        }
+        let mut replaced = None;
+        if let Some(old) = self.control.update.take() {
+            drop(old.reply.send(Err(WeightUpdateError::Superseded)));
+            replaced = old.staging;
         }
         let (drained, aborted) = match request.mode {
             UpdateMode::Drain => (self.running_len(), 0),
@@ -219,7 +229,7 @@ impl Scheduler {
         // The new weights are read while the running requests drain on the old ones.
         let staging = backend
             .weight_stager()
-            .and_then(|stage| spawn_stager(stage, request.path.clone(), wake.clone()));
+            .and_then(|stage| spawn_stager(stage, request.path.clone(), wake.clone(), replaced));
         self.control.update = Some(PendingUpdate {
             request,
             reply,

@@ -228,6 +228,53 @@ fn a_staged_checkpoint_is_read_while_running_requests_step_on() {
     assert_eq!(e.weight_updates(), 1);
 }
 
+/// An abort-mode update replacing a drain-mode one whose checkpoint is still being read: the
+/// new read waits for the replaced one (never two at once), which is dropped, and the new
+/// weights are the ones swapped in.
+#[test]
+fn an_abort_update_replaces_a_read_in_progress() {
+    let (mut backend, counters, gate) = FakeBackend::gated(64);
+    let (stage, stage_gate) = flume::unbounded();
+    backend.stage_gate = Some(stage_gate);
+    let e = Engine::start(backend, EngineConfig::default()).unwrap();
+    let long = e.generate(greedy(&[1, 2], 60));
+    let wait_for = |what: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !what() {
+            assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    gate.send(()).unwrap();
+    wait_for_steps(&counters, 1);
+    // Each permit lets one step finish; the engine takes commands between steps.
+    let draining = e.update_weights(WeightUpdate::new("weights-1", UpdateMode::Drain));
+    gate.send(()).unwrap();
+    wait_for(&|| counters.reads.load(Ordering::SeqCst) == 1);
+    let forced = e.update_weights(WeightUpdate::new("weights-2", UpdateMode::Abort));
+    gate.send(()).unwrap();
+    assert!(matches!(
+        draining.wait(),
+        Err(WeightUpdateError::Superseded)
+    ));
+    // Time for a second read to start, were it not waiting for the first.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counters.peak_reads.load(Ordering::SeqCst), 1);
+    drop(stage);
+    drop(gate);
+    let report = forced.wait().unwrap();
+    assert_eq!(
+        (report.weight_version.as_str(), report.aborted_requests),
+        ("1", 1)
+    );
+    assert!(matches!(long.wait(), Err(EngineError::Aborted { .. })));
+    let out = e.generate(greedy(&[4, 4], 3)).wait().unwrap();
+    assert_eq!(out.sequences[0].tokens, greedy_under(2, &[4, 4], 3));
+    assert_eq!(counters.stager_threads.lock().unwrap().len(), 2);
+    assert_eq!(counters.peak_reads.load(Ordering::SeqCst), 1);
+    assert_eq!(*counters.slots_at_update.lock().unwrap(), vec![0]);
+}
+
 #[test]
 fn a_second_update_while_one_drains_is_refused() {
     let (e, counters, gate) = gated_engine(EngineConfig::default());

@@ -42,6 +42,9 @@ struct Counters {
     slots_at_update: Mutex<Vec<usize>>,
     /// The thread each staged checkpoint read ran on.
     stager_threads: Mutex<Vec<String>>,
+    /// Checkpoint reads running now, and the most that ever ran at once.
+    reads: AtomicUsize,
+    peak_reads: AtomicUsize,
 }
 
 /// One slot's fake KV: the tokens it caches, in storage that counts itself live while it exists.
@@ -338,7 +341,10 @@ impl Backend for FakeBackend {
         let gate = self.stage_gate.clone()?;
         let counters = self.counters.clone();
         Some(Box::new(move |dir: &std::path::Path| {
+            let now = counters.reads.fetch_add(1, Ordering::SeqCst) + 1;
+            counters.peak_reads.fetch_max(now, Ordering::SeqCst);
             gate.recv().ok();
+            counters.reads.fetch_sub(1, Ordering::SeqCst);
             let thread = std::thread::current().name().unwrap_or("").to_string();
             counters.stager_threads.lock().unwrap().push(thread);
             Ok(Box::new(fake_checkpoint(dir)?) as crate::backend::StagedWeights)
