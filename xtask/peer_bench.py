@@ -1,11 +1,12 @@
 """The peer column of `cargo xtask bench`: the same workload on Hugging Face transformers.
 
-transformers on torch, f32, CPU, greedy generation with the workload's token ids (written by
+transformers on torch (f32 on the CPU by default; `--device cuda --dtype bf16` on a GPU, where
+decode uses a static KV cache: transformers' fastest eager generation), greedy generation with the workload's token ids (written by
 `cargo xtask bench`): single-stream and batched decode (a padded batch `generate`, EOS
 ignored), prefill of one long prompt and scoring of a batch of sequences (a forward pass and
 log-softmax over all positions), and the process's peak resident memory (VmHWM).
 
-    python xtask/peer_bench.py --model DIR --workload FILE [--threads 2]
+    python xtask/peer_bench.py --model DIR --workload FILE [--threads 2] [--device cuda] [--dtype bf16]
 
 Prints one JSON object with the keys of the Rust side (`tests/src/bin/infermux-bench.rs`).
 """
@@ -29,6 +30,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--workload", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     args = ap.parse_args()
 
     import torch
@@ -39,8 +42,17 @@ def main():
     with open(args.workload) as f:
         w = json.load(f)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     model.eval()
+    cuda = device.type == "cuda"
+    extra = {"cache_implementation": "static"} if cuda else {}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     load_s = time.perf_counter() - start
     pad = model.config.eos_token_id
     if isinstance(pad, list):
@@ -54,6 +66,8 @@ def main():
         for i, p in enumerate(prompts):
             ids[i, longest - len(p):] = torch.tensor(p)
             mask[i, longest - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        sync()
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
@@ -63,19 +77,23 @@ def main():
                 max_new_tokens=tokens,
                 min_new_tokens=tokens,
                 pad_token_id=pad,
+                **extra,
             )
+        sync()
         secs = time.perf_counter() - start
         assert out.shape[1] == longest + tokens, out.shape
         return secs
 
     def score(prompts, batch=8):
+        sync()
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(prompts), batch):
-                ids = torch.tensor(prompts[i:i + batch], dtype=torch.long)
+                ids = torch.tensor(prompts[i:i + batch], dtype=torch.long, device=device)
                 logits = model(input_ids=ids).logits
                 logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
                 logprobs.gather(-1, ids[:, 1:].unsqueeze(-1))
+        sync()
         return time.perf_counter() - start
 
     def best(f):
@@ -86,8 +104,8 @@ def main():
     report = {
         "name": "transformers",
         "version": f"transformers {transformers.__version__}, torch {torch.__version__}",
-        "dtype": "f32",
-        "device": "cpu",
+        "dtype": args.dtype,
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "load_s": load_s,
     }

@@ -55,13 +55,14 @@ pub struct BenchArgs {
 
 /// Sizes of one workload.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Shape {
-    decode_tokens: usize,
-    decode_batches: [usize; 3],
-    decode_prompt_len: usize,
-    prefill_len: usize,
-    scoring: (usize, usize),
-    repeats: usize,
+pub(crate) struct Shape {
+    pub decode_tokens: usize,
+    pub decode_batches: [usize; 3],
+    pub decode_prompt_len: usize,
+    pub prefill_len: usize,
+    /// Sequences scored together, and their length.
+    pub scoring: (usize, usize),
+    pub repeats: usize,
 }
 
 impl Shape {
@@ -265,7 +266,7 @@ fn json_line(cmd: &mut Command) -> Result<Value> {
 }
 
 /// The workload's token ids, cut from the goldens' prompts and continuations (real text).
-fn workload(root: &Path, shape: &Shape) -> Result<Value> {
+pub(crate) fn workload(root: &Path, shape: &Shape) -> Result<Value> {
     let text = std::fs::read_to_string(root.join(CORPUS)).context("reading the goldens")?;
     let goldens: Value = serde_json::from_str(&text)?;
     let mut corpus: Vec<u64> = Vec::new();

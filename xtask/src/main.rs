@@ -4,8 +4,10 @@ mod bench;
 mod bench_rl;
 mod bench_scale;
 mod conformance;
+mod cuda;
 mod export;
 mod golden;
+mod gpu_bundle;
 mod serve_bench;
 mod setup;
 
@@ -37,7 +39,8 @@ enum Cmd {
     Quickstart,
     /// Run setup, then what CI checks: clippy (`-D warnings`) on every target with the
     /// installed backends, `cargo test --workspace --exclude xtask` with the torch and onnx
-    /// suites, `cargo test -p xtask`, and the conformance ratchet on every installed backend.
+    /// suites, `cargo test -p xtask`, the conformance ratchet on every installed backend, and
+    /// (with both runtimes) the CUDA build of every backend with the GPU bundle run on the CPU.
     Test {
         #[command(flatten)]
         runtimes: RuntimeFlags,
@@ -49,6 +52,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build every installed backend with its `cuda` feature from the pinned PyPI CUDA 13.0
+    /// wheels (runtimes/cuda-toolkit; no GPU needed), copy the binaries to target/cuda/<profile>,
+    /// and check that `--device cuda` is a typed error on each backend here when there is no driver.
+    CudaBuild {
+        #[command(flatten)]
+        runtimes: RuntimeFlags,
+        /// Build with the release profile (what the GPU bundle's measured figures use).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Write target/gpu-bundle: the CUDA build's binaries (stripped, xz), tokenizer, configs and
+    /// `run.sh`, which one device call runs end to end (weights and goldens made there,
+    /// conformance and bench vs transformers on cuda); `--run-cpu` runs it here on the CPU.
+    GpuBundle(gpu_bundle::GpuBundleArgs),
     /// Regenerate tests/data/goldens with Hugging Face transformers (Python venv in runtimes/py).
     Golden {
         /// Use this Python interpreter instead of creating runtimes/py.
@@ -119,6 +136,8 @@ fn run(cli: Cli) -> Result<()> {
             tests_only,
             args,
         } => test(&root, runtimes.components(), tests_only, &args),
+        Cmd::CudaBuild { runtimes, release } => cuda::run(&root, runtimes.components(), release),
+        Cmd::GpuBundle(args) => gpu_bundle::run(&root, &args),
         Cmd::Golden { python } => golden::run(&root, python.as_deref()),
         Cmd::ExportOnnx(args) => export::run(&root, &args),
         Cmd::Conformance(args) => conformance::run(&root, &args),
@@ -276,6 +295,13 @@ fn test_steps(
     )?;
     require_all_measured(&report)?;
     timings.push(("cargo xtask conformance".into(), t.elapsed()));
+
+    if components.torch && components.onnx {
+        eprintln!("\n== xtask test: CUDA build and the GPU bundle on the CPU");
+        let t = Instant::now();
+        gpu_bundle::check(root)?;
+        timings.push(("cargo xtask gpu-bundle --dev --run-cpu".into(), t.elapsed()));
+    }
     Ok(())
 }
 

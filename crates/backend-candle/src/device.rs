@@ -20,14 +20,43 @@ pub fn candle_device(device: Device) -> Result<candle_core::Device, BackendError
 
 #[cfg(feature = "cuda")]
 fn cuda_device(ordinal: usize) -> Result<candle_core::Device, BackendError> {
-    candle_core::Device::new_cuda(ordinal).map_err(runtime_error)
+    use infermux_core::DeviceMissing;
+    let unavailable = |missing| BackendError::DeviceUnavailable {
+        runtime: "candle",
+        device: Device::Cuda(ordinal),
+        missing,
+    };
+    infermux_core::cuda::check_driver(ordinal).map_err(unavailable)?;
+    // The libraries candle opens on its first CUDA device; cudarc panics on a missing one.
+    // SAFETY: each probe only tries to load the library (its initializers run, as they would
+    // for candle) and drops it.
+    let present = unsafe {
+        [
+            ("nvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ("cublas", cudarc::cublas::sys::is_culib_present()),
+            ("cublasLt", cudarc::cublaslt::sys::is_culib_present()),
+            ("curand", cudarc::curand::sys::is_culib_present()),
+        ]
+    };
+    if let Some((name, _)) = present.iter().find(|(_, found)| !found) {
+        return Err(unavailable(DeviceMissing::Library {
+            library: format!("lib{name}"),
+            reason: format!(
+                "none of {} is on the loader path (LD_LIBRARY_PATH)",
+                cudarc::get_lib_name_candidates(name).join(", ")
+            ),
+        }));
+    }
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| unavailable(DeviceMissing::Runtime(e.to_string())))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device(_ordinal: usize) -> Result<candle_core::Device, BackendError> {
-    Err(BackendError::Runtime {
+fn cuda_device(ordinal: usize) -> Result<candle_core::Device, BackendError> {
+    Err(BackendError::DeviceUnavailable {
         runtime: "candle",
-        message: "this build has no CUDA support: rebuild with the `cuda` feature".into(),
+        device: Device::Cuda(ordinal),
+        missing: infermux_core::DeviceMissing::NotCompiled,
     })
 }
 

@@ -97,23 +97,38 @@ fn with_cuda(
     builder: ort::session::builder::SessionBuilder,
     ordinal: usize,
 ) -> Result<ort::session::builder::SessionBuilder, OnnxBackendError> {
+    use infermux_core::DeviceMissing;
+    let unavailable = |missing| BackendError::DeviceUnavailable {
+        runtime: "onnxruntime",
+        device: Device::Cuda(ordinal),
+        missing,
+    };
+    infermux_core::cuda::check_driver(ordinal).map_err(unavailable)?;
     let ep = ort::ep::CUDA::default()
         .with_device_id(ordinal as i32)
         .build()
         .error_on_failure();
-    builder
-        .with_execution_providers([ep])
-        .map_err(|e| OnnxBackendError::Runtime(e.to_string()))
+    // Fails when the ONNX Runtime library has no CUDA execution provider (the CPU wheel) or
+    // the provider's CUDA libraries cannot be loaded.
+    builder.with_execution_providers([ep]).map_err(|e| {
+        unavailable(DeviceMissing::Runtime(format!(
+            "the CUDA execution provider: {e}"
+        )))
+        .into()
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
 fn with_cuda(
     _builder: ort::session::builder::SessionBuilder,
-    _ordinal: usize,
+    ordinal: usize,
 ) -> Result<ort::session::builder::SessionBuilder, OnnxBackendError> {
-    Err(OnnxBackendError::Runtime(
-        "this build has no CUDA support: rebuild with the `cuda` feature".into(),
-    ))
+    Err(BackendError::DeviceUnavailable {
+        runtime: "onnxruntime",
+        device: Device::Cuda(ordinal),
+        missing: infermux_core::DeviceMissing::NotCompiled,
+    }
+    .into())
 }
 
 /// Where a run's outputs go: `present.*` stay where the execution provider computes (so that

@@ -144,6 +144,46 @@ pub enum BackendError {
         /// What was found: `"NaN"`, `"+inf"`, or `"only -inf"`.
         found: &'static str,
     },
+    /// The device asked for cannot be used by this backend here.
+    #[error("{runtime} cannot run on {device}: {missing}")]
+    DeviceUnavailable {
+        /// Which runtime was asked.
+        runtime: &'static str,
+        /// The device asked for.
+        device: crate::backend::Device,
+        /// What is missing.
+        missing: DeviceMissing,
+    },
+}
+
+/// What keeps a backend from using a CUDA device, most basic first.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeviceMissing {
+    /// The backend was compiled without its `cuda` feature.
+    #[error("this build has no CUDA support (rebuild with the `cuda` feature)")]
+    NotCompiled,
+    /// The CUDA driver library (`libcuda.so.1`) cannot be loaded: no NVIDIA driver here.
+    #[error("no CUDA driver: {0} cannot be loaded (is there an NVIDIA GPU and driver?)")]
+    Driver(String),
+    /// A CUDA runtime library the backend needs cannot be loaded.
+    #[error("the CUDA library {library} cannot be loaded: {reason}")]
+    Library {
+        /// The library's name, e.g. `libcublas.so.13`.
+        library: String,
+        /// Why, as the loader or runtime said it.
+        reason: String,
+    },
+    /// The driver is there but has no device with this ordinal.
+    #[error("no CUDA device {ordinal}: the driver sees {count}")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// How many devices the driver reports.
+        count: usize,
+    },
+    /// The runtime's own CUDA support is absent or failed to start.
+    #[error("CUDA support failed: {0}")]
+    Runtime(String),
 }
 
 /// A model folder or configuration that cannot be loaded.

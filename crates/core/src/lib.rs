@@ -14,6 +14,7 @@
 //! on its own thread. Nothing here depends on a tensor library, a tokenizer or a wire format.
 
 pub mod backend;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod guided;
@@ -36,7 +37,7 @@ pub use engine::{
     GenerateOutput, GenerateRequest, GenerateStream, GeneratedSequence, Pending, PromptLogprobs,
     SequenceUpdate, StopReason, StreamUpdate, TopLogprobs,
 };
-pub use error::{BackendError, EngineError, ModelError, ValidationError};
+pub use error::{BackendError, DeviceMissing, EngineError, ModelError, ValidationError};
 pub use guided::{
     GuidedDecoder, GuidedDecodingParams, GuidedError, GuidedMode, TokenConstraint, TokenMask,
 };

@@ -177,7 +177,7 @@ fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
     Ok(parent.join(format!(".{}{suffix}", name.to_string_lossy())))
 }
 
-fn remove_dir_if_exists(dir: &Path) -> Result<()> {
+pub fn remove_dir_if_exists(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", dir.display()))

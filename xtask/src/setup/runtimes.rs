@@ -83,3 +83,51 @@ fn finish_onnxruntime(dir: &Path) -> Result<()> {
     }
     check_ldd(&lib.join(file))
 }
+
+/// The CUDA 13.0 compiler pieces candle's kernels need at build time (nvcc, ptxas, cicc,
+/// libdevice, the CUDA runtime and CCCL headers), from their PyPI wheels, in one toolkit tree.
+/// Pinned to 13.0.x: the GPU machines' driver is 13.0, and PTX from a newer nvcc would not load.
+pub const CUDA_TOOLKIT: Runtime = Runtime {
+    name: "cuda-toolkit",
+    marker: "cuda-toolkit v3 (nvidia-cuda-nvcc==13.0.88, nvidia-nvvm==13.0.88, \
+             nvidia-cuda-crt==13.0.88, nvidia-cuda-runtime==13.0.96, nvidia-cuda-cccl==13.0.85)\n",
+    wheels: &[
+        Wheel::pin("nvidia-cuda-nvcc", "13.0.88"),
+        Wheel::pin("nvidia-nvvm", "13.0.88"),
+        Wheel::pin("nvidia-cuda-crt", "13.0.88"),
+        Wheel::pin("nvidia-cuda-runtime", "13.0.96"),
+        Wheel::pin("nvidia-cuda-cccl", "13.0.85"),
+    ],
+    picks: &[
+        Pick::moved("nvidia/cu13/bin/*", "nvidia/cu13/", ""),
+        Pick::moved("nvidia/cu13/include/*", "nvidia/cu13/", ""),
+        Pick::moved("nvidia/cu13/lib/*", "nvidia/cu13/", ""),
+        Pick::moved("nvidia/cu13/nvvm/*", "nvidia/cu13/", ""),
+    ],
+    entry: "bin/nvcc",
+    finish: finish_cuda_toolkit,
+};
+
+/// Adds the folders build scripts and the linker look in, and checks that nvcc runs.
+fn finish_cuda_toolkit(dir: &Path) -> Result<()> {
+    // Build scripts (cudarc, candle-kernels) expect the toolkit's `lib64`.
+    std::os::unix::fs::symlink("lib", dir.join("lib64")).context("linking lib64")?;
+    // candle-kernels asks for `-lcudart` (its statically compiled kernels launch through the
+    // CUDA runtime). There is no `libcudart.so` in the toolkit, so `link/libcudart.a` on
+    // `LIBRARY_PATH` makes that the static runtime: the binary needs no libcudart to start
+    // (the static runtime opens libcuda itself when first used).
+    let link = dir.join("link");
+    fs::create_dir_all(&link).context("creating link/")?;
+    std::os::unix::fs::symlink("../lib/libcudart_static.a", link.join("libcudart.a"))
+        .context("linking link/libcudart.a")?;
+    let out = std::process::Command::new(dir.join("bin/nvcc"))
+        .arg("--version")
+        .output()
+        .context("running nvcc --version")?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("release 13.0"),
+        "nvcc --version did not report release 13.0: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
