@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import make_goldens as mg
 
 GAIN = 1.5
-EMBED_STD = 1.0
+EMBED_STD = 0.25
 NORM_NOISE = 0.2
 BIAS_STD = 0.1
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]

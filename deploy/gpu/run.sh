@@ -3,7 +3,7 @@
 #   1. seeded random weights of SmolLM2-135M's config (and, on a GPU, of a ~0.4B Qwen2-shape
 #      config) made with this machine's torch; goldens from its transformers (f32, eager) on
 #      the same device;
-#   2. the conformance binary on that device, f32 and bf16, candle and torch;
+#   2. the conformance binary on that device, f32 and bf16 (f32 only on the CPU), candle and torch;
 #   3. the bench binary on each backend and dtype next to transformers (the peer) on the same
 #      device, the same token ids;
 #   4. the tables and raw JSON under the output folder.
@@ -55,7 +55,7 @@ step "make smollm2-135m weights and goldens" \
   "$python" "$here/scripts/make_model.py" --config "$here/models/smollm2-135m" --tokenizer "$here/tokenizer" \
   --out "$work/smollm2-135m" --device "$device" --goldens "$work/smollm2-135m/goldens.json"
 cp "$work/smollm2-135m/goldens.json" "$out/goldens-smollm2-135m.json" 2>/dev/null
-for dtype in f32 bf16; do
+for dtype in $dtypes; do
   step "conformance $device $dtype" env INFERMUX_MODEL_DIR="$work/smollm2-135m" \
     INFERMUX_GOLDENS="$work/smollm2-135m/goldens.json" "$work/infermux-conformance" \
     --backends candle,torch --device "$device" --dtype "$dtype" --json "$out/conformance-$dtype.json" \

@@ -7,15 +7,17 @@ transformers peer of the same dtype, measured in the same run.
 import json
 import sys
 
-METRICS = [("decode_b1_tok_s", "decode b1 tok/s", False), ("decode_b8_tok_s", "decode b8 tok/s", False),
-           ("decode_b64_tok_s", "decode b64 tok/s", False), ("prefill_tok_s", "prefill tok/s", False),
-           ("scoring_s", "scoring s", True), ("load_s", "load s", True)]
+# key, label, whether lower is better; decode columns come first, one per batch in the file.
+METRICS = [("prefill_tok_s", "prefill tok/s", False), ("scoring_s", "scoring s", True), ("load_s", "load s", True)]
 
 
 def main():
     path, model, device = sys.argv[1:4]
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    metrics = [m for m in METRICS if any(m[0] in r for r in rows)]
+    batches = sorted({int(k[len("decode_b"):-len("_tok_s")]) for r in rows for k in r
+                      if k.startswith("decode_b") and k.endswith("_tok_s")})
+    decode = [(f"decode_b{b}_tok_s", f"decode b{b} tok/s", False) for b in batches]
+    metrics = decode + [m for m in METRICS if any(m[0] in r for r in rows)]
     peers = {r["dtype"]: r for r in rows if r["name"] == "transformers"}
     print(f"### {model} on {device} (ratio to transformers, same dtype, same run; > 1 is better)\n")
     print("| runtime | dtype | " + " | ".join(label for _, label, _ in metrics) + " |")

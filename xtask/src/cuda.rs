@@ -38,7 +38,10 @@ pub fn build_env(cmd: &mut Command, toolkit: &Path) {
         .env("PATH", prepend("PATH", &bin))
         .env("CUDA_COMPUTE_CAP", COMPUTE_CAP)
         .env("CUDARC_CUDA_VERSION", "13000")
-        .env("LIBRARY_PATH", prepend("LIBRARY_PATH", &toolkit.join("link")))
+        .env(
+            "LIBRARY_PATH",
+            prepend("LIBRARY_PATH", &toolkit.join("link")),
+        )
         // cudaforge compiles candle's kernels on half the cores by default; they are most of
         // the build's time (two cores: ~18 min on one, ~9 on both).
         .env("CUDAFORGE_THREADS", cores().to_string());

@@ -174,7 +174,7 @@ fn pack_binary(bin: &Path, dest: &Path) -> Result<()> {
     let out = fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     run_status(
         Command::new("xz")
-            .args(["-9", "--stdout", "--threads=0"])
+            .args(["-6", "--stdout", "--threads=0"])
             .arg(&stripped)
             .stdout(out),
     )

@@ -109,6 +109,30 @@ fn seeded_samples_are_reproducible_across_runs() {
     assert_eq!(a, b);
 }
 
+/// The default build has no CUDA: `--device cuda` is exit status 1 and an error that says so
+/// (the CUDA build's answers without a driver are checked by `cargo xtask cuda-build`).
+#[test]
+fn device_cuda_without_the_cuda_build_is_a_typed_error() {
+    for device in ["cuda", "cuda:3"] {
+        let out = infermux(&[
+            "sample",
+            "--prompt",
+            "Hi",
+            "--max-tokens",
+            "1",
+            "--device",
+            device,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("cannot run on cuda") && err.contains("`cuda` feature"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn bad_input_exits_nonzero_with_a_message() {
     let out = infermux(&["sample", "--prompt-tokens", "1,99999", "--max-tokens", "4"]);
