@@ -1,7 +1,7 @@
 """The peer column of `cargo xtask bench`: the same workload on Hugging Face transformers.
 
 transformers on torch (f32 on the CPU by default; `--device cuda --dtype bf16` on a GPU, where
-decode uses a static KV cache: transformers' fastest eager generation), greedy generation with the workload's token ids (written by
+decode uses a static KV cache, without torch.compile), greedy generation with the workload's token ids (written by
 `cargo xtask bench`): single-stream and batched decode (a padded batch `generate`, EOS
 ignored), prefill of one long prompt and scoring of a batch of sequences (a forward pass and
 log-softmax over all positions), and the process's peak resident memory (VmHWM).
@@ -99,7 +99,8 @@ def main():
     def best(f):
         return min(f() for _ in range(max(1, w["repeats"])))
 
-    generate(w["decode_prompts"][:1], 2)  # warm-up
+    for batch in w["decode_batches"]:  # warm-up: a static cache is allocated per batch size
+        generate(w["decode_prompts"][:batch], 2)
     score(w["scoring_prompts"][:1])
     report = {
         "name": "transformers",

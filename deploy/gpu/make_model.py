@@ -70,6 +70,8 @@ def case(model, tokenizer, device, name, text):
     model.generation_config.eos_token_id = None
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     new = out[0, len(ids):].tolist()
+    if len(new) != mg.GREEDY_TOKENS:
+        mg.fail(f"{name}: generate returned {len(new)} tokens, expected {mg.GREEDY_TOKENS}")
     full = ids + new
     logits = model(torch.tensor([full], device=device)).logits[0].float().cpu()
     return {

@@ -6,12 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::setup::{self, Components, install, runtimes};
-use crate::{cargo, conformance, run_status};
+use crate::{cargo, conformance, prepend_path, run_status};
 
-/// GPU architecture the kernels are built for: the H200 (sm_90) the device machines have.
+/// GPU architecture the kernels are built for unless `CUDA_COMPUTE_CAP` is set: the H200
+/// (sm_90) the device machines have.
 pub const COMPUTE_CAP: &str = "90";
 /// The binaries a CUDA build produces, all linked with the `cuda` feature.
 pub const BINARIES: [&str; 3] = ["infermux", "infermux-conformance", "infermux-bench"];
@@ -35,12 +36,15 @@ pub fn build_env(cmd: &mut Command, toolkit: &Path) {
     cmd.env("CUDA_HOME", toolkit)
         .env("CUDA_PATH", toolkit)
         .env("NVCC", bin.join("nvcc"))
-        .env("PATH", prepend("PATH", &bin))
-        .env("CUDA_COMPUTE_CAP", COMPUTE_CAP)
+        .env("PATH", prepend_path("PATH", &bin))
+        .env(
+            "CUDA_COMPUTE_CAP",
+            std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| COMPUTE_CAP.into()),
+        )
         .env("CUDARC_CUDA_VERSION", "13000")
         .env(
             "LIBRARY_PATH",
-            prepend("LIBRARY_PATH", &toolkit.join("link")),
+            prepend_path("LIBRARY_PATH", &toolkit.join("link")),
         )
         // cudaforge compiles candle's kernels on half the cores by default; they are most of
         // the build's time (two cores: ~18 min on one, ~9 on both).
@@ -50,15 +54,6 @@ pub fn build_env(cmd: &mut Command, toolkit: &Path) {
 /// This machine's cores.
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// `dir` in front of the list in environment variable `var`.
-fn prepend(var: &str, dir: &Path) -> std::ffi::OsString {
-    let mut paths = vec![dir.to_path_buf()];
-    if let Some(existing) = std::env::var_os(var) {
-        paths.extend(std::env::split_paths(&existing));
-    }
-    std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned())
 }
 
 /// The `--features` of a CUDA build with the installed backends.
@@ -113,16 +108,25 @@ pub fn run(root: &Path, components: Components, release: bool) -> Result<()> {
     check_device_errors(root, &bins.join("infermux"), &model, components)
 }
 
-/// On a machine without a CUDA driver, `infermux sample --device cuda` must fail on every
-/// installed backend with exit status 1 and an error that says CUDA is missing; on a machine
-/// with one, it must answer. Either way no signal, no panic, no loader error.
+/// `infermux sample --device cuda` on every installed backend must end in a typed answer: where
+/// this machine has no usable driver or device, exit status 1 with the error naming exactly
+/// that (not a build without `cuda`); where it has a GPU, success or exit 1 with a typed
+/// `cannot run on cuda` (the CPU installs of libtorch and ONNX Runtime lack CUDA). Never a
+/// signal, a panic or a loader error.
 pub fn check_device_errors(
     root: &Path,
     infermux: &Path,
     model: &Path,
     components: Components,
 ) -> Result<()> {
-    let has_driver = has_cuda_driver();
+    use infermux_core::DeviceMissing;
+    let here = infermux_core::cuda::check_driver(0);
+    let expected = match &here {
+        Ok(_) => None,
+        Err(DeviceMissing::Driver(_)) => Some("no usable CUDA driver"),
+        Err(DeviceMissing::NoDevice { .. }) => Some("no CUDA device"),
+        Err(other) => bail!("probing this machine's CUDA driver: {other}"),
+    };
     for backend in crate::installed_backends(components) {
         let mut cmd = Command::new(infermux);
         cmd.args(["sample", "--model"])
@@ -144,23 +148,22 @@ pub fn check_device_errors(
             !stderr.contains("panicked") && !stderr.contains("error while loading shared"),
             "{backend}: --device cuda crashed instead of a typed error:\n{stderr}"
         );
-        if has_driver {
-            ensure!(out.status.success(), "{backend} failed on cuda:\n{stderr}");
-        } else {
-            ensure!(
-                code == Some(1) && stderr.contains("CUDA"),
-                "{backend}: --device cuda without a driver must exit 1 with an error naming \
-                 CUDA, got {code:?}:\n{stderr}"
-            );
+        let typed = code == Some(1) && stderr.contains("cannot run on cuda");
+        ensure!(
+            !stderr.contains("no CUDA support"),
+            "{backend}: the CUDA build answered as a build without `cuda`:\n{stderr}"
+        );
+        match expected {
+            Some(missing) => ensure!(
+                typed && stderr.contains(missing),
+                "{backend}: --device cuda here must exit 1 with `{missing}`, got {code:?}:\n{stderr}"
+            ),
+            None => ensure!(
+                out.status.success() || typed,
+                "{backend}: --device cuda on this GPU machine neither ran nor gave a typed \
+                 error, exit {code:?}:\n{stderr}"
+            ),
         }
     }
     Ok(())
-}
-
-/// True when the CUDA driver library can be found by the dynamic loader.
-fn has_cuda_driver() -> bool {
-    match Command::new("ldconfig").arg("-p").output() {
-        Ok(out) => String::from_utf8_lossy(&out.stdout).contains("libcuda.so.1"),
-        Err(_) => false,
-    }
 }

@@ -94,13 +94,12 @@ pub fn run(root: &Path, args: &GpuBundleArgs) -> Result<()> {
             .arg(&results)
             .env("PYTHON", setup::py_reference::ensure(root)?);
         run_status(&mut cmd).context("run.sh --device cpu failed")?;
-        for file in ["conformance-f32.json", "bench-smollm2-135m.md"] {
-            ensure!(
-                results.join(file).is_file(),
-                "run.sh wrote no {file} in {}",
-                results.display()
-            );
-        }
+        ensure!(
+            results.join("bench-smollm2-135m.md").is_file(),
+            "run.sh wrote no bench table in {}",
+            results.display()
+        );
+        crate::require_all_measured(&results.join("conformance-f32.json"))?;
     }
     Ok(())
 }
@@ -148,9 +147,7 @@ fn write(root: &Path, model: &Path, bins: &Path, out: &Path) -> Result<()> {
         "gpu bundle: {} ({:.1} MiB); on the device: bash {}/run.sh (writes $OUT)",
         out.display(),
         bytes as f64 / (1024.0 * 1024.0),
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
+        out.strip_prefix(root).unwrap_or(out).display()
     );
     if bytes > MAX_BYTES {
         bail!(

@@ -375,8 +375,13 @@ fn require_all_measured(path: &Path) -> Result<()> {
 
 /// `dir` prepended to the current `LD_LIBRARY_PATH`.
 fn loader_path(dir: &Path) -> std::ffi::OsString {
+    prepend_path("LD_LIBRARY_PATH", dir)
+}
+
+/// `dir` in front of the path list in environment variable `var`.
+fn prepend_path(var: &str, dir: &Path) -> std::ffi::OsString {
     let mut paths = vec![dir.to_path_buf()];
-    if let Some(existing) = std::env::var_os("LD_LIBRARY_PATH") {
+    if let Some(existing) = std::env::var_os(var) {
         paths.extend(std::env::split_paths(&existing));
     }
     std::env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned())

@@ -27,12 +27,12 @@ fn cuda_device(ordinal: usize) -> Result<candle_core::Device, BackendError> {
         missing,
     };
     infermux_core::cuda::check_driver(ordinal).map_err(unavailable)?;
-    // The libraries candle opens on its first CUDA device; cudarc panics on a missing one.
+    // The libraries candle opens with its first CUDA device (cuBLAS, its Lt half, cuRAND; the
+    // kernels are PTX loaded through the driver); cudarc panics on a missing one.
     // SAFETY: each probe only tries to load the library (its initializers run, as they would
     // for candle) and drops it.
     let present = unsafe {
         [
-            ("nvrtc", cudarc::nvrtc::sys::is_culib_present()),
             ("cublas", cudarc::cublas::sys::is_culib_present()),
             ("cublasLt", cudarc::cublaslt::sys::is_culib_present()),
             ("curand", cudarc::curand::sys::is_culib_present()),
@@ -42,7 +42,7 @@ fn cuda_device(ordinal: usize) -> Result<candle_core::Device, BackendError> {
         return Err(unavailable(DeviceMissing::Library {
             library: format!("lib{name}"),
             reason: format!(
-                "none of {} is on the loader path (LD_LIBRARY_PATH)",
+                "no name of it loads (tried {}; is its folder on LD_LIBRARY_PATH?)",
                 cudarc::get_lib_name_candidates(name).join(", ")
             ),
         }));

@@ -162,8 +162,8 @@ pub enum DeviceMissing {
     /// The backend was compiled without its `cuda` feature.
     #[error("this build has no CUDA support (rebuild with the `cuda` feature)")]
     NotCompiled,
-    /// The CUDA driver library (`libcuda.so.1`) cannot be loaded: no NVIDIA driver here.
-    #[error("no CUDA driver: {0} cannot be loaded (is there an NVIDIA GPU and driver?)")]
+    /// The CUDA driver (`libcuda.so.1`) cannot be loaded, fails to start, or is too old.
+    #[error("no usable CUDA driver: {0}")]
     Driver(String),
     /// A CUDA runtime library the backend needs cannot be loaded.
     #[error("the CUDA library {library} cannot be loaded: {reason}")]
