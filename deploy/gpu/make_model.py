@@ -30,27 +30,13 @@ BIAS_STD = 0.1
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
-def randomize(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):  # tied weights appear once
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if name.endswith("norm.weight"):
-            value = 1.0 + NORM_NOISE * noise
-        elif name.endswith(".bias"):
-            value = BIAS_STD * noise
-        elif "embed_tokens" in name:
-            value = EMBED_STD * noise
-        else:
-            value = GAIN / p.shape[-1] ** 0.5 * noise
-        p.copy_(value)
-
-
 def build(config_dir, tokenizer_dir, out, seed):
     config = AutoConfig.from_pretrained(config_dir)
     torch.manual_seed(seed)
     with torch.no_grad():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        randomize(model, seed)
+        mg.randomize(model, seed, weight_std=lambda p: GAIN / p.shape[-1] ** 0.5,
+                     embed_std=EMBED_STD, bias_std=BIAS_STD, norm_noise=NORM_NOISE)
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
@@ -61,38 +47,13 @@ def build(config_dir, tokenizer_dir, out, seed):
     print(f"made {type(model).__name__} with {params / 1e6:.0f}M parameters in {out}", file=sys.stderr)
 
 
-def case(model, tokenizer, device, name, text):
-    ids = mg.encode(tokenizer, text)
-    input_ids = torch.tensor([ids], device=device)
-    config = transformers.GenerationConfig(
-        do_sample=False, max_new_tokens=mg.GREEDY_TOKENS, eos_token_id=None, pad_token_id=None
-    )
-    model.generation_config.eos_token_id = None
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-    new = out[0, len(ids):].tolist()
-    if len(new) != mg.GREEDY_TOKENS:
-        mg.fail(f"{name}: generate returned {len(new)} tokens, expected {mg.GREEDY_TOKENS}")
-    full = ids + new
-    logits = model(torch.tensor([full], device=device)).logits[0].float().cpu()
-    return {
-        "name": name,
-        "prompt": text,
-        "prompt_tokens": ids,
-        "prompt_logprobs": [None] + mg.token_logprobs(logits, ids, 1),
-        "greedy_tokens": new,
-        "greedy_text": tokenizer.decode(new, skip_special_tokens=False),
-        "greedy_logprobs": mg.token_logprobs(logits, full, len(ids)),
-        "greedy_min_margin": mg.round_sig(mg.greedy_margin(logits, ids, new)),
-    }
-
-
 def goldens(folder, device, path, seed):
     torch.set_grad_enabled(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = mg.load_model(folder).to(device)
     cases = []
     for name, text in mg.build_prompts(tokenizer):
-        cases.append(case(model, tokenizer, device, name, text))
+        cases.append(mg.make_case(model, tokenizer, name, text))
         c = cases[-1]
         print(f"  {name}: {len(c['prompt_tokens'])} prompt tokens, min margin {c['greedy_min_margin']:.3g}",
               file=sys.stderr)

@@ -183,7 +183,7 @@ def load_model(path, **kwargs):
 
 
 def logits_for(model, ids):
-    return model(torch.tensor([ids])).logits[0].float()
+    return model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
 
 
 def check_gguf_model(model, tokenizer, prompts, gguf_path):
@@ -228,7 +228,7 @@ def greedy(model, ids):
     )
     # generate() fills unset (None) fields from model.generation_config, so clear EOS there too.
     model.generation_config.eos_token_id = None
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=model.device)
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     new = out[0, len(ids) :].tolist()
     if len(new) != GREEDY_TOKENS:
@@ -420,19 +420,21 @@ def tiny_config(arch, fields):
     return config
 
 
-def randomize(model, seed):
-    """Deterministic weights independent of transformers' own init."""
+def randomize(model, seed, weight_std=lambda p: TINY_WEIGHT_STD, embed_std=TINY_EMBED_STD,
+              bias_std=TINY_BIAS_STD, norm_noise=TINY_NORM_NOISE):
+    """Deterministic weights independent of transformers' own init (`weight_std(param)` for
+    matrices; the tiny models' scales by default)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters()):  # tied weights appear once
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if name.endswith("norm.weight"):
-            value = 1.0 + TINY_NORM_NOISE * noise
+            value = 1.0 + norm_noise * noise
         elif name.endswith(".bias"):
-            value = TINY_BIAS_STD * noise
+            value = bias_std * noise
         elif "embed_tokens" in name:
-            value = TINY_EMBED_STD * noise
+            value = embed_std * noise
         else:
-            value = TINY_WEIGHT_STD * noise
+            value = weight_std(p) * noise
         p.copy_(value)
 
 
