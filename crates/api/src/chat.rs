@@ -87,22 +87,30 @@ impl ChatTemplate {
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let config: TokenizerConfig = serde_json::from_str(&text)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self::from_config(config))
+    }
+
+    /// The template of a `tokenizer_config.json` value (`source` names it in errors).
+    pub fn from_config_json(config: &serde_json::Value, source: &Path) -> Result<Option<Self>> {
+        let config = TokenizerConfig::deserialize(config)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", source.display())))?;
+        Ok(Self::from_config(config))
+    }
+
+    fn from_config(config: TokenizerConfig) -> Option<Self> {
         let source = match config.chat_template {
-            None => return Ok(None),
+            None => return None,
             Some(TemplateField::One(s)) => s,
             Some(TemplateField::Named(list)) => {
-                match list.into_iter().find(|t| t.name == "default") {
-                    Some(t) => t.template,
-                    None => return Ok(None),
-                }
+                list.into_iter().find(|t| t.name == "default")?.template
             }
         };
         let token = |t: Option<TokenField>| t.map(TokenField::into_string).unwrap_or_default();
-        Ok(Some(Self {
+        Some(Self {
             source,
             bos_token: token(config.bos_token),
             eos_token: token(config.eos_token),
-        }))
+        })
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant turn's opening.

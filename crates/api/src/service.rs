@@ -92,7 +92,8 @@ impl ServiceClient {
     }
 
     /// Loads the Hugging Face model folder at `model` (config.json, tokenizer.json, and the
-    /// weights or graph the backend needs) and starts an engine for it. The config is
+    /// weights or graph the backend needs), or a GGUF file (config, tokenizer and chat
+    /// template from its metadata, weights in their ggml types), and starts an engine for it. The config is
     /// range-checked and the weights' headers checked against it before anything is allocated:
     /// a lying or truncated folder is an [`Error::Model`] naming the field or tensor.
     ///
@@ -164,10 +165,11 @@ impl ServiceClient {
         base_model: String,
         merge: Option<&Path>,
     ) -> Result<SamplingClient> {
-        if !path.is_dir() {
+        let gguf = infermux_core::model::gguf::is_gguf(path);
+        if !path.is_dir() && !gguf {
             return Err(ModelError::MissingFile {
                 dir: path.to_path_buf(),
-                file: "(the folder itself)".into(),
+                file: "(the folder itself, or a GGUF file)".into(),
             }
             .into());
         }
@@ -176,14 +178,7 @@ impl ServiceClient {
         // headers, before reading any tensor).
         let (config, _) = infermux_core::model::read_config(path)?;
         let backend = load_backend(path, &self.options, merge)?;
-        if !path.join("tokenizer.json").is_file() {
-            return Err(ModelError::MissingFile {
-                dir: path.to_path_buf(),
-                file: "tokenizer.json".into(),
-            }
-            .into());
-        }
-        let tokenizer = Tokenizer::from_model_dir(path)?;
+        let tokenizer = Tokenizer::from_model_path(path)?;
         let tools = EngineTools {
             codec: Some(Arc::new(tokenizer.clone())),
             guided: crate::guided::decoder(&tokenizer, backend.info()),

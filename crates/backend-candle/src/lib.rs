@@ -90,7 +90,7 @@ fn load_weights(
     cfg: &ModelConfig,
     rt: &Runtime,
 ) -> Result<(Llama, CandleWeights), CandleBackendError> {
-    let weights = Weights::open(&dir.weight_files, &rt.device, rt.dtype)?;
+    let weights = Weights::open(dir, &rt.device, rt.dtype)?;
     let llama = Llama::new(cfg.clone(), |name| weights.contains(name));
     let loaded = llama.load(&mut Loader {
         weights: &weights,

@@ -10,7 +10,9 @@ use infermux_core::SeqChunk;
 use infermux_core::kv::KvSlot;
 use infermux_core::model::{AttentionShape, LinearSpec, LlamaOps, LoadOps, LoraSite, TensorSpec};
 
-use crate::cpu::{self, Isa, PackedMatrix};
+use candle_core::quantized::QMatMul;
+
+use crate::cpu::{self, Isa, Matrix, PackedMatrix, QuantKind, QuantMatrix};
 use crate::error::CandleBackendError;
 use crate::kv::SlotKv;
 use crate::lora::AdapterRows;
@@ -31,11 +33,17 @@ pub(crate) struct Runtime {
     pub sin_t: Tensor,
 }
 
-/// A projection: packed for the CPU kernels, or a `[out, in]` tensor.
+/// A projection: packed for the CPU kernels, a `[out, in]` tensor, or candle's quantized
+/// matmuls (GGUF types our kernels do not run, or any GGUF type off our CPU kernels), one per
+/// part, their outputs concatenated.
 pub(crate) enum CandleLinear {
     Packed {
-        w: Arc<PackedMatrix>,
+        w: Arc<Matrix>,
         bias: Option<Vec<f32>>,
+    },
+    Quantized {
+        parts: Vec<QMatMul>,
+        b: Option<Tensor>,
     },
     Tensor {
         w: Tensor,
@@ -49,7 +57,7 @@ impl CandleLinear {
     pub fn from_host(w: &[f32], out: usize, inp: usize, rt: &Runtime) -> candle_core::Result<Self> {
         Ok(match rt.cpu {
             Some(_) => Self::Packed {
-                w: Arc::new(PackedMatrix::pack(w, out, inp)),
+                w: Arc::new(Matrix::F32(PackedMatrix::pack(w, out, inp))),
                 bias: None,
             },
             None => Self::Tensor {
@@ -63,7 +71,7 @@ impl CandleLinear {
 /// The embedding table, or the packed output head it is tied to.
 pub(crate) enum CandleEmbedding {
     Table(Tensor),
-    Packed(Arc<PackedMatrix>),
+    Packed(Arc<Matrix>),
 }
 
 /// Loads the plan's tensors for a [`Runtime`].
@@ -89,6 +97,71 @@ impl Loader<'_> {
     }
 }
 
+impl Loader<'_> {
+    /// A projection of quantized GGUF tensors: our kernels when every part is one type they
+    /// run and the CPU kernels are on, candle's quantized matmuls otherwise; `None` when no
+    /// part is quantized.
+    fn quantized(
+        &self,
+        spec: &LinearSpec,
+        b: Option<&Tensor>,
+    ) -> Result<Option<CandleLinear>, CandleBackendError> {
+        let parts = spec
+            .parts
+            .iter()
+            .map(|p| self.weights.quantized(&p.name, &p.shape))
+            .collect::<Result<Vec<_>, _>>()?;
+        if parts.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let kinds: Vec<Option<QuantKind>> = parts
+            .iter()
+            .map(|p| p.as_ref().and_then(|q| QuantKind::of(q.ggml)))
+            .collect();
+        if self.rt.cpu.is_some()
+            && let Some(Some(kind)) = kinds.first()
+            && kinds.iter().all(|k| *k == Some(*kind))
+        {
+            let mut rows: Vec<&[u8]> = Vec::with_capacity(spec.out);
+            for q in parts.iter().flatten() {
+                let row = q.bytes.len() / q.shape[0];
+                rows.extend(q.bytes.chunks_exact(row));
+            }
+            let w = QuantMatrix::pack(*kind, &rows, spec.inp).ok_or_else(|| {
+                CandleBackendError::Weights(format!(
+                    "{}: malformed {kind:?} rows",
+                    spec.parts[0].name
+                ))
+            })?;
+            return Ok(Some(CandleLinear::Packed {
+                w: Arc::new(Matrix::Quant(w)),
+                bias: b.map(host).transpose()?,
+            }));
+        }
+        let parts = spec
+            .parts
+            .iter()
+            .zip(&parts)
+            .map(|(p, q)| match q {
+                Some(q) => q
+                    .to_qtensor(&self.rt.device)
+                    .and_then(QMatMul::from_qtensor)
+                    .map_err(|e| CandleBackendError::Weights(format!("tensor {}: {e}", p.name))),
+                None => Ok(QMatMul::Tensor(
+                    self.weights
+                        .get(&p.name, &p.shape)?
+                        .to_dtype(DType::F32)
+                        .map_err(weights_err)?,
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(CandleLinear::Quantized {
+            parts,
+            b: b.cloned(),
+        }))
+    }
+}
+
 fn host(t: &Tensor) -> Result<Vec<f32>, CandleBackendError> {
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
@@ -103,6 +176,9 @@ impl LoadOps for Loader<'_> {
 
     fn linear(&mut self, spec: &LinearSpec) -> Result<CandleLinear, CandleBackendError> {
         let b = spec.bias.as_ref().map(|b| self.cat(b)).transpose()?;
+        if let Some(q) = self.quantized(spec, b.as_ref())? {
+            return Ok(q);
+        }
         Ok(match self.rt.cpu {
             Some(_) => {
                 // Packed from the mapped file: no copy of the weights but the packed one.
@@ -124,7 +200,7 @@ impl LoadOps for Loader<'_> {
                     )));
                 }
                 CandleLinear::Packed {
-                    w: Arc::new(PackedMatrix::pack_rows(&rows, spec.inp)),
+                    w: Arc::new(Matrix::F32(PackedMatrix::pack_rows(&rows, spec.inp))),
                     bias: b.as_ref().map(host).transpose()?,
                 }
             }
@@ -147,7 +223,9 @@ impl LoadOps for Loader<'_> {
         Ok(match tied_head {
             Some(CandleLinear::Packed { w, .. }) => CandleEmbedding::Packed(w.clone()),
             Some(CandleLinear::Tensor { w, .. }) => CandleEmbedding::Table(w.clone()),
-            None => CandleEmbedding::Table(self.weights.get(&spec.name, &spec.shape)?),
+            Some(CandleLinear::Quantized { .. }) | None => {
+                CandleEmbedding::Table(self.weights.get(&spec.name, &spec.shape)?)
+            }
         })
     }
 }
@@ -332,6 +410,22 @@ impl LlamaOps for Step<'_, '_> {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
                 }
+            }
+            (CandleLinear::Quantized { parts, b }, _) => {
+                let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+                let ys = parts
+                    .iter()
+                    .map(|p| x32.apply(p))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let y = match ys.as_slice() {
+                    [one] => one.clone(),
+                    _ => Tensor::cat(&ys, 1)?,
+                };
+                let y = match b {
+                    Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                    None => y,
+                };
+                y.to_dtype(x.dtype())
             }
             (CandleLinear::Packed { .. }, None) => {
                 candle_core::bail!("packed weights need the CPU kernels")

@@ -73,11 +73,26 @@ pub struct KvStats {
     pub assembled_runs: usize,
 }
 
+/// A GGUF file is not a graph and its quantized weights are not exported: a typed error.
+fn refuse_gguf(path: &Path) -> Result<(), OnnxBackendError> {
+    if infermux_core::model::gguf::is_gguf(path) {
+        return Err(BackendError::UnsupportedWeights {
+            runtime: "onnxruntime",
+            what: format!("GGUF files ({})", path.display()),
+            hint: "GGUF files run on --backend candle (convert to a Hugging Face folder for \
+                torch and onnx)",
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl OnnxBackend {
     /// Loads the graph of a model folder (`DIR/onnx/model.onnx` or `DIR/model.onnx`) with the
     /// folder's `config.json`.
     pub fn load(dir: impl AsRef<Path>, options: OnnxOptions) -> Result<Self, OnnxBackendError> {
         let dir = dir.as_ref();
+        refuse_gguf(dir)?;
         let (config, eos) = infermux_core::model::read_config(dir)?;
         let graph = session::find_graph(dir)?;
         let (session, io) = open_graph(&graph, &config, &options)?;
@@ -94,6 +109,7 @@ impl OnnxBackend {
         options: OnnxOptions,
     ) -> Result<Self, OnnxBackendError> {
         let (dir, adapter) = (dir.as_ref(), adapter.as_ref());
+        refuse_gguf(dir)?;
         let model = ModelDir::open(dir)?;
         let plan = WeightPlan::new(&model.config, |n| model.checkpoint.contains(n));
         let lora = LoraAdapter::read(adapter, &plan)?;

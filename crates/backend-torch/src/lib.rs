@@ -75,6 +75,10 @@ fn load_weights(
     Ok((model, weights))
 }
 
+/// Where a GGUF file runs instead.
+const GGUF_HINT: &str = "GGUF files run on --backend candle (convert to a Hugging Face folder for \
+    torch and onnx)";
+
 impl TorchBackend {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: impl AsRef<Path>, options: TorchOptions) -> Result<Self, TorchBackendError> {
@@ -87,6 +91,14 @@ impl TorchBackend {
         dir: &ModelDir,
         options: TorchOptions,
     ) -> Result<Self, TorchBackendError> {
+        if dir.checkpoint.format == infermux_core::model::WeightFormat::Gguf {
+            return Err(BackendError::UnsupportedWeights {
+                runtime: "libtorch",
+                what: format!("GGUF files ({})", dir.path.display()),
+                hint: GGUF_HINT,
+            }
+            .into());
+        }
         let device = tch_device(options.device)?;
         let kind = tch_kind(options.dtype);
         let _guard = tch::no_grad_guard();

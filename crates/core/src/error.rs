@@ -154,6 +154,17 @@ pub enum BackendError {
         /// What is missing.
         missing: DeviceMissing,
     },
+    /// The model's weights come in a form this backend does not run (a GGUF file's quantized
+    /// types on a runtime without kernels for them).
+    #[error("{runtime} does not run {what}; {hint}")]
+    UnsupportedWeights {
+        /// Which runtime was asked.
+        runtime: &'static str,
+        /// What it was asked to run, e.g. "GGUF tensors of type Q4_1".
+        what: String,
+        /// Where it does run.
+        hint: &'static str,
+    },
 }
 
 /// What keeps a backend from using a CUDA device, most basic first.

@@ -16,6 +16,7 @@ pub(crate) mod kernels;
 mod packed;
 #[cfg_attr(feature = "rayon", allow(dead_code))]
 mod pool;
+mod quant;
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +28,55 @@ use infermux_core::model::AttentionShape;
 pub use kernels::Isa;
 use kernels::{SyncPtr, par_ranges};
 pub(crate) use packed::PackedMatrix;
+pub(crate) use quant::{QuantKind, QuantMatrix};
+
+/// A projection's weights for the CPU kernels: f32 panels, or GGUF blocks ([`quant`]).
+pub(crate) enum Matrix {
+    F32(PackedMatrix),
+    Quant(QuantMatrix),
+}
+
+impl Matrix {
+    /// Output width.
+    pub(crate) fn out(&self) -> usize {
+        match self {
+            Self::F32(w) => w.out(),
+            Self::Quant(w) => w.out(),
+        }
+    }
+
+    /// Input width.
+    pub(crate) fn inp(&self) -> usize {
+        match self {
+            Self::F32(w) => w.inp(),
+            Self::Quant(w) => w.inp(),
+        }
+    }
+
+    /// Row `j` of the unpacked matrix.
+    pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
+        match self {
+            Self::F32(w) => w.row_into(j, dst),
+            Self::Quant(w) => w.row_into(j, dst),
+        }
+    }
+
+    /// `out[m, out] (+)= x[m, inp] @ wᵀ (+ bias)`.
+    pub(crate) fn matmul(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        match self {
+            Self::F32(w) => w.matmul(isa, x, m, bias, out, accumulate),
+            Self::Quant(w) => w.matmul(isa, x, m, bias, out, accumulate),
+        }
+    }
+}
 
 use crate::kv::SlotKv;
 
@@ -93,9 +143,9 @@ fn output(data: Vec<f32>, rows: usize, width: usize) -> (CpuStorage, Shape) {
     (CpuStorage::F32(data), Shape::from((rows, width)))
 }
 
-/// `x @ wᵀ + b` with `w` packed ([`PackedMatrix`]); as a binary op, `residual + x @ wᵀ + b`.
+/// `x @ wᵀ + b` with `w` packed ([`Matrix`]); as a binary op, `residual + x @ wᵀ + b`.
 pub(crate) struct PackedLinear<'a> {
-    pub w: &'a PackedMatrix,
+    pub w: &'a Matrix,
     pub bias: Option<&'a [f32]>,
     pub isa: Isa,
 }
@@ -453,7 +503,7 @@ impl CustomOp3 for Attention<'_, '_> {
 
 /// Embedding rows read out of a packed (tied) output head.
 pub(crate) fn packed_rows(
-    head: &Arc<PackedMatrix>,
+    head: &Arc<Matrix>,
     tokens: impl Iterator<Item = u32>,
 ) -> (Vec<f32>, usize) {
     let h = head.inp();

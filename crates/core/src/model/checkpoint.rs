@@ -43,6 +43,32 @@ pub struct Checkpoint {
     pub files: Vec<PathBuf>,
     /// Each tensor's entry.
     pub tensors: BTreeMap<String, TensorInfo>,
+    /// How the files store tensors.
+    pub format: WeightFormat,
+}
+
+/// How a checkpoint's files store tensors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// safetensors: dtypes are safetensors names, shapes row-major.
+    #[default]
+    Safetensors,
+    /// One GGUF file ([`crate::model::gguf`]): tensors under their Hugging Face names, dtypes
+    /// are ggml type names (`Q4_1`), rows of the Llama q/k projections in llama.cpp's order.
+    Gguf,
+}
+
+impl WeightFormat {
+    /// The dtypes the backends load from this format.
+    pub fn loadable(self) -> Vec<String> {
+        match self {
+            Self::Safetensors => WEIGHT_DTYPES.iter().map(|s| s.to_string()).collect(),
+            Self::Gguf => crate::model::gguf::GGUF_TYPES
+                .iter()
+                .map(|t| t.name())
+                .collect(),
+        }
+    }
 }
 
 /// Bytes per element of a safetensors dtype; `None` for a name this reader does not know (such
@@ -85,6 +111,7 @@ impl Checkpoint {
         Ok(Self {
             files: files.to_vec(),
             tensors,
+            format: WeightFormat::Safetensors,
         })
     }
 
@@ -147,6 +174,7 @@ impl Checkpoint {
             )));
         }
         let plan = WeightPlan::new(config, |n| self.contains(n));
+        let loadable = self.format.loadable();
         for spec in plan.tensors() {
             let Some(t) = self.get(&spec.name) else {
                 let why = if spec.name.ends_with(".bias") {
@@ -173,14 +201,14 @@ impl Checkpoint {
                     dimension_hint(config, spec, &t.shape)
                 )));
             }
-            if !WEIGHT_DTYPES.contains(&t.dtype.as_str()) {
+            if !loadable.contains(&t.dtype) {
                 return Err(bad(
                     &self.files[t.file],
                     format!(
                         "tensor {} has dtype {}; infermux loads {}",
                         spec.name,
                         t.dtype,
-                        WEIGHT_DTYPES.join(", ")
+                        loadable.join(", ")
                     ),
                 ));
             }

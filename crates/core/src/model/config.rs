@@ -451,8 +451,24 @@ impl ModelDir {
     /// every tensor must lie inside its file, and the files must hold each tensor the config
     /// implies with its shape, and no layers beyond the config's. So a backend loads knowing
     /// the shapes are right, and nothing is sized from a config the weights contradict.
+    ///
+    /// `path` may also be a GGUF file ([`crate::model::gguf`]): the config comes from its
+    /// metadata and the checkpoint lists its tensors under their Hugging Face names.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref().to_path_buf();
+        if crate::model::gguf::is_gguf(&path) {
+            let gguf = crate::model::gguf::GgufFile::read(&path)?;
+            let (config, eos_token_ids) = gguf.config()?;
+            let checkpoint = gguf.checkpoint()?;
+            checkpoint.check_config(&path, &config)?;
+            return Ok(Self {
+                weight_files: checkpoint.files.clone(),
+                path,
+                config,
+                checkpoint,
+                eos_token_ids,
+            });
+        }
         if !path.is_dir() {
             return Err(ModelError::MissingFile {
                 dir: path.clone(),
@@ -477,8 +493,12 @@ impl ModelDir {
 }
 
 /// Reads a folder's `config.json` and its EOS ids (`generation_config.json`'s if present, else
-/// `config.json`'s), without looking for weights (graph-only folders have none).
+/// `config.json`'s), without looking for weights (graph-only folders have none); of a GGUF
+/// file, its metadata's.
 pub fn read_config(dir: &Path) -> Result<(ModelConfig, Vec<TokenId>), ModelError> {
+    if crate::model::gguf::is_gguf(dir) {
+        return crate::model::gguf::GgufFile::read(dir)?.config();
+    }
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(ModelError::MissingFile {

@@ -10,17 +10,21 @@
 //!    set (embedding rows, linear, RMS norm, RoPE, attention against the KV cache, SwiGLU,
 //!    residual add, logits rows) that each backend implements with its tensor library.
 //!
+//! A GGUF file ([`gguf`]) is a model source too: its metadata gives the config, its tensors are
+//! listed under their Hugging Face names with their ggml types.
+//!
 //! A new variant is a change here only; backends see ops, never architectures.
 
 pub mod checkpoint;
 pub mod config;
 mod fields;
+pub mod gguf;
 pub mod llama;
 pub mod lora;
 pub mod lora_batch;
 pub mod plan;
 
-pub use checkpoint::{Checkpoint, TensorInfo};
+pub use checkpoint::{Checkpoint, TensorInfo, WeightFormat};
 pub use config::{
     Architecture, MAX_POSITIONS, ModelConfig, ModelDir, RopeScaling, SUPPORTED_ARCHITECTURES,
     read_config,

@@ -1,4 +1,7 @@
-//! The model's tokenizer (`tokenizer.json`), shared cheaply between clients and threads.
+//! The model's tokenizer (`tokenizer.json`, or a GGUF file's metadata), shared cheaply between
+//! clients and threads.
+
+pub mod gguf;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +37,37 @@ impl Tokenizer {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("loading {}: {e}", path.display())))?;
+        Ok(Self::from_hf(inner))
+    }
+
+    /// The tokenizer and chat template of a GGUF file, rebuilt from its metadata
+    /// ([`gguf::GgufVocab`]).
+    pub fn from_gguf(file: &infermux_core::model::gguf::GgufFile) -> Result<Self> {
+        let vocab = gguf::GgufVocab::from_gguf(file)?;
+        let mut tokenizer = Self::from_hf(vocab.tokenizer()?);
+        tokenizer.chat_template =
+            ChatTemplate::from_config_json(&vocab.tokenizer_config_json(), &file.path)?
+                .map(Arc::new);
+        Ok(tokenizer)
+    }
+
+    /// A model's tokenizer: a folder's `tokenizer.json` and chat template, or a GGUF file's.
+    pub fn from_model_path(path: &Path) -> Result<Self> {
+        if infermux_core::model::gguf::is_gguf(path) {
+            let file = infermux_core::model::gguf::GgufFile::read(path)?;
+            return Self::from_gguf(&file);
+        }
+        if !path.join("tokenizer.json").is_file() {
+            return Err(infermux_core::ModelError::MissingFile {
+                dir: path.to_path_buf(),
+                file: "tokenizer.json".into(),
+            }
+            .into());
+        }
+        Self::from_model_dir(path)
+    }
+
+    fn from_hf(inner: tokenizers::Tokenizer) -> Self {
         let mut special: Vec<TokenId> = inner
             .get_added_tokens_decoder()
             .into_iter()
@@ -41,12 +75,12 @@ impl Tokenizer {
             .map(|(id, _)| id)
             .collect();
         special.sort_unstable();
-        Ok(Self {
+        Self {
             spelling: byte_spelling(&inner),
             inner: Arc::new(inner),
             special: Arc::new(special),
             chat_template: None,
-        })
+        }
     }
 
     /// Loads a model folder's `tokenizer.json` and the chat template of its

@@ -1,0 +1,528 @@
+//! Block-quantized weights (GGUF `Q8_0`, `Q4_0`, `Q4_1`) and their matmul, as llama.cpp does it:
+//! activations quantized per 32-value block to int8 with a scale (and the scaled sum of the
+//! block, for the weights' offsets), integer dot products per block, scaled and summed in f32.
+//!
+//! Every type is held as unsigned 8- or 4-bit values `u` with a scale `d` and an offset `m` per
+//! block (`w = d·u + m`): `Q4_1` as stored, `Q4_0` with `m = −8d`, `Q8_0` shifted by 128 with
+//! `m = −128d`. A block's contribution to `x·w` is then `d·d_x·Σ u·q_x + m·s_x`, where `q_x`
+//! are the activation's int8 values, `d_x` its scale and `s_x = d_x·Σ q_x`: one unsigned-by-
+//! signed integer dot product (AVX-512 VNNI's `vpdpbusd`) per block, whatever the type.
+//!
+//! A row is stored `[u of every block | d (f16) | m (f16)]` with the blocks padded to an even
+//! count, so 16 blocks' scales convert in one instruction and two blocks fill one 512-bit
+//! register. Activations are stored in the matching order: a pair of blocks as
+//! `[b₀ 0..16, b₁ 0..16, b₀ 16..32, b₁ 16..32]`, the order two blocks' nibbles unpack in.
+//!
+//! Each output is computed by the same sequence of operations whatever the number of rows in
+//! the call (the weight rows are unpacked once per tile, then every activation row runs over
+//! them identically), so a row's result does not depend on its batch.
+
+use half::f16;
+use infermux_core::model::gguf::GgmlType;
+
+use super::kernels::{Isa, SyncPtr, par_ranges, threads};
+
+/// Values per block.
+const QK: usize = 32;
+/// Weight rows unpacked together: each activation block is loaded once for all of them.
+const TILE: usize = 4;
+
+/// Which block type a [`QuantMatrix`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QuantKind {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QuantKind {
+    /// The kind of a ggml type, if our kernels run it.
+    pub(crate) fn of(t: GgmlType) -> Option<Self> {
+        Some(match t {
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            _ => return None,
+        })
+    }
+
+    /// Bytes of `u` per block as stored.
+    fn qs_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 32,
+            Self::Q4_0 | Self::Q4_1 => 16,
+        }
+    }
+
+    /// Bytes of one GGUF block.
+    fn gguf_block(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+        }
+    }
+}
+
+/// An `[out, inp]` matrix of quantized rows.
+pub(crate) struct QuantMatrix {
+    kind: QuantKind,
+    out: usize,
+    inp: usize,
+    /// Blocks per row, padded to even.
+    nb: usize,
+    /// Bytes per stored row.
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+fn f16_at(b: &[u8], i: usize) -> f16 {
+    f16::from_le_bytes([b[i], b[i + 1]])
+}
+
+impl QuantMatrix {
+    /// Packs `rows`, each one GGUF row of `inp` values in `kind`'s blocks (`inp` a multiple of
+    /// 32); `None` when a row has the wrong length.
+    pub(crate) fn pack(kind: QuantKind, rows: &[&[u8]], inp: usize) -> Option<Self> {
+        if inp == 0 || !inp.is_multiple_of(QK) {
+            return None;
+        }
+        let blocks = inp / QK;
+        let nb = blocks.next_multiple_of(2);
+        let qs = kind.qs_bytes();
+        let row_bytes = nb * qs + nb * 4;
+        let mut data = vec![0u8; rows.len() * row_bytes];
+        for (row, dst) in rows.iter().zip(data.chunks_exact_mut(row_bytes)) {
+            if row.len() != blocks * kind.gguf_block() {
+                return None;
+            }
+            let (dst_q, scales) = dst.split_at_mut(nb * qs);
+            let (dst_d, dst_m) = scales.split_at_mut(nb * 2);
+            for (b, block) in row.chunks_exact(kind.gguf_block()).enumerate() {
+                let d = f16_at(block, 0);
+                let (m, q) = match kind {
+                    QuantKind::Q8_0 => (f16::from_f32(-128.0 * d.to_f32()), &block[2..]),
+                    QuantKind::Q4_0 => (f16::from_f32(-8.0 * d.to_f32()), &block[2..]),
+                    QuantKind::Q4_1 => (f16_at(block, 2), &block[4..]),
+                };
+                let out = &mut dst_q[b * qs..][..qs];
+                match kind {
+                    // int8 → uint8 by flipping the sign bit (q + 128).
+                    QuantKind::Q8_0 => out.iter_mut().zip(q).for_each(|(o, &v)| *o = v ^ 0x80),
+                    _ => out.copy_from_slice(q),
+                }
+                dst_d[b * 2..][..2].copy_from_slice(&d.to_le_bytes());
+                dst_m[b * 2..][..2].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        Some(Self {
+            kind,
+            out: rows.len(),
+            inp,
+            nb,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// Output width.
+    pub(crate) fn out(&self) -> usize {
+        self.out
+    }
+
+    /// Input width.
+    pub(crate) fn inp(&self) -> usize {
+        self.inp
+    }
+
+    fn row(&self, j: usize) -> &[u8] {
+        &self.data[j * self.row_bytes..][..self.row_bytes]
+    }
+
+    /// Row `j`'s unsigned values (pairs of blocks interleaved as the activations are),
+    /// scales and offsets, into `u` (`nb × 32`), `d` and `m` (`nb` each).
+    fn unpack_row(&self, j: usize, u: &mut [u8], d: &mut [f32], m: &mut [f32]) {
+        let row = self.row(j);
+        let qs = self.kind.qs_bytes();
+        let (q, scales) = row.split_at(self.nb * qs);
+        for b in 0..self.nb {
+            d[b] = f16_at(scales, b * 2).to_f32();
+            m[b] = f16_at(scales, self.nb * 2 + b * 2).to_f32();
+            let src = &q[b * qs..][..qs];
+            let (first, second) = (interleaved(b, 0), interleaved(b, 16));
+            match self.kind {
+                QuantKind::Q8_0 => {
+                    u[first..][..16].copy_from_slice(&src[..16]);
+                    u[second..][..16].copy_from_slice(&src[16..]);
+                }
+                _ => {
+                    for i in 0..16 {
+                        u[first + i] = src[i] & 0x0f;
+                        u[second + i] = src[i] >> 4;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `j` dequantized (an embedding lookup in a tied output head).
+    pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
+        let mut u = vec![0u8; self.nb * QK];
+        let (mut d, mut m) = (vec![0f32; self.nb], vec![0f32; self.nb]);
+        self.unpack_row(j, &mut u, &mut d, &mut m);
+        for (i, o) in dst[..self.inp].iter_mut().enumerate() {
+            let b = i / QK;
+            *o = d[b] * u[interleaved(b, i % QK)] as f32 + m[b];
+        }
+    }
+
+    /// `out[m, self.out] (+)= x[m, self.inp] @ wᵀ (+ bias)`; `accumulate` adds to `out`.
+    pub(crate) fn matmul(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (n, k) = (self.out, self.inp);
+        assert!(x.len() >= rows * k && out.len() >= rows * n);
+        if let Some(b) = bias {
+            assert!(b.len() >= n);
+        }
+        if rows == 0 || n == 0 {
+            return;
+        }
+        let acts = QuantActs::new(x, rows, k, self.nb);
+        let tiles = n.div_ceil(TILE);
+        let grain = tiles.div_ceil(threads() * 8).max(1);
+        let dst = SyncPtr(out.as_mut_ptr());
+        let vnni = isa.avx512() && vnni_available();
+        par_ranges(tiles, grain, |range| {
+            let nb = self.nb;
+            let mut u = vec![0u8; TILE * nb * QK];
+            let mut d = vec![0f32; TILE * nb];
+            let mut m = vec![0f32; TILE * nb];
+            let mut acc = [0f32; TILE];
+            for t in range {
+                let j0 = t * TILE;
+                let cols = TILE.min(n - j0);
+                for c in 0..cols {
+                    self.unpack_row(
+                        j0 + c,
+                        &mut u[c * nb * QK..][..nb * QK],
+                        &mut d[c * nb..][..nb],
+                        &mut m[c * nb..][..nb],
+                    );
+                }
+                let w = Unpacked {
+                    u: &u,
+                    d: &d,
+                    m: &m,
+                    nb,
+                    cols,
+                };
+                for r in 0..rows {
+                    #[cfg(target_arch = "x86_64")]
+                    if vnni {
+                        // SAFETY: AVX-512F/BW/VNNI and F16C were detected at run time.
+                        unsafe { avx512::dot_tile(&w, &acts, r, &mut acc) };
+                    } else {
+                        dot_tile_portable(&w, &acts, r, &mut acc);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        let _ = vnni;
+                        dot_tile_portable(&w, &acts, r, &mut acc);
+                    }
+                    for (c, &v) in acc.iter().enumerate().take(cols) {
+                        let j = j0 + c;
+                        let v = v + bias.map_or(0.0, |b| b[j]);
+                        // SAFETY: columns j0..j0 + cols of every row belong to tile t, which
+                        // only this range writes, and lie inside `rows * n`.
+                        unsafe {
+                            let o = dst.get().add(r * n + j);
+                            *o = if accumulate { *o + v } else { v };
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Whether the CPU has AVX-512 VNNI (with BW) and F16C for [`avx512::dot_tile`].
+fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A tile of weight rows unpacked: `cols` rows of `nb × 32` values, scales, offsets.
+struct Unpacked<'a> {
+    u: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+    nb: usize,
+    cols: usize,
+}
+
+/// Activation rows quantized per block: int8 values (pairs of blocks in the unpack order of
+/// the module docs), scales `d` and scaled sums `s` per block, zero past the row's end.
+struct QuantActs {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// Position of element `i` of block `b` in a pair-interleaved row.
+#[inline]
+fn interleaved(b: usize, i: usize) -> usize {
+    let pair = b / 2 * 2 * QK;
+    let half = if i < 16 { 0 } else { 32 };
+    pair + half + (b % 2) * 16 + (i % 16)
+}
+
+impl QuantActs {
+    fn new(x: &[f32], rows: usize, k: usize, nb: usize) -> Self {
+        let mut q = vec![0i8; rows * nb * QK];
+        let mut d = vec![0f32; rows * nb];
+        let mut s = vec![0f32; rows * nb];
+        for r in 0..rows {
+            let row = &x[r * k..][..k];
+            for (b, block) in row.chunks(QK).enumerate() {
+                let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let mut sum = 0i32;
+                for (i, &v) in block.iter().enumerate() {
+                    let qv = (v * inv).round() as i8;
+                    sum += qv as i32;
+                    q[r * nb * QK + interleaved(b, i)] = qv;
+                }
+                d[r * nb + b] = scale;
+                s[r * nb + b] = scale * sum as f32;
+            }
+        }
+        Self { q, d, s }
+    }
+}
+
+/// `acc[c] = x_r · w_c` for the tile's rows, in plain Rust.
+fn dot_tile_portable(w: &Unpacked<'_>, a: &QuantActs, r: usize, acc: &mut [f32; TILE]) {
+    let nb = w.nb;
+    let q = &a.q[r * nb * QK..][..nb * QK];
+    for (c, out) in acc.iter_mut().enumerate().take(w.cols) {
+        let u = &w.u[c * nb * QK..][..nb * QK];
+        let mut total = 0f32;
+        for b in 0..nb {
+            let at = |i| interleaved(b, i);
+            let dot: i32 = (0..QK).map(|i| u[at(i)] as i32 * q[at(i)] as i32).sum();
+            total +=
+                w.d[c * nb + b] * a.d[r * nb + b] * dot as f32 + w.m[c * nb + b] * a.s[r * nb + b];
+        }
+        *out = total;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{QK, QuantActs, TILE, Unpacked};
+
+    /// `acc[c] = x_r · w_c` with `vpdpbusd`: per pair of blocks one 64-byte dot product per
+    /// weight row, scaled per block by a permute of 16 blocks' scales.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX-512BW, AVX-512 VNNI and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub(super) unsafe fn dot_tile(
+        w: &Unpacked<'_>,
+        a: &QuantActs,
+        r: usize,
+        acc: &mut [f32; TILE],
+    ) {
+        let nb = w.nb;
+        let q = &a.q[r * nb * QK..][..nb * QK];
+        let (ad, as_) = (&a.d[r * nb..][..nb], &a.s[r * nb..][..nb]);
+        assert!(
+            w.u.len() >= w.cols * nb * QK && w.d.len() >= w.cols * nb && w.m.len() >= w.cols * nb
+        );
+        // Lane l of a pair's dot product belongs to block 2p + (l / 4) % 2.
+        let lane_block = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+        let mut sums = [_mm512_setzero_ps(); TILE];
+        let mut mins = [_mm512_setzero_ps(); TILE];
+        let cols = w.cols;
+        let mut g = 0;
+        while g < nb {
+            // A group of up to 16 blocks (8 pairs; `nb` is even).
+            let len = (nb - g).min(16);
+            let mask: __mmask16 = if len == 16 { 0xffff } else { (1u16 << len) - 1 };
+            let mut scale = [_mm512_setzero_ps(); TILE];
+            // SAFETY: the masked loads read lanes g..g + len, inside `ad`, `as_` (nb each) and
+            // row c's nb scales and offsets (asserted above).
+            unsafe {
+                let adv = _mm512_maskz_loadu_ps(mask, ad.as_ptr().add(g));
+                let asv = _mm512_maskz_loadu_ps(mask, as_.as_ptr().add(g));
+                for c in 0..cols {
+                    let dv = _mm512_maskz_loadu_ps(mask, w.d.as_ptr().add(c * nb + g));
+                    let mv = _mm512_maskz_loadu_ps(mask, w.m.as_ptr().add(c * nb + g));
+                    scale[c] = _mm512_mul_ps(dv, adv);
+                    mins[c] = _mm512_fmadd_ps(mv, asv, mins[c]);
+                }
+            }
+            for p in 0..len / 2 {
+                let b = g + 2 * p;
+                let idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(2 * p as i32));
+                // SAFETY: blocks b and b + 1 (b + 1 < nb) are the 64 bytes at b·32 of the
+                // activation row and of each weight row, inside their `nb × 32` bytes.
+                unsafe {
+                    let av = _mm512_loadu_si512(q.as_ptr().add(b * QK).cast());
+                    for c in 0..cols {
+                        let wv = _mm512_loadu_si512(w.u.as_ptr().add(c * nb * QK + b * QK).cast());
+                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
+                        let s = _mm512_permutexvar_ps(idx, scale[c]);
+                        sums[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, sums[c]);
+                    }
+                }
+            }
+            g += len;
+        }
+        for c in 0..cols {
+            acc[c] = _mm512_reduce_add_ps(sums[c]) + _mm512_reduce_add_ps(mins[c]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF row of `kind` with deterministic pseudo-random blocks, and its f32 values.
+    fn gguf_row(kind: QuantKind, blocks: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let (mut bytes, mut vals) = (Vec::new(), Vec::new());
+        for _ in 0..blocks {
+            let d = f16::from_f32((next() % 1000) as f32 / 40_000.0 + 1e-4);
+            bytes.extend_from_slice(&d.to_le_bytes());
+            match kind {
+                QuantKind::Q8_0 => {
+                    for _ in 0..32 {
+                        let q = (next() % 256) as u8 as i8;
+                        bytes.push(q as u8);
+                        vals.push(d.to_f32() * q as f32);
+                    }
+                }
+                QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                    let m = f16::from_f32(-((next() % 1000) as f32) / 20_000.0);
+                    if kind == QuantKind::Q4_1 {
+                        bytes.extend_from_slice(&m.to_le_bytes());
+                    }
+                    let nib: Vec<u8> = (0..32).map(|_| (next() % 16) as u8).collect();
+                    for i in 0..16 {
+                        bytes.push(nib[i] | (nib[i + 16] << 4));
+                    }
+                    for &v in &nib {
+                        vals.push(match kind {
+                            QuantKind::Q4_0 => d.to_f32() * (v as f32 - 8.0),
+                            _ => d.to_f32() * v as f32 + m.to_f32(),
+                        });
+                    }
+                }
+            }
+        }
+        (bytes, vals)
+    }
+
+    fn matrix(kind: QuantKind, out: usize, inp: usize) -> (QuantMatrix, Vec<f32>) {
+        let rows: Vec<(Vec<u8>, Vec<f32>)> = (0..out)
+            .map(|j| gguf_row(kind, inp / QK, j as u32 + 7))
+            .collect();
+        let refs: Vec<&[u8]> = rows.iter().map(|r| r.0.as_slice()).collect();
+        let w = QuantMatrix::pack(kind, &refs, inp).unwrap();
+        (w, rows.into_iter().flat_map(|r| r.1).collect())
+    }
+
+    #[test]
+    fn rows_dequantize_to_the_gguf_values() {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+            let (w, vals) = matrix(kind, 5, 96);
+            let mut row = vec![0f32; 96];
+            for j in 0..5 {
+                w.row_into(j, &mut row);
+                for (a, b) in row.iter().zip(&vals[j * 96..]) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{kind:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every ISA, every type, odd block counts, rows not a multiple of the tile: the product
+    /// is the f32 product within the activations' int8 rounding, and a row's result is the
+    /// same alone as in a batch.
+    #[test]
+    fn matmul_matches_f32_and_is_batch_invariant_on_every_isa() {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+            for (out, inp) in [(7, 96), (9, 576), (4, 32)] {
+                let (w, vals) = matrix(kind, out, inp);
+                let m = 5;
+                let x: Vec<f32> = (0..m * inp)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0)
+                    .collect();
+                for isa in Isa::supported() {
+                    let mut y = vec![0f32; m * out];
+                    w.matmul(isa, &x, m, None, &mut y, false);
+                    for r in 0..m {
+                        for j in 0..out {
+                            let exact: f32 =
+                                (0..inp).map(|t| x[r * inp + t] * vals[j * inp + t]).sum();
+                            let norm: f32 = (0..inp)
+                                .map(|t| (x[r * inp + t] * vals[j * inp + t]).abs())
+                                .sum();
+                            let got = y[r * out + j];
+                            assert!(
+                                (got - exact).abs() <= 0.02 * norm + 1e-5,
+                                "{kind:?} {isa:?} {out}x{inp} [{r},{j}]: {got} vs {exact}"
+                            );
+                        }
+                        let mut alone = vec![0f32; out];
+                        w.matmul(isa, &x[r * inp..][..inp], 1, None, &mut alone, false);
+                        assert_eq!(alone, y[r * out..][..out], "{kind:?} {isa:?} row {r}");
+                    }
+                    // Bias and accumulate.
+                    let bias: Vec<f32> = (0..out).map(|j| j as f32).collect();
+                    let mut z = y.clone();
+                    w.matmul(isa, &x, m, Some(&bias), &mut z, true);
+                    for (i, (a, b)) in z.iter().zip(&y).enumerate() {
+                        assert_eq!(*a, b + (b + (i % out) as f32), "{kind:?} {isa:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_of_the_wrong_length_are_refused() {
+        let (row, _) = gguf_row(QuantKind::Q4_1, 2, 1);
+        assert!(QuantMatrix::pack(QuantKind::Q4_1, &[&row], 64).is_some());
+        assert!(QuantMatrix::pack(QuantKind::Q4_1, &[&row[..39]], 64).is_none());
+        assert!(QuantMatrix::pack(QuantKind::Q4_1, &[&row], 48).is_none());
+    }
+}
