@@ -97,6 +97,11 @@ def main():
         n_threads=1,
         n_threads_batch=1,
         logits_all=True,
+        # An f32 KV cache (llama.cpp's default is f16): the goldens isolate the weights' types.
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        # Plain attention: llama.cpp's CPU flash attention rounds queries to f16.
+        flash_attn=False,
         verbose=False,
     )
     cases = []
@@ -118,7 +123,7 @@ def main():
         print(f"{case['name']}: {len(tokens)} prompt tokens, greedy margin {margin:.3g}", file=sys.stderr)
     golden = {
         "model": args.gguf.rsplit("/", 1)[-1],
-        "generator": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp CPU, 1 thread, logits_all)",
+        "generator": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp CPU, 1 thread, logits_all, f32 KV cache, no flash attention)",
         "notes": (
             "Reference outputs of llama.cpp on this GGUF file, for infermux's quantized kernels: "
             "the prompts of the transformers goldens, scored with every position's logits, and 32 "
