@@ -55,6 +55,9 @@ fn candle_ggml(t: GgmlType) -> Option<GgmlDType> {
     })
 }
 
+/// A GGUF tensor's type and bytes (rows in Hugging Face order).
+type RawTensor<'a> = (GgmlType, Cow<'a, [u8]>);
+
 /// A quantized tensor's rows as stored (q/k rows already in Hugging Face order).
 pub(crate) struct QuantTensor<'a> {
     pub ggml: GgmlType,
@@ -125,7 +128,7 @@ impl Weights {
         &self,
         name: &str,
         shape: &[usize],
-    ) -> Result<Option<(GgmlType, Cow<'_, [u8]>)>, CandleBackendError> {
+    ) -> Result<Option<RawTensor<'_>>, CandleBackendError> {
         let Files::Gguf {
             map,
             checkpoint,

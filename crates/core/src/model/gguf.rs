@@ -429,7 +429,7 @@ impl GgufFile {
             let bytes = elements.and_then(|e| {
                 let inner = *dims.first()?;
                 let row = ggml_type.row_bytes(inner)? as u64;
-                Some(row.checked_mul((e / inner.max(1)) as u64)?)
+                row.checked_mul((e / inner.max(1)) as u64)
             });
             let (Some(begin), Some(_)) = (begin, elements) else {
                 return Err(r.bad(format!(

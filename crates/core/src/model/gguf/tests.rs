@@ -57,7 +57,7 @@ impl Writer {
             out.extend_from_slice(&offset.to_le_bytes());
             offset += (*bytes as u64).div_ceil(32) * 32;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         for (_, _, _, bytes) in &self.tensors {
