@@ -2,7 +2,7 @@
 """Golden outputs of llama.cpp (llama-cpp-python) on GGUF files: the reference for quantized
 arithmetic, as transformers is for f32.
 
-Usage: make_llamacpp_goldens.py --gguf FILE [--make TYPE=OUT ...] --prompts GOLDENS --out JSON
+Usage: make_llamacpp_goldens.py --gguf FILE --prompts GOLDENS --out JSON
        make_llamacpp_goldens.py --quantize IN OUT TYPE
 
 --quantize writes OUT from IN with llama.cpp's own quantize call (llama_model_quantize, with
@@ -10,16 +10,21 @@ requantizing allowed: the shipped file is Q4_1), TYPE one of Q8_0, F16, Q4_K_M, 
 The golden mode scores the prompts of GOLDENS (the transformers goldens: same names and token ids)
 with every position's logits (logits_all) and writes 32 greedy tokens per prompt, in the format of
 make_goldens.py. One thread, so the file does not depend on the machine's thread count.
-Run through `cargo xtask llamacpp`, which provides the pinned llama-cpp-python.
+Run with runtimes/py-llamacpp/bin/python (`cargo xtask setup --llama-cpp` builds the pinned
+llama-cpp-python there); the goldens also record the tensors' digest (derive_gguf.py).
 """
 
 import argparse
 import json
 import math
+import os
 import sys
 
 import llama_cpp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from derive_gguf import tensor_digest  # noqa: E402
 
 GREEDY_TOKENS = 32
 SIGNIFICANT_DIGITS = 7
@@ -130,6 +135,8 @@ def main():
             "greedy tokens (EOS not special-cased) with the smallest top-1/top-2 logit margin."
         ),
         "checks": {},
+        # The tensors llama.cpp ran: a file derived elsewhere must match (conformance checks).
+        "tensor_sha256": tensor_digest(args.gguf),
         "cases": cases,
     }
     with open(args.out, "w") as f:

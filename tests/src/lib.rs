@@ -43,6 +43,44 @@ pub fn gguf_file() -> PathBuf {
 
 /// llama.cpp's goldens of the shipped Q4_1 file (`tests/data/make_llamacpp_goldens.py`).
 pub const LLAMACPP_Q4_1_GOLDENS: &str = "tests/data/goldens/llamacpp-smollm2-q4_1.json";
+/// llama.cpp's goldens of the Q8_0 file made by its quantize call from the Q4_1 one.
+pub const LLAMACPP_Q8_0_GOLDENS: &str = "tests/data/goldens/llamacpp-smollm2-q8_0.json";
+/// llama.cpp's goldens of the F16 file made by its quantize call from the Q4_1 one.
+pub const LLAMACPP_F16_GOLDENS: &str = "tests/data/goldens/llamacpp-smollm2-f16.json";
+
+/// The GGUF file of type `kind` (`Q8_0`, `F16`) that `cargo xtask setup` derives from the
+/// shipped one: `models/gguf/SmolLM2-135M-Instruct.<kind>.gguf`.
+pub fn derived_gguf_file(kind: &str) -> PathBuf {
+    let path = repo_root().join(format!("models/gguf/SmolLM2-135M-Instruct.{kind}.gguf"));
+    assert!(
+        path.is_file(),
+        "the {kind} GGUF file is not at {}: run `cargo xtask setup` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// sha256 over every tensor of a GGUF file, sorted by name, of its name, a zero byte, its ggml
+/// type (u32 LE) and its data: equal for two files whose weights are byte-identical, whatever
+/// their metadata and tensor order (`tensor_digest` in `tests/data/derive_gguf.py` computes
+/// the same).
+pub fn gguf_tensor_digest(path: &Path) -> String {
+    use sha2::Digest as _;
+    let gguf = infermux_core::model::gguf::GgufFile::read(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut tensors: Vec<_> = gguf.tensors.iter().collect();
+    tensors.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    let mut h = sha2::Sha256::new();
+    for t in tensors {
+        let bytes = t.bytes.expect("a tensor of a known type") as usize;
+        h.update(t.name.as_bytes());
+        h.update([0]);
+        h.update(t.ggml_type.code().to_le_bytes());
+        h.update(&data[t.begin as usize..][..bytes]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
@@ -78,6 +116,9 @@ pub struct Goldens {
     /// a key.
     #[serde(default)]
     pub variant: Option<String>,
+    /// For llama.cpp's goldens: [`gguf_tensor_digest`] of the file llama.cpp ran.
+    #[serde(default)]
+    pub tensor_sha256: Option<String>,
     /// One entry per prompt.
     pub cases: Vec<GoldenCase>,
 }
@@ -225,6 +266,22 @@ impl Tolerance {
     pub const Q4_VS_LLAMA_CPP: Tolerance = Tolerance {
         name: "4-bit GGUF vs llama.cpp",
         max_abs: 0.5,
+    };
+    /// candle on a Q8_0 GGUF vs llama.cpp on the same file (per token). Measured up to 0.53
+    /// (prompts `chat`, `german`): the same unexplained gap as on 4-bit files. Transformers on
+    /// the exact weights with every linear's input rounded to int8 per 32-block lies 0.57 from
+    /// llama.cpp too, while on F16 the two agree to 0.024: the gap is in how the int8
+    /// activations are made or used. The goal is 2e-2; this bound holds the measured
+    /// gap until its cause is found.
+    pub const Q8_VS_LLAMA_CPP: Tolerance = Tolerance {
+        name: "Q8_0 GGUF vs llama.cpp",
+        max_abs: 0.75,
+    };
+    /// candle on an F16 GGUF (weights widened to f32, activations kept f32) vs llama.cpp on the
+    /// same file (which rounds activations to f16 for its F16 dot products): measured 0.024.
+    pub const F16_VS_LLAMA_CPP: Tolerance = Tolerance {
+        name: "F16 GGUF vs llama.cpp",
+        max_abs: 5e-2,
     };
     /// A sampled token's logprob vs scoring the same sequence.
     pub const SAMPLE_VS_SCORE: Tolerance = Tolerance {

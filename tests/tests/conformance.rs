@@ -12,8 +12,9 @@ use infermux::{
     SamplingClient, SamplingParams, ServiceClient, ValidationError,
 };
 use infermux_tests::{
-    GoldenCase, LLAMACPP_Q4_1_GOLDENS, TINY_VARIANTS, Tolerance, gguf_file, goldens, load_goldens,
-    model_dir, repo_root, tiny_goldens, tiny_model_dir,
+    GoldenCase, LLAMACPP_F16_GOLDENS, LLAMACPP_Q4_1_GOLDENS, LLAMACPP_Q8_0_GOLDENS, TINY_VARIANTS,
+    Tolerance, derived_gguf_file, gguf_file, gguf_tensor_digest, goldens, load_goldens, model_dir,
+    repo_root, tiny_goldens, tiny_model_dir,
 };
 
 fn load(backend: BackendKind) -> SamplingClient {
@@ -455,8 +456,10 @@ fn missing_model_files_are_named(backend: BackendKind) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The shipped Q4_1 GGUF, loaded directly (no dequantized folder): candle's block kernels
-/// against llama.cpp on the same file.
+/// GGUF files loaded directly (no dequantized folder): candle on each against llama.cpp on the
+/// same file. The shipped Q4_1 runs our block kernels; Q8_0 (our kernels) and F16 (widened to
+/// f32) are made by `cargo xtask setup` with gguf-py, and their tensors are checked to be the
+/// bytes llama.cpp's own quantize call wrote into the file the goldens come from.
 mod gguf {
     use super::*;
 
@@ -464,34 +467,72 @@ mod gguf {
     /// near-tie: the continuations may part there.
     const NEAR_TIE: f64 = 0.5;
 
+    /// One file's cases: its client, llama.cpp's goldens, the named tolerance.
+    macro_rules! gguf_suite {
+        ($module:ident, $label:literal, $file:expr, $goldens:expr, $tolerance:expr) => {
+            mod $module {
+                use super::*;
+
+                pub(super) fn client() -> &'static SamplingClient {
+                    static CLIENT: OnceLock<SamplingClient> = OnceLock::new();
+                    CLIENT.get_or_init(|| load_from(BackendKind::Candle, &$file))
+                }
+
+                fn goldens() -> infermux_tests::Goldens {
+                    load_goldens(&repo_root().join($goldens))
+                }
+
+                #[test]
+                fn candle_prompt_logprobs_match_llama_cpp() {
+                    check_prompt_logprobs($label, client(), goldens().cases, $tolerance);
+                }
+
+                #[test]
+                fn candle_greedy_matches_llama_cpp() {
+                    check_greedy(
+                        $label,
+                        client(),
+                        goldens().cases,
+                        $tolerance,
+                        Some(NEAR_TIE),
+                    );
+                }
+
+                #[test]
+                fn the_file_holds_the_tensors_llama_cpp_ran() {
+                    let expected = goldens()
+                        .tensor_sha256
+                        .expect("llama.cpp goldens record the tensor digest");
+                    assert_eq!(gguf_tensor_digest(&$file), expected, $label);
+                }
+            }
+        };
+    }
+
+    gguf_suite!(
+        q4_1,
+        "candle Q4_1",
+        gguf_file(),
+        LLAMACPP_Q4_1_GOLDENS,
+        Tolerance::Q4_VS_LLAMA_CPP
+    );
+    gguf_suite!(
+        q8_0,
+        "candle Q8_0",
+        derived_gguf_file("Q8_0"),
+        LLAMACPP_Q8_0_GOLDENS,
+        Tolerance::Q8_VS_LLAMA_CPP
+    );
+    gguf_suite!(
+        f16,
+        "candle F16",
+        derived_gguf_file("F16"),
+        LLAMACPP_F16_GOLDENS,
+        Tolerance::F16_VS_LLAMA_CPP
+    );
+
     fn q4_1() -> &'static SamplingClient {
-        static CLIENT: OnceLock<SamplingClient> = OnceLock::new();
-        CLIENT.get_or_init(|| load_from(BackendKind::Candle, &gguf_file()))
-    }
-
-    fn llama_cpp_goldens() -> Vec<GoldenCase> {
-        load_goldens(&repo_root().join(LLAMACPP_Q4_1_GOLDENS)).cases
-    }
-
-    #[test]
-    fn candle_q4_1_prompt_logprobs_match_llama_cpp() {
-        check_prompt_logprobs(
-            "candle Q4_1",
-            q4_1(),
-            llama_cpp_goldens(),
-            Tolerance::Q4_VS_LLAMA_CPP,
-        );
-    }
-
-    #[test]
-    fn candle_q4_1_greedy_matches_llama_cpp() {
-        check_greedy(
-            "candle Q4_1",
-            q4_1(),
-            llama_cpp_goldens(),
-            Tolerance::Q4_VS_LLAMA_CPP,
-            Some(NEAR_TIE),
-        );
+        q4_1::client()
     }
 
     #[test]

@@ -48,9 +48,14 @@ pub struct BenchArgs {
     /// Python with torch + transformers for the peer (default: runtimes/py).
     #[arg(long)]
     pub python: Option<PathBuf>,
-    /// Threads of the peer (torch.set_num_threads).
+    /// Threads of the peer (torch.set_num_threads, llama.cpp's n_threads).
     #[arg(long, default_value_t = 2)]
     pub peer_threads: usize,
+    /// Run GGUF files of these types instead (Q4_1 as shipped, Q8_0, F16, Q4_K_M; see
+    /// `cargo xtask setup`) next to llama.cpp on the same files (runtimes/py-llamacpp, made by
+    /// `cargo xtask setup --llama-cpp`) → gguf.md. Backends that refuse GGUF are reported so.
+    #[arg(long, value_delimiter = ',')]
+    pub gguf: Vec<String>,
 }
 
 /// Sizes of one workload.
@@ -66,7 +71,7 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    const FULL: Shape = Shape {
+    pub(crate) const FULL: Shape = Shape {
         decode_tokens: 64,
         decode_batches: [1, 8, 32],
         decode_prompt_len: 16,
@@ -74,7 +79,7 @@ impl Shape {
         scoring: (32, 256),
         repeats: 2,
     };
-    const QUICK: Shape = Shape {
+    pub(crate) const QUICK: Shape = Shape {
         decode_tokens: 8,
         decode_batches: [1, 8, 32],
         decode_prompt_len: 16,
@@ -97,6 +102,9 @@ const METRICS: [(&str, &str, &str, bool); 7] = [
 
 /// Runs the workload on each backend and the peer, then writes and prints the results.
 pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
+    if !args.gguf.is_empty() {
+        return crate::bench_gguf::run(root, args);
+    }
     let backends = crate::conformance::normalize_backends(&args.backends)?;
     let components = Components {
         torch: backends.iter().any(|b| b == "torch"),
@@ -128,41 +136,19 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     // Build once (release: no debug assertions) with every requested backend, then one
     // process per backend.
     let features = backend_features(&backends);
-    let mut build = cargo();
-    build.current_dir(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "infermux-tests",
-        "--bin",
-        "infermux-bench",
-    ]);
-    if !features.is_empty() {
-        build.arg("--features").arg(features.join(","));
-    }
-    crate::run_status(&mut build)?;
+    build_bench_bin(root, &features)?;
     let mut results = Vec::new();
     for backend in &backends {
-        let mut cmd = cargo();
-        cmd.current_dir(root).args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "infermux-tests",
-            "--bin",
-            "infermux-bench",
-        ]);
-        if !features.is_empty() {
-            cmd.arg("--features").arg(features.join(","));
-        }
-        cmd.args(["--", "--backend", backend, "--dtype", &args.dtype])
-            .args(["--device", &args.device, "--workload"])
-            .arg(&workload_path);
-        runtime_env(&mut cmd, root, &model, components);
+        let run = BenchRun {
+            backend,
+            dtype: &args.dtype,
+            device: &args.device,
+            workload: &workload_path,
+            model: &model,
+            gguf: None,
+        };
         eprintln!("benchmarking {backend}…");
-        match json_line(&mut cmd) {
+        match run.run(root, &features, components) {
             Ok(v) => results.push(v),
             Err(e) => eprintln!("{backend}: {e:#}"),
         }
@@ -247,8 +233,70 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `cargo build --release` of the bench binary with `features`.
+pub(crate) fn build_bench_bin(root: &Path, features: &[String]) -> Result<()> {
+    let mut build = cargo();
+    build.current_dir(root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "infermux-tests",
+        "--bin",
+        "infermux-bench",
+    ]);
+    if !features.is_empty() {
+        build.arg("--features").arg(features.join(","));
+    }
+    crate::run_status(&mut build)
+}
+
+/// One backend's run of the bench binary (in a process of its own).
+pub(crate) struct BenchRun<'a> {
+    pub backend: &'a str,
+    pub dtype: &'a str,
+    pub device: &'a str,
+    pub workload: &'a Path,
+    /// The reference model folder (the environment of the tests' helpers).
+    pub model: &'a Path,
+    /// A GGUF file to run instead of the folder.
+    pub gguf: Option<&'a Path>,
+}
+
+impl BenchRun<'_> {
+    /// Runs it and returns its result object.
+    pub(crate) fn run(
+        &self,
+        root: &Path,
+        features: &[String],
+        components: Components,
+    ) -> Result<Value> {
+        let mut cmd = cargo();
+        cmd.current_dir(root).args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "infermux-tests",
+            "--bin",
+            "infermux-bench",
+        ]);
+        if !features.is_empty() {
+            cmd.arg("--features").arg(features.join(","));
+        }
+        cmd.args(["--", "--backend", self.backend, "--dtype", self.dtype])
+            .args(["--device", self.device, "--workload"])
+            .arg(self.workload);
+        if let Some(file) = self.gguf {
+            cmd.arg("--model").arg(file);
+        }
+        runtime_env(&mut cmd, root, self.model, components);
+        json_line(&mut cmd)
+    }
+}
+
 /// Runs `cmd` (stderr inherited) and parses the last line of its stdout as JSON.
-fn json_line(cmd: &mut Command) -> Result<Value> {
+pub(crate) fn json_line(cmd: &mut Command) -> Result<Value> {
     let output = cmd
         .stderr(Stdio::inherit())
         .output()
@@ -305,17 +353,17 @@ pub(crate) fn workload(root: &Path, shape: &Shape) -> Result<Value> {
 
 /// Measured memory bandwidth in GB/s (10⁹ bytes per second).
 #[derive(Debug, Clone, Copy)]
-struct Bandwidth {
+pub(crate) struct Bandwidth {
     /// Streaming reads (a wrapping sum over a large array), best over 1..=cpus threads.
-    read_gbs: f64,
+    pub read_gbs: f64,
     /// `copy_from_slice` between two large arrays, counting bytes read plus written.
-    copy_gbs: f64,
+    pub copy_gbs: f64,
 }
 
 /// Streams a 1 GiB array (beyond any last-level cache; this machine reports 300 MiB) with 1 and
 /// with all threads; best of 5. Each thread reads four streams at once, as a matmul sweeping
 /// several weight rows does: one stream alone leaves the prefetchers idle part of the time.
-fn measure_bandwidth() -> Bandwidth {
+pub(crate) fn measure_bandwidth() -> Bandwidth {
     const WORDS: usize = 128 << 20; // 1 GiB of u64
     let src: Vec<u64> = (0..WORDS as u64).collect();
     let mut dst = vec![0u64; WORDS];
@@ -393,7 +441,7 @@ fn weight_bytes(safetensors: &Path, dtype: &str) -> Result<u64> {
 }
 
 /// The CPU's model name from /proc/cpuinfo.
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -406,7 +454,7 @@ fn cpu_model() -> String {
 }
 
 /// A figure with a sensible number of digits.
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else if v >= 10.0 {

@@ -1,6 +1,7 @@
 //! Developer tasks for infermux (`cargo xtask <command>`).
 
 mod bench;
+mod bench_gguf;
 mod bench_rl;
 mod bench_scale;
 mod conformance;
@@ -30,10 +31,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install libtorch and ONNX Runtime into runtimes/, prepare the reference model
-    /// (SmolLM2-135M-Instruct) in models/ and, with ONNX Runtime, export it to models/*/onnx.
+    /// (SmolLM2-135M-Instruct) in models/ with its Q8_0 and F16 GGUF files in models/gguf and,
+    /// with ONNX Runtime, export it to models/*/onnx.
     Setup {
         #[command(flatten)]
         runtimes: RuntimeFlags,
+        /// Also build llama.cpp (llama-cpp-python, ~12 min on 2 cores) into
+        /// runtimes/py-llamacpp and make the Q4_K_M GGUF with it: the peer of `bench --gguf`
+        /// and the maker of the llama.cpp goldens.
+        #[arg(long)]
+        llama_cpp: bool,
     },
     /// Run setup for the model only, then sample a short completion with the candle backend.
     Quickstart,
@@ -129,7 +136,17 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let root = repo_root();
     match cli.command {
-        Cmd::Setup { runtimes } => setup_all(&root, runtimes.components()).map(|_| ()),
+        Cmd::Setup {
+            runtimes,
+            llama_cpp,
+        } => {
+            setup_all(&root, runtimes.components())?;
+            if llama_cpp {
+                let python = setup::py_llamacpp::ensure(&root)?;
+                setup::gguf_files::ensure_llamacpp(&root, &python)?;
+            }
+            Ok(())
+        }
         Cmd::Quickstart => quickstart(&root),
         Cmd::Test {
             runtimes,

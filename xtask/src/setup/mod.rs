@@ -1,7 +1,9 @@
 //! `cargo xtask setup`: install the native runtimes and convert the reference GGUF to a HF folder.
 
+pub mod gguf_files;
 pub mod install;
 pub mod model;
+pub mod py_llamacpp;
 pub mod py_openai;
 pub mod py_reference;
 pub mod py_router;
@@ -70,7 +72,8 @@ pub struct Components {
 /// Installs the selected runtimes, the `openai` Python client (for the server's client test),
 /// sglang-router (for the scale-out test), the official Tinker/Fireworks SDKs (for their
 /// tests) and the torch + transformers + peft stack (for the trainer-agreement test), then
-/// prepares the model; returns the model folder.
+/// prepares the model and the GGUF files derived from it ([`gguf_files::DERIVED`]); returns
+/// the model folder.
 pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
     py_openai::ensure(root)?;
     py_router::ensure(root)?;
@@ -79,11 +82,13 @@ pub fn all(root: &Path, components: Components) -> Result<PathBuf> {
         install::ensure(root, &runtimes::LIBTORCH)?;
     }
     // After libtorch: pip takes torch from the wheel that install downloaded.
-    py_reference::ensure(root)?;
+    let python = py_reference::ensure(root)?;
     if components.onnx {
         install::ensure(root, &runtimes::ONNXRUNTIME)?;
     }
-    run(root)
+    let model = run(root)?;
+    gguf_files::ensure_derived(root, &python)?;
+    Ok(model)
 }
 
 /// Prepares the model folder unless it is already complete; returns its absolute path.

@@ -15,6 +15,7 @@ const VENV: PinnedVenv = PinnedVenv {
     what: "openai client",
     packages: &["openai==3.54.0"],
     pip_flags: &[],
+    pip_env: &[],
     find_links: &[],
     import_check: "import openai\nassert openai.__version__ == '3.54.0', openai.__version__\n",
 };

@@ -22,13 +22,15 @@ const VENV: PinnedVenv = PinnedVenv {
         "transformers==5.23.0",
         "peft==0.21.2",
         "accelerate",
-        "gguf",
+        "gguf==0.19.0",
         "numpy",
         "safetensors",
     ],
     pip_flags: &[],
+    pip_env: &[],
     find_links: &[super::install::DOWNLOAD_DIR],
-    import_check: "import accelerate, gguf, numpy, peft, safetensors, torch, transformers\n\
+    import_check: "import accelerate, gguf, importlib.metadata, numpy, peft, safetensors, torch, transformers\n\
+        assert importlib.metadata.version('gguf') == '0.19.0'\n\
         assert torch.__version__.split('+')[0] == '2.11.0', torch.__version__\n\
         assert transformers.__version__ == '5.23.0', transformers.__version__\n\
         assert peft.__version__ == '0.21.2', peft.__version__\n",

@@ -16,6 +16,7 @@ const VENV: PinnedVenv = PinnedVenv {
     what: "sglang-router",
     packages: &["sglang-router==0.3.2", "prometheus_client==0.23.1"],
     pip_flags: &["--only-binary=sglang-router"],
+    pip_env: &[],
     find_links: &[],
     import_check: "import importlib.metadata as m\n\
         import sglang_router.launch_router, prometheus_client.parser\n\

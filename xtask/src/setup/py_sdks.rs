@@ -22,6 +22,7 @@ const VENV: PinnedVenv = PinnedVenv {
         "jinja2",
     ],
     pip_flags: &[],
+    pip_env: &[],
     find_links: &[],
     import_check: "import importlib.metadata as m\n\
         import tinker, jinja2, transformers\n\

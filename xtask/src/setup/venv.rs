@@ -20,6 +20,8 @@ pub struct PinnedVenv {
     pub packages: &'static [&'static str],
     /// Extra `pip install` flags (e.g. `--only-binary=NAME`).
     pub pip_flags: &'static [&'static str],
+    /// Environment of the `pip install` (build settings of a package built from source).
+    pub pip_env: &'static [(&'static str, &'static str)],
     /// Folders of local wheels, relative to the repository root, given to pip as
     /// `--find-links` when they exist (the torch wheel `setup` already downloaded).
     pub find_links: &'static [&'static str],
@@ -53,7 +55,8 @@ impl PinnedVenv {
             "--disable-pip-version-check",
             "--quiet",
         ])
-        .args(self.pip_flags);
+        .args(self.pip_flags)
+        .envs(self.pip_env.iter().copied());
         for dir in self.find_links.iter().map(|d| root.join(d)) {
             if dir.is_dir() {
                 cmd.arg("--find-links").arg(dir);
@@ -69,7 +72,7 @@ impl PinnedVenv {
         Ok(python)
     }
 
-    fn imports_ok(&self, python: &Path) -> bool {
+    pub fn imports_ok(&self, python: &Path) -> bool {
         Command::new(python)
             .args(["-c", self.import_check])
             .stdout(Stdio::null())

@@ -11,11 +11,14 @@
 //! A row is stored `[u of every block | d (f16) | m (f16)]` with the blocks padded to an even
 //! count, so 16 blocks' scales convert in one instruction and two blocks fill one 512-bit
 //! register. Activations are stored in the matching order: a pair of blocks as
-//! `[b₀ 0..16, b₁ 0..16, b₀ 16..32, b₁ 16..32]`, the order two blocks' nibbles unpack in.
+//! `[b₀ 0..16, b₁ 0..16, b₀ 16..32, b₁ 16..32]`, the order two blocks' nibbles unpack in
+//! (4-bit types keep GGUF's nibble layout; Q8_0 bytes are stored in that order).
 //!
-//! Each output is computed by the same sequence of operations whatever the number of rows in
-//! the call (the weight rows are unpacked once per tile, then every activation row runs over
-//! them identically), so a row's result does not depend on its batch.
+//! Few activation rows (decode) read the packed rows directly, decoding nibbles in registers:
+//! a step then reads each weight byte once, as stored. Many rows (prefill) unpack a tile of
+//! weight rows once and run every activation row over it. Both produce the same bytes and
+//! scales and run the same sequence of operations on them, so a row's result does not depend
+//! on its batch.
 
 use half::f16;
 use infermux_core::model::gguf::GgmlType;
@@ -26,6 +29,9 @@ use super::kernels::{Isa, SyncPtr, par_ranges, threads};
 const QK: usize = 32;
 /// Weight rows unpacked together: each activation block is loaded once for all of them.
 const TILE: usize = 4;
+/// From this many activation rows on, a tile of weight rows is unpacked once for all of them
+/// instead of decoding the packed rows for each (decode runs below it, prefill above).
+const UNPACK_ROWS: usize = 4;
 
 /// Which block type a [`QuantMatrix`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,11 +111,14 @@ impl QuantMatrix {
                     QuantKind::Q4_0 => (f16::from_f32(-8.0 * d.to_f32()), &block[2..]),
                     QuantKind::Q4_1 => (f16_at(block, 2), &block[4..]),
                 };
-                let out = &mut dst_q[b * qs..][..qs];
                 match kind {
-                    // int8 → uint8 by flipping the sign bit (q + 128).
-                    QuantKind::Q8_0 => out.iter_mut().zip(q).for_each(|(o, &v)| *o = v ^ 0x80),
-                    _ => out.copy_from_slice(q),
+                    // int8 → uint8 by flipping the sign bit (q + 128), pair-interleaved.
+                    QuantKind::Q8_0 => {
+                        for (i, &v) in q.iter().enumerate() {
+                            dst_q[interleaved(b, i)] = v ^ 0x80;
+                        }
+                    }
+                    _ => dst_q[b * qs..][..qs].copy_from_slice(q),
                 }
                 dst_d[b * 2..][..2].copy_from_slice(&d.to_le_bytes());
                 dst_m[b * 2..][..2].copy_from_slice(&m.to_le_bytes());
@@ -148,20 +157,17 @@ impl QuantMatrix {
         for b in 0..self.nb {
             d[b] = f16_at(scales, b * 2).to_f32();
             m[b] = f16_at(scales, self.nb * 2 + b * 2).to_f32();
-            let src = &q[b * qs..][..qs];
-            let (first, second) = (interleaved(b, 0), interleaved(b, 16));
-            match self.kind {
-                QuantKind::Q8_0 => {
-                    u[first..][..16].copy_from_slice(&src[..16]);
-                    u[second..][..16].copy_from_slice(&src[16..]);
-                }
-                _ => {
-                    for i in 0..16 {
-                        u[first + i] = src[i] & 0x0f;
-                        u[second + i] = src[i] >> 4;
-                    }
+            if self.kind != QuantKind::Q8_0 {
+                let src = &q[b * qs..][..qs];
+                let (first, second) = (interleaved(b, 0), interleaved(b, 16));
+                for i in 0..16 {
+                    u[first + i] = src[i] & 0x0f;
+                    u[second + i] = src[i] >> 4;
                 }
             }
+        }
+        if self.kind == QuantKind::Q8_0 {
+            u[..self.nb * QK].copy_from_slice(q);
         }
     }
 
@@ -199,6 +205,24 @@ impl QuantMatrix {
         let grain = tiles.div_ceil(threads() * 8).max(1);
         let dst = SyncPtr(out.as_mut_ptr());
         let vnni = isa.avx512() && vnni_available();
+        #[cfg(target_arch = "x86_64")]
+        if vnni && rows < UNPACK_ROWS {
+            par_ranges(tiles, grain, |range| {
+                let mut acc = [0f32; TILE];
+                for t in range {
+                    let j0 = t * TILE;
+                    let cols = TILE.min(n - j0);
+                    let w = Packed { w: self, j0, cols };
+                    for r in 0..rows {
+                        // SAFETY: AVX-512F/BW/VL/VNNI and F16C were detected at run time.
+                        unsafe { avx512::dot_tile_packed(&w, &acts, r, &mut acc) };
+                        // SAFETY: as below.
+                        unsafe { store(dst, &acc, r, n, j0, cols, bias, accumulate) };
+                    }
+                }
+            });
+            return;
+        }
         par_ranges(tiles, grain, |range| {
             let nb = self.nb;
             let mut u = vec![0u8; TILE * nb * QK];
@@ -236,28 +260,57 @@ impl QuantMatrix {
                         let _ = vnni;
                         dot_tile_portable(&w, &acts, r, &mut acc);
                     }
-                    for (c, &v) in acc.iter().enumerate().take(cols) {
-                        let j = j0 + c;
-                        let v = v + bias.map_or(0.0, |b| b[j]);
-                        // SAFETY: columns j0..j0 + cols of every row belong to tile t, which
-                        // only this range writes, and lie inside `rows * n`.
-                        unsafe {
-                            let o = dst.get().add(r * n + j);
-                            *o = if accumulate { *o + v } else { v };
-                        }
-                    }
+                    // SAFETY: columns j0..j0 + cols of every row belong to tile t, which only
+                    // this range writes, and lie inside `rows * n` (asserted above).
+                    unsafe { store(dst, &acc, r, n, j0, cols, bias, accumulate) };
                 }
             }
         });
     }
 }
 
-/// Whether the CPU has AVX-512 VNNI (with BW) and F16C for [`avx512::dot_tile`].
+/// Writes (or adds) one activation row's results for a tile's columns, plus the bias.
+///
+/// # Safety
+/// `dst` must point at `rows * n` floats with `r < rows`, `j0 + cols <= n`, and no other
+/// thread may touch those columns of that row meanwhile.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn store(
+    dst: SyncPtr,
+    acc: &[f32; TILE],
+    r: usize,
+    n: usize,
+    j0: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) {
+    for (c, &v) in acc.iter().enumerate().take(cols) {
+        let j = j0 + c;
+        let v = v + bias.map_or(0.0, |b| b[j]);
+        // SAFETY: inside `rows * n` and owned by this caller (the function's contract).
+        unsafe {
+            let o = dst.get().add(r * n + j);
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
+/// A tile of weight rows read where they are stored (no unpacking).
+struct Packed<'a> {
+    w: &'a QuantMatrix,
+    j0: usize,
+    cols: usize,
+}
+
+/// Whether the CPU has AVX-512 VNNI (with BW, VL) and F16C for [`avx512::dot_tile`].
 fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("f16c")
     }
@@ -336,14 +389,69 @@ fn dot_tile_portable(w: &Unpacked<'_>, a: &QuantActs, r: usize, acc: &mut [f32; 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{QK, QuantActs, TILE, Unpacked};
+    use super::{Packed, QK, QuantActs, QuantKind, TILE, Unpacked};
 
-    /// `acc[c] = x_r · w_c` with `vpdpbusd`: per pair of blocks one 64-byte dot product per
-    /// weight row, scaled per block by a permute of 16 blocks' scales.
+    /// One kernel body over two weight sources: `$scales(c, g, mask)` gives row c's scales
+    /// and offsets of blocks g.., `$u(c, b)` the 64 unsigned values of blocks b, b + 1. Both
+    /// sources yield the same values, and the body runs the same operations on them.
+    ///
+    /// Per pair of blocks, one 64-byte `vpdpbusd` per weight row, scaled per block by a
+    /// permute of 16 blocks' scales.
+    macro_rules! dot_body {
+        ($a:ident, $r:ident, $acc:ident, $nb:expr, $cols:expr, $scales:expr, $u:expr) => {{
+            let nb = $nb;
+            let cols = $cols;
+            let q = &$a.q[$r * nb * QK..][..nb * QK];
+            let (ad, as_) = (&$a.d[$r * nb..][..nb], &$a.s[$r * nb..][..nb]);
+            // Lane l of a pair's dot product belongs to block 2p + (l / 4) % 2.
+            let lane_block = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+            let mut sums = [_mm512_setzero_ps(); TILE];
+            let mut mins = [_mm512_setzero_ps(); TILE];
+            let mut g = 0;
+            while g < nb {
+                // A group of up to 16 blocks (8 pairs; `nb` is even).
+                let len = (nb - g).min(16);
+                let mask: __mmask16 = if len == 16 { 0xffff } else { (1u16 << len) - 1 };
+                let mut scale = [_mm512_setzero_ps(); TILE];
+                // SAFETY: the masked loads read lanes g..g + len, inside `ad` and `as_` (nb
+                // each); `$scales` reads row c's lanes g..g + len of its nb scales and offsets.
+                unsafe {
+                    let adv = _mm512_maskz_loadu_ps(mask, ad.as_ptr().add(g));
+                    let asv = _mm512_maskz_loadu_ps(mask, as_.as_ptr().add(g));
+                    for c in 0..cols {
+                        let (dv, mv) = $scales(c, g, mask);
+                        scale[c] = _mm512_mul_ps(dv, adv);
+                        mins[c] = _mm512_fmadd_ps(mv, asv, mins[c]);
+                    }
+                }
+                for p in 0..len / 2 {
+                    let b = g + 2 * p;
+                    let idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(2 * p as i32));
+                    // SAFETY: blocks b and b + 1 (b + 1 < nb) are the 64 bytes at b·32 of the
+                    // activation row, and `$u` reads the same blocks of weight row c.
+                    unsafe {
+                        let av = _mm512_loadu_si512(q.as_ptr().add(b * QK).cast());
+                        for c in 0..cols {
+                            let wv = $u(c, b);
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
+                            let s = _mm512_permutexvar_ps(idx, scale[c]);
+                            sums[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, sums[c]);
+                        }
+                    }
+                }
+                g += len;
+            }
+            for c in 0..cols {
+                $acc[c] = _mm512_reduce_add_ps(sums[c]) + _mm512_reduce_add_ps(mins[c]);
+            }
+        }};
+    }
+
+    /// `acc[c] = x_r · w_c` over an unpacked tile.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F, AVX-512BW, AVX-512 VNNI and F16C.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    /// The CPU must support AVX-512F, AVX-512BW, AVX-512VL, AVX-512 VNNI and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
     pub(super) unsafe fn dot_tile(
         w: &Unpacked<'_>,
         a: &QuantActs,
@@ -351,53 +459,68 @@ mod avx512 {
         acc: &mut [f32; TILE],
     ) {
         let nb = w.nb;
-        let q = &a.q[r * nb * QK..][..nb * QK];
-        let (ad, as_) = (&a.d[r * nb..][..nb], &a.s[r * nb..][..nb]);
         assert!(
             w.u.len() >= w.cols * nb * QK && w.d.len() >= w.cols * nb && w.m.len() >= w.cols * nb
         );
-        // Lane l of a pair's dot product belongs to block 2p + (l / 4) % 2.
-        let lane_block = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-        let mut sums = [_mm512_setzero_ps(); TILE];
-        let mut mins = [_mm512_setzero_ps(); TILE];
-        let cols = w.cols;
-        let mut g = 0;
-        while g < nb {
-            // A group of up to 16 blocks (8 pairs; `nb` is even).
-            let len = (nb - g).min(16);
-            let mask: __mmask16 = if len == 16 { 0xffff } else { (1u16 << len) - 1 };
-            let mut scale = [_mm512_setzero_ps(); TILE];
-            // SAFETY: the masked loads read lanes g..g + len, inside `ad`, `as_` (nb each) and
-            // row c's nb scales and offsets (asserted above).
-            unsafe {
-                let adv = _mm512_maskz_loadu_ps(mask, ad.as_ptr().add(g));
-                let asv = _mm512_maskz_loadu_ps(mask, as_.as_ptr().add(g));
-                for c in 0..cols {
-                    let dv = _mm512_maskz_loadu_ps(mask, w.d.as_ptr().add(c * nb + g));
-                    let mv = _mm512_maskz_loadu_ps(mask, w.m.as_ptr().add(c * nb + g));
-                    scale[c] = _mm512_mul_ps(dv, adv);
-                    mins[c] = _mm512_fmadd_ps(mv, asv, mins[c]);
-                }
-            }
-            for p in 0..len / 2 {
-                let b = g + 2 * p;
-                let idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(2 * p as i32));
-                // SAFETY: blocks b and b + 1 (b + 1 < nb) are the 64 bytes at b·32 of the
-                // activation row and of each weight row, inside their `nb × 32` bytes.
-                unsafe {
-                    let av = _mm512_loadu_si512(q.as_ptr().add(b * QK).cast());
-                    for c in 0..cols {
-                        let wv = _mm512_loadu_si512(w.u.as_ptr().add(c * nb * QK + b * QK).cast());
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, av);
-                        let s = _mm512_permutexvar_ps(idx, scale[c]);
-                        sums[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, sums[c]);
-                    }
-                }
-            }
-            g += len;
-        }
-        for c in 0..cols {
-            acc[c] = _mm512_reduce_add_ps(sums[c]) + _mm512_reduce_add_ps(mins[c]);
+        // SAFETY (of the closures' reads): row c's lanes g..g + len of its nb scales and
+        // offsets, and the 64 bytes of its blocks b, b + 1, inside the sizes asserted above.
+        let scales = |c: usize, g: usize, mask: __mmask16| unsafe {
+            (
+                _mm512_maskz_loadu_ps(mask, w.d.as_ptr().add(c * nb + g)),
+                _mm512_maskz_loadu_ps(mask, w.m.as_ptr().add(c * nb + g)),
+            )
+        };
+        // SAFETY: see above.
+        let values = |c: usize, b: usize| unsafe {
+            _mm512_loadu_si512(w.u.as_ptr().add(c * nb * QK + b * QK).cast())
+        };
+        dot_body!(a, r, acc, nb, w.cols, scales, values);
+    }
+
+    /// `acc[c] = x_r · w_c` reading the tile's rows where they are stored: 4-bit values are
+    /// split into nibbles in registers (a pair of blocks' 32 bytes hold, low nibbles then high
+    /// ones, exactly the activation's pair order), scales converted from f16.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX-512BW, AVX-512VL, AVX-512 VNNI and F16C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    pub(super) unsafe fn dot_tile_packed(
+        w: &Packed<'_>,
+        a: &QuantActs,
+        r: usize,
+        acc: &mut [f32; TILE],
+    ) {
+        let m = w.w;
+        let nb = m.nb;
+        let qs = m.kind.qs_bytes();
+        assert!(w.j0 + w.cols <= m.out && m.row_bytes == nb * qs + nb * 4);
+        let rows: [*const u8; TILE] =
+            std::array::from_fn(|c| m.row(w.j0 + c.min(w.cols - 1)).as_ptr());
+        let low = _mm512_set1_epi8(0x0f);
+        // SAFETY (of the closures' reads): a row is `nb * qs` value bytes, then nb f16
+        // scales and nb f16 offsets (asserted above); the masked loads read lanes g..g + len
+        // of those, the value loads the 32 (4-bit) or 64 (Q8_0) bytes of blocks b, b + 1.
+        let scales = |c: usize, g: usize, mask: __mmask16| unsafe {
+            let d = rows[c].add(nb * qs).cast::<i16>();
+            (
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(g))),
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, d.add(nb + g))),
+            )
+        };
+        if m.kind == QuantKind::Q8_0 {
+            // SAFETY: see above.
+            let values =
+                |c: usize, b: usize| unsafe { _mm512_loadu_si512(rows[c].add(b * QK).cast()) };
+            dot_body!(a, r, acc, nb, w.cols, scales, values);
+        } else {
+            // SAFETY: see above.
+            let values = |c: usize, b: usize| unsafe {
+                let raw = _mm256_loadu_si256(rows[c].add(b * 16).cast());
+                let both =
+                    _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+                _mm512_and_si512(both, low)
+            };
+            dot_body!(a, r, acc, nb, w.cols, scales, values);
         }
     }
 }

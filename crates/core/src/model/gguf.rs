@@ -83,6 +83,26 @@ impl GgmlType {
         }
     }
 
+    /// ggml's numeric code of the type (the inverse of [`GgmlType::from_code`]).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::BF16 => 30,
+            Self::Other(code) => code,
+        }
+    }
+
     /// llama.cpp's name of the type (`Q4_1`, `Q6_K`, ...).
     pub fn name(self) -> String {
         match self {

@@ -224,7 +224,9 @@ fn unpermute_inverts_llama_cpp_permute() {
 fn type_names_round_trip_and_rows_are_whole_blocks() {
     for t in GGUF_TYPES {
         assert_eq!(GgmlType::from_name(&t.name()), Some(*t));
+        assert_eq!(GgmlType::from_code(t.code()), *t);
     }
+    assert_eq!(GgmlType::Other(99).code(), 99);
     assert_eq!(GgmlType::Q4_1.row_bytes(64), Some(40));
     assert_eq!(GgmlType::Q6K.row_bytes(576), None);
     assert_eq!(GgmlType::Other(99).row_bytes(32), None);
