@@ -462,7 +462,7 @@ mod avx512 {
         assert!(
             w.u.len() >= w.cols * nb * QK && w.d.len() >= w.cols * nb && w.m.len() >= w.cols * nb
         );
-        // SAFETY (of the closures' reads): row c's lanes g..g + len of its nb scales and
+        // SAFETY: the closures read row c's lanes g..g + len of its nb scales and
         // offsets, and the 64 bytes of its blocks b, b + 1, inside the sizes asserted above.
         let scales = |c: usize, g: usize, mask: __mmask16| unsafe {
             (
@@ -497,7 +497,7 @@ mod avx512 {
         let rows: [*const u8; TILE] =
             std::array::from_fn(|c| m.row(w.j0 + c.min(w.cols - 1)).as_ptr());
         let low = _mm512_set1_epi8(0x0f);
-        // SAFETY (of the closures' reads): a row is `nb * qs` value bytes, then nb f16
+        // SAFETY: for the closures' reads: a row is `nb * qs` value bytes, then nb f16
         // scales and nb f16 offsets (asserted above); the masked loads read lanes g..g + len
         // of those, the value loads the 32 (4-bit) or 64 (Q8_0) bytes of blocks b, b + 1.
         let scales = |c: usize, g: usize, mask: __mmask16| unsafe {
