@@ -111,19 +111,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         onnx: backends.iter().any(|b| b == "onnx"),
     };
     let model = setup_all(root, components)?;
-    let shape = if args.quick {
-        Shape::QUICK
-    } else {
-        Shape::FULL
-    };
-    let out_dir = args.out.clone().unwrap_or_else(|| {
-        root.join(if args.quick {
-            "target/bench"
-        } else {
-            "docs/bench"
-        })
-    });
-    std::fs::create_dir_all(&out_dir)?;
+    let (shape, out_dir) = shape_and_out_dir(root, args)?;
     let workload = workload(root, &shape)?;
     let workload_path = root.join("target/bench-workload.json");
     std::fs::write(&workload_path, serde_json::to_string(&workload)?)?;
@@ -233,11 +221,29 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// `cargo build --release` of the bench binary with `features`.
-pub(crate) fn build_bench_bin(root: &Path, features: &[String]) -> Result<()> {
-    let mut build = cargo();
-    build.current_dir(root).args([
-        "build",
+/// The workload's sizes (`--quick` or full) and the output folder (created).
+pub(crate) fn shape_and_out_dir(root: &Path, args: &BenchArgs) -> Result<(Shape, PathBuf)> {
+    let shape = if args.quick {
+        Shape::QUICK
+    } else {
+        Shape::FULL
+    };
+    let out_dir = args.out.clone().unwrap_or_else(|| {
+        root.join(if args.quick {
+            "target/bench"
+        } else {
+            "docs/bench"
+        })
+    });
+    std::fs::create_dir_all(&out_dir)?;
+    Ok((shape, out_dir))
+}
+
+/// `cargo <verb> --release` of the bench binary with `features`.
+fn bench_bin(root: &Path, verb: &str, features: &[String]) -> Command {
+    let mut cmd = cargo();
+    cmd.current_dir(root).args([
+        verb,
         "--quiet",
         "--release",
         "-p",
@@ -246,9 +252,14 @@ pub(crate) fn build_bench_bin(root: &Path, features: &[String]) -> Result<()> {
         "infermux-bench",
     ]);
     if !features.is_empty() {
-        build.arg("--features").arg(features.join(","));
+        cmd.arg("--features").arg(features.join(","));
     }
-    crate::run_status(&mut build)
+    cmd
+}
+
+/// `cargo build --release` of the bench binary with `features`.
+pub(crate) fn build_bench_bin(root: &Path, features: &[String]) -> Result<()> {
+    crate::run_status(&mut bench_bin(root, "build", features))
 }
 
 /// One backend's run of the bench binary (in a process of its own).
@@ -271,19 +282,7 @@ impl BenchRun<'_> {
         features: &[String],
         components: Components,
     ) -> Result<Value> {
-        let mut cmd = cargo();
-        cmd.current_dir(root).args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "infermux-tests",
-            "--bin",
-            "infermux-bench",
-        ]);
-        if !features.is_empty() {
-            cmd.arg("--features").arg(features.join(","));
-        }
+        let mut cmd = bench_bin(root, "run", features);
         cmd.args(["--", "--backend", self.backend, "--dtype", self.dtype])
             .args(["--device", self.device, "--workload"])
             .arg(self.workload);

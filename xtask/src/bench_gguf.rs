@@ -12,8 +12,7 @@ use infermux_core::model::gguf::GgufFile;
 use serde_json::{Value, json};
 
 use crate::bench::{
-    BenchArgs, BenchRun, Shape, build_bench_bin, cpu_model, json_line, measure_bandwidth, num,
-    workload,
+    BenchArgs, BenchRun, build_bench_bin, cpu_model, json_line, measure_bandwidth, num, workload,
 };
 use crate::conformance::backend_features;
 use crate::setup::{self, Components, gguf_files};
@@ -71,19 +70,7 @@ pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
         .iter()
         .map(|k| file_of(root, k))
         .collect::<Result<Vec<_>>>()?;
-    let shape = if args.quick {
-        Shape::QUICK
-    } else {
-        Shape::FULL
-    };
-    let out_dir = args.out.clone().unwrap_or_else(|| {
-        root.join(if args.quick {
-            "target/bench"
-        } else {
-            "docs/bench"
-        })
-    });
-    std::fs::create_dir_all(&out_dir)?;
+    let (shape, out_dir) = crate::bench::shape_and_out_dir(root, args)?;
     let workload_path = root.join("target/bench-workload.json");
     std::fs::write(
         &workload_path,
