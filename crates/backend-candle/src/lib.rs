@@ -114,10 +114,19 @@ impl CandleBackend {
         let device = candle_device(options.device)?;
         let dtype = candle_dtype(options.dtype);
         let isa = resolve_isa(options.isa, Isa::detect())?;
-        let cpu = (options.device == Device::Cpu
-            && options.dtype == DType::F32
-            && options.cpu_kernels == CpuKernels::Custom)
+        // Our CPU kernels compute in f32 whatever the dtype; bf16 or f16 is the weights' type.
+        let cpu = (options.device == Device::Cpu && options.cpu_kernels == CpuKernels::Custom)
             .then_some(isa);
+        let cpu_weights = match options.dtype {
+            DType::Bf16 => cpu::ElemKind::Bf16,
+            DType::F16 => cpu::ElemKind::F16,
+            _ => cpu::ElemKind::F32,
+        };
+        let dtype = if cpu.is_some() {
+            candle_core::DType::F32
+        } else {
+            dtype
+        };
         let cfg = &dir.config;
         let (cos, sin) = cfg.rope_tables(cfg.max_position_embeddings);
         let table = |v: &[f32]| {
@@ -137,14 +146,19 @@ impl CandleBackend {
             device: device.clone(),
             dtype,
             cpu,
+            cpu_weights,
         };
         let (llama, loaded) = load_weights(dir, cfg, &rt)?;
-        let info = ModelInfo::from_config(
+        let mut info = ModelInfo::from_config(
             cfg,
             dir.eos_token_ids.clone(),
             options.dtype,
             options.device,
         );
+        if cpu.is_some() {
+            // Our kernels keep the cache in f32 whatever the weights' type.
+            info.kv_bytes_per_token = cfg.kv_bytes_per_token(DType::F32);
+        }
         let store = KvStore {
             num_layers: cfg.num_layers,
             num_kv_heads: cfg.num_kv_heads,

@@ -12,11 +12,11 @@ use infermux_core::model::{AttentionShape, LinearSpec, LlamaOps, LoadOps, LoraSi
 
 use candle_core::quantized::QMatMul;
 
-use crate::cpu::{self, Isa, Matrix, PackedMatrix, QuantKind, QuantMatrix};
+use crate::cpu::{self, ElemKind, Isa, Matrix, PackedMatrix, QuantKind, QuantMatrix};
 use crate::error::CandleBackendError;
 use crate::kv::SlotKv;
 use crate::lora::AdapterRows;
-use crate::weights::Weights;
+use crate::weights::{HalfValues, Weights};
 
 /// Where and how the ops run, fixed at load.
 #[derive(Clone)]
@@ -25,6 +25,9 @@ pub(crate) struct Runtime {
     pub dtype: DType,
     /// `Some`: CPU f32 with our kernels in this ISA.
     pub cpu: Option<Isa>,
+    /// Our kernels' weight type for weights stored in f32 (`--dtype bf16` rounds them to bf16);
+    /// weights stored in f16 or bf16 stay as stored unless this asks for the other 16-bit type.
+    pub cpu_weights: ElemKind,
     /// Host RoPE tables `[max_positions, head_dim / 2]` (CPU kernels).
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
@@ -52,11 +55,13 @@ pub(crate) enum CandleLinear {
 }
 
 impl CandleLinear {
-    /// `w` (`[out, inp]`, row-major host f32) for `rt`: packed for our CPU kernels, else a
+    /// `w` (`[out, inp]`, row-major host f32) for `rt`: packed in f32 for our CPU kernels, else a
     /// tensor on the device in the serving dtype.
     pub fn from_host(w: &[f32], out: usize, inp: usize, rt: &Runtime) -> candle_core::Result<Self> {
         Ok(match rt.cpu {
             Some(_) => Self::Packed {
+                // f32 whatever `cpu_weights`: an adapter is small, and its precision is the
+                // point of training it.
                 w: Arc::new(Matrix::F32(PackedMatrix::pack(w, out, inp))),
                 bias: None,
             },
@@ -162,6 +167,55 @@ impl Loader<'_> {
     }
 }
 
+impl Loader<'_> {
+    /// A projection whose parts are all stored in one 16-bit type, packed as stored (exact:
+    /// the kernels widen each weight to f32), unless the runtime asks for the other 16-bit
+    /// type; `None` otherwise.
+    fn half(&self, spec: &LinearSpec) -> Result<Option<Matrix>, CandleBackendError> {
+        let parts = spec
+            .parts
+            .iter()
+            .map(|p| self.weights.host_half(&p.name, &p.shape))
+            .collect::<Result<Option<Vec<_>>, _>>()?;
+        let Some(parts) = parts else { return Ok(None) };
+        let wanted = self.rt.cpu_weights;
+        let inp = spec.inp;
+        fn pack<E: cpu::Elem>(parts: &[&[E]], inp: usize, out: usize) -> Option<PackedMatrix<E>> {
+            let rows: Vec<&[E]> = parts.iter().flat_map(|p| p.chunks_exact(inp)).collect();
+            (rows.len() == out).then(|| PackedMatrix::pack_rows(&rows, inp))
+        }
+        let w = if parts.iter().all(|p| matches!(p, HalfValues::F16(_))) && wanted != ElemKind::Bf16
+        {
+            let p: Vec<&[half::f16]> = parts
+                .iter()
+                .filter_map(|p| match p {
+                    HalfValues::F16(v) => Some(&v[..]),
+                    HalfValues::Bf16(_) => None,
+                })
+                .collect();
+            pack(&p, inp, spec.out).map(Matrix::F16)
+        } else if parts.iter().all(|p| matches!(p, HalfValues::Bf16(_))) && wanted != ElemKind::F16
+        {
+            let p: Vec<&[half::bf16]> = parts
+                .iter()
+                .filter_map(|p| match p {
+                    HalfValues::Bf16(v) => Some(&v[..]),
+                    HalfValues::F16(_) => None,
+                })
+                .collect();
+            pack(&p, inp, spec.out).map(Matrix::Bf16)
+        } else {
+            return Ok(None);
+        };
+        w.map(Some).ok_or_else(|| {
+            CandleBackendError::Weights(format!(
+                "{}: rows do not make {} × {inp}",
+                spec.parts[0].name, spec.out
+            ))
+        })
+    }
+}
+
 fn host(t: &Tensor) -> Result<Vec<f32>, CandleBackendError> {
     t.flatten_all()
         .and_then(|t| t.to_vec1::<f32>())
@@ -181,6 +235,13 @@ impl LoadOps for Loader<'_> {
         }
         Ok(match self.rt.cpu {
             Some(_) => {
+                let bias = b.as_ref().map(host).transpose()?;
+                if let Some(w) = self.half(spec)? {
+                    return Ok(CandleLinear::Packed {
+                        w: Arc::new(w),
+                        bias,
+                    });
+                }
                 // Packed from the mapped file: no copy of the weights but the packed one.
                 let parts = spec
                     .parts
@@ -200,8 +261,8 @@ impl LoadOps for Loader<'_> {
                     )));
                 }
                 CandleLinear::Packed {
-                    w: Arc::new(Matrix::F32(PackedMatrix::pack_rows(&rows, spec.inp))),
-                    bias: b.as_ref().map(host).transpose()?,
+                    w: Arc::new(Matrix::from_f32_rows(&rows, spec.inp, self.rt.cpu_weights)),
+                    bias,
                 }
             }
             None => CandleLinear::Tensor {

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use infermux_core::model::gguf::{GgmlType, rope_permuted_heads, unpermute_rows};
 use infermux_core::model::{Checkpoint, ModelConfig, ModelDir, WeightFormat};
 
+use crate::cpu::ElemKind;
 use crate::error::CandleBackendError;
 
 /// Where the tensors come from.
@@ -76,6 +77,29 @@ impl QuantTensor<'_> {
             QStorage::from_data(self.bytes.clone(), device, dt)?,
             (self.shape[0], self.shape[1]),
         )
+    }
+}
+
+/// A tensor's values as stored in 16 bits.
+pub(crate) enum HalfValues<'a> {
+    F16(Cow<'a, [half::f16]>),
+    Bf16(Cow<'a, [half::bf16]>),
+}
+
+/// Little-endian 16-bit values of `bytes`: borrowed when aligned, copied otherwise.
+fn cast_u16<T: bytemuck::Pod>(bytes: Cow<'_, [u8]>) -> Cow<'_, [T]> {
+    let copy = |b: &[u8]| {
+        let n = b.len() / size_of::<T>();
+        let mut v = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&b[..n * size_of::<T>()]);
+        v
+    };
+    match bytes {
+        Cow::Borrowed(b) => match bytemuck::try_cast_slice(b) {
+            Ok(v) => Cow::Borrowed(v),
+            Err(_) => Cow::Owned(copy(b)),
+        },
+        Cow::Owned(b) => Cow::Owned(copy(&b)),
     }
 }
 
@@ -178,6 +202,48 @@ impl Weights {
             ggml,
             bytes,
             shape: [out, inp],
+        }))
+    }
+
+    /// The tensor `name` as stored, when it is stored as f16 or bf16 (safetensors or GGUF),
+    /// checked against `shape`; borrowed from the mapped file when aligned.
+    pub fn host_half(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<HalfValues<'_>>, CandleBackendError> {
+        let (kind, bytes) = match &self.files {
+            Files::Gguf { .. } => {
+                let Some((ggml, bytes)) = self.gguf(name, shape)? else {
+                    return Ok(None);
+                };
+                match ggml {
+                    GgmlType::F16 => (ElemKind::F16, bytes),
+                    GgmlType::BF16 => (ElemKind::Bf16, bytes),
+                    _ => return Ok(None),
+                }
+            }
+            Files::Safetensors(files) => {
+                let view = files.get(name).map_err(|e| err(name, e))?;
+                if view.shape() != shape {
+                    return Err(err(
+                        name,
+                        format!("has shape {:?}, expected {shape:?}", view.shape()),
+                    ));
+                }
+                match view.dtype() {
+                    safetensors::Dtype::F16 => (ElemKind::F16, Cow::Borrowed(view.data())),
+                    safetensors::Dtype::BF16 => (ElemKind::Bf16, Cow::Borrowed(view.data())),
+                    _ => return Ok(None),
+                }
+            }
+        };
+        if !cfg!(target_endian = "little") {
+            return Ok(None);
+        }
+        Ok(Some(match kind {
+            ElemKind::F16 => HalfValues::F16(cast_u16(bytes)),
+            _ => HalfValues::Bf16(cast_u16(bytes)),
         }))
     }
 

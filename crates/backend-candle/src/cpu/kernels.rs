@@ -35,7 +35,7 @@ impl SyncPtr {
 pub enum Isa {
     /// Plain Rust loops.
     Portable,
-    /// AVX2 and FMA.
+    /// AVX2, FMA and F16C.
     Avx2,
     /// AVX-512F (with AVX2 and FMA for the kernels that have no AVX-512 version).
     Avx512,
@@ -46,7 +46,9 @@ impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
             if avx2 && is_x86_feature_detected!("avx512f") {
                 return Self::Avx512;
             }

@@ -27,38 +27,68 @@ use infermux_core::model::AttentionShape;
 
 pub use kernels::Isa;
 use kernels::{SyncPtr, par_ranges};
-pub(crate) use packed::PackedMatrix;
+pub(crate) use packed::{Elem, ElemKind, PackedMatrix};
 pub(crate) use quant::{QuantKind, QuantMatrix};
 
-/// A projection's weights for the CPU kernels: f32 panels, or GGUF blocks ([`quant`]).
+/// A projection's weights for the CPU kernels: f32, f16 or bf16 panels, or GGUF blocks
+/// ([`quant`]).
 pub(crate) enum Matrix {
-    F32(PackedMatrix),
+    F32(PackedMatrix<f32>),
+    F16(PackedMatrix<half::f16>),
+    Bf16(PackedMatrix<half::bf16>),
     Quant(QuantMatrix),
 }
 
+/// `$body` with `$w` bound to the matrix inside any variant.
+macro_rules! each_matrix {
+    ($m:expr, $w:ident => $body:expr) => {
+        match $m {
+            Matrix::F32($w) => $body,
+            Matrix::F16($w) => $body,
+            Matrix::Bf16($w) => $body,
+            Matrix::Quant($w) => $body,
+        }
+    };
+}
+
 impl Matrix {
+    /// Packs the matrix of `rows` (each `inp` long) in `kind`: f32 rows are kept, or rounded
+    /// to the nearest f16/bf16 (`--dtype bf16` on a checkpoint stored in f32).
+    pub(crate) fn from_f32_rows(rows: &[&[f32]], inp: usize, kind: ElemKind) -> Self {
+        fn narrow<E: packed::Elem>(rows: &[&[f32]], inp: usize, f: fn(f32) -> E) -> Vec<E> {
+            rows.iter()
+                .flat_map(|r| r[..inp].iter().map(|&v| f(v)))
+                .collect()
+        }
+        let out = rows.len();
+        match kind {
+            ElemKind::F32 => Self::F32(PackedMatrix::pack_rows(rows, inp)),
+            ElemKind::F16 => Self::F16(PackedMatrix::pack(
+                &narrow(rows, inp, half::f16::from_f32),
+                out,
+                inp,
+            )),
+            ElemKind::Bf16 => Self::Bf16(PackedMatrix::pack(
+                &narrow(rows, inp, half::bf16::from_f32),
+                out,
+                inp,
+            )),
+        }
+    }
+
     /// Output width.
     pub(crate) fn out(&self) -> usize {
-        match self {
-            Self::F32(w) => w.out(),
-            Self::Quant(w) => w.out(),
-        }
+        each_matrix!(self, w => w.out())
     }
 
     /// Input width.
     pub(crate) fn inp(&self) -> usize {
-        match self {
-            Self::F32(w) => w.inp(),
-            Self::Quant(w) => w.inp(),
-        }
+        each_matrix!(self, w => w.inp())
     }
 
     /// Row `j` of the unpacked matrix.
     pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
-        match self {
-            Self::F32(w) => w.row_into(j, dst),
-            Self::Quant(w) => w.row_into(j, dst),
-        }
+        each_matrix!(self, w => w.row_into(j, dst))
     }
 
     /// `out[m, out] (+)= x[m, inp] @ wᵀ (+ bias)`.
@@ -71,10 +101,7 @@ impl Matrix {
         out: &mut [f32],
         accumulate: bool,
     ) {
-        match self {
-            Self::F32(w) => w.matmul(isa, x, m, bias, out, accumulate),
-            Self::Quant(w) => w.matmul(isa, x, m, bias, out, accumulate),
-        }
+        each_matrix!(self, w => w.matmul(isa, x, m, bias, out, accumulate))
     }
 }
 

@@ -9,33 +9,80 @@
 //! Every output is one fused multiply-add chain over `t` in order, whatever the kernel (AVX-512,
 //! AVX2 or portable) and whatever the number of rows in the call: a row's result does not depend
 //! on the batch it is in.
+//!
+//! Panels hold f32, f16 or bf16 weights ([`Elem`]). A 16-bit weight is widened to f32 exactly as
+//! it is loaded (`vcvtph2ps`, or a 16-bit shift for bf16) and the product runs in f32, so a 16-bit
+//! matrix gives the f32 result of its widened weights, bit for bit, while a batch-1 step reads
+//! half the bytes. (The bf16 dot-product instruction `vdpbf16ps` would also round the
+//! activations to bf16; decode is bound by the weight bytes, not the FMAs, so it would buy
+//! nothing there and cost precision.)
+
+use half::{bf16, f16};
 
 use super::kernels::{Isa, SyncPtr, par_ranges, threads};
+
+/// How a panel stores one weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ElemKind {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// A weight type of the panels: f32, or a 16-bit float widened to f32 as it is loaded.
+pub(crate) trait Elem: Copy + Default + Send + Sync + 'static {
+    const KIND: ElemKind;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const KIND: ElemKind = ElemKind::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    const KIND: ElemKind = ElemKind::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Elem for bf16 {
+    const KIND: ElemKind = ElemKind::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
 
 /// Output columns per panel: two AVX-512 vectors, four AVX2 vectors.
 pub(crate) const NR: usize = 32;
 /// Activation rows per register tile (AVX-512: 2 × 12 accumulators).
 const MR: usize = 12;
 
-/// `w` (`[out, in]`) in panels of [`NR`] output columns, zero-padded past `out`.
-pub(crate) struct PackedMatrix {
-    data: Vec<f32>,
+/// `w` (`[out, in]`) in panels of [`NR`] output columns of `E`, zero-padded past `out`.
+pub(crate) struct PackedMatrix<E: Elem = f32> {
+    data: Vec<E>,
     out: usize,
     inp: usize,
 }
 
-impl PackedMatrix {
+impl<E: Elem> PackedMatrix<E> {
     /// Packs `w`, an `[out, in]` row-major matrix.
-    pub(crate) fn pack(w: &[f32], out: usize, inp: usize) -> Self {
+    pub(crate) fn pack(w: &[E], out: usize, inp: usize) -> Self {
         assert_eq!(w.len(), out * inp, "weight length");
         assert!(inp > 0, "a matrix of zero-width rows");
-        let rows: Vec<&[f32]> = w.chunks_exact(inp).collect();
+        let rows: Vec<&[E]> = w.chunks_exact(inp).collect();
         Self::pack_rows(&rows, inp)
     }
 
     /// Packs the matrix whose rows are `rows` (each `inp` long): a load packs straight from
     /// the mapped checkpoint, the parts of a fused projection in turn.
-    pub(crate) fn pack_rows(rows: &[&[f32]], inp: usize) -> Self {
+    pub(crate) fn pack_rows(rows: &[&[E]], inp: usize) -> Self {
         /// Packed bytes above which the panels are split over one thread per core (threads
         /// of their own, not the kernels' pool, which the engine may be stepping on: a
         /// weight update's read shares the cores with the requests still draining, then
@@ -46,7 +93,7 @@ impl PackedMatrix {
         let panels = out.div_ceil(NR);
         let mut data = zeroed(panels * NR * inp);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = if data.len() * 4 >= PARALLEL_BYTES && threads > 1 {
+        let per = if data.len() * size_of::<E>() >= PARALLEL_BYTES && threads > 1 {
             panels.div_ceil(threads)
         } else {
             panels.max(1)
@@ -78,7 +125,7 @@ impl PackedMatrix {
     pub(crate) fn row_into(&self, j: usize, dst: &mut [f32]) {
         let panel = &self.data[j / NR * NR * self.inp..][..NR * self.inp];
         for (t, d) in dst[..self.inp].iter_mut().enumerate() {
-            *d = panel[t * NR + j % NR];
+            *d = panel[t * NR + j % NR].to_f32();
         }
     }
 
@@ -144,7 +191,7 @@ impl PackedMatrix {
 }
 
 /// Writes panels `first..` of the matrix of `rows` into `dst` (whole panels).
-fn pack_panels(rows: &[&[f32]], inp: usize, first: usize, dst: &mut [f32]) {
+fn pack_panels<E: Elem>(rows: &[&[E]], inp: usize, first: usize, dst: &mut [E]) {
     /// Rows and input indices per tile: 8 × 8 values read as 8 row pieces and written as 8
     /// panel pieces, a transpose the compiler keeps in registers.
     const T: usize = 8;
@@ -154,7 +201,7 @@ fn pack_panels(rows: &[&[f32]], inp: usize, first: usize, dst: &mut [f32]) {
         for t0 in (0..inp).step_by(T) {
             let tn = (inp - t0).min(T);
             for c0 in (0..panel_rows.len()).step_by(T) {
-                let mut tile = [[0f32; T]; T];
+                let mut tile = [[E::default(); T]; T];
                 for (piece, row) in tile.iter_mut().zip(&panel_rows[c0..]) {
                     match row[t0..].first_chunk::<T>() {
                         Some(whole) => *piece = *whole,
@@ -178,13 +225,16 @@ fn pack_panels(rows: &[&[f32]], inp: usize, first: usize, dst: &mut [f32]) {
 /// `n` zeros in memory the kernel may back with transparent huge pages (where it only does
 /// so on request, as by default): packing a 135M model then takes 2 MiB page faults instead
 /// of 4 KiB ones, which were a third of a weight load's time.
-fn zeroed(n: usize) -> Vec<f32> {
-    let v = vec![0f32; n];
+fn zeroed<E: Elem>(n: usize) -> Vec<E> {
+    let v = vec![E::default(); n];
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let start = v.as_ptr() as usize;
-        let (first, end) = (start.next_multiple_of(HUGE), (start + n * 4) / HUGE * HUGE);
+        let (first, end) = (
+            start.next_multiple_of(HUGE),
+            (start + n * size_of::<E>()) / HUGE * HUGE,
+        );
         if end > first {
             // SAFETY: advice about whole pages inside `v`'s allocation; it changes how the
             // kernel backs them, never their contents. A refusal is harmless and ignored.
@@ -214,12 +264,12 @@ fn store(out: &mut [f32], acc: &[f32], bias: Option<&[f32]>, accumulate: bool) {
 }
 
 /// `tile[i][c] = Σₜ x[i, t] · panel[t, c]` for the `rows` (≤ [`MR`]) rows of `x`.
-fn panel_tile(
+fn panel_tile<E: Elem>(
     isa: Isa,
     x: &[f32],
     rows: usize,
     k: usize,
-    panel: &[f32],
+    panel: &[E],
     tile: &mut [[f32; NR]; MR],
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -230,7 +280,7 @@ fn panel_tile(
             return;
         }
         if isa.avx2() {
-            // SAFETY: AVX2 and FMA were detected; shapes as above.
+            // SAFETY: AVX2, FMA and F16C were detected; shapes as above.
             unsafe { avx2::tile(x, rows, k, panel, tile) };
             return;
         }
@@ -240,7 +290,7 @@ fn panel_tile(
         for (t, w) in panel.chunks_exact(NR).enumerate() {
             let xv = x[i * k + t];
             for (a, &wv) in acc.iter_mut().zip(w) {
-                *a = xv.mul_add(wv, *a);
+                *a = xv.mul_add(wv.to_f32(), *a);
             }
         }
     }
@@ -248,53 +298,72 @@ fn panel_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{MR, NR};
+    use super::{Elem, ElemKind, MR, NR};
     use std::arch::x86_64::*;
+
+    /// 16 weights at `p` widened to f32 (exactly: f16 by `vcvtph2ps`, bf16 by a shift).
+    ///
+    /// # Safety
+    /// AVX-512F; `p` points to 16 readable weights.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<E: Elem>(p: *const E) -> __m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match E::KIND {
+                ElemKind::F32 => _mm512_loadu_ps(p.cast()),
+                ElemKind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                ElemKind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                )),
+            }
+        }
+    }
 
     /// Dispatches `rows` to a register tile of that many rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile(
+    pub(super) unsafe fn tile<E: Elem>(
         x: &[f32],
         rows: usize,
         k: usize,
-        panel: &[f32],
+        panel: &[E],
         out: &mut [[f32; NR]; MR],
     ) {
         debug_assert!(x.len() >= rows * k && panel.len() >= k * NR);
         // SAFETY: forwarded from the caller.
         unsafe {
             match rows {
-                1 => tile_r::<1>(x, k, panel, out),
-                2 => tile_r::<2>(x, k, panel, out),
-                3 => tile_r::<3>(x, k, panel, out),
-                4 => tile_r::<4>(x, k, panel, out),
-                5 => tile_r::<5>(x, k, panel, out),
-                6 => tile_r::<6>(x, k, panel, out),
-                7 => tile_r::<7>(x, k, panel, out),
-                8 => tile_r::<8>(x, k, panel, out),
-                9 => tile_r::<9>(x, k, panel, out),
-                10 => tile_r::<10>(x, k, panel, out),
-                11 => tile_r::<11>(x, k, panel, out),
-                _ => tile_r::<12>(x, k, panel, out),
+                1 => tile_r::<E, 1>(x, k, panel, out),
+                2 => tile_r::<E, 2>(x, k, panel, out),
+                3 => tile_r::<E, 3>(x, k, panel, out),
+                4 => tile_r::<E, 4>(x, k, panel, out),
+                5 => tile_r::<E, 5>(x, k, panel, out),
+                6 => tile_r::<E, 6>(x, k, panel, out),
+                7 => tile_r::<E, 7>(x, k, panel, out),
+                8 => tile_r::<E, 8>(x, k, panel, out),
+                9 => tile_r::<E, 9>(x, k, panel, out),
+                10 => tile_r::<E, 10>(x, k, panel, out),
+                11 => tile_r::<E, 11>(x, k, panel, out),
+                _ => tile_r::<E, 12>(x, k, panel, out),
             }
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_r<const R: usize>(
+    unsafe fn tile_r<E: Elem, const R: usize>(
         x: &[f32],
         k: usize,
-        panel: &[f32],
+        panel: &[E],
         out: &mut [[f32; NR]; MR],
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (xp, wp) = (x.as_ptr(), panel.as_ptr());
         for t in 0..k {
-            // SAFETY: t < k; the panel holds k × NR floats and x holds R rows of k.
+            // SAFETY: t < k; the panel holds k × NR weights and x holds R rows of k.
             unsafe {
-                let w0 = _mm512_loadu_ps(wp.add(t * NR));
-                let w1 = _mm512_loadu_ps(wp.add(t * NR + 16));
+                let w0 = load16(wp.add(t * NR));
+                let w1 = load16(wp.add(t * NR + 16));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xp.add(i * k + t));
                     a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
@@ -314,16 +383,35 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR};
+    use super::{Elem, ElemKind, MR, NR};
     use std::arch::x86_64::*;
 
+    /// 8 weights at `p` widened to f32 (exactly).
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `p` points to 8 readable weights.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8<E: Elem>(p: *const E) -> __m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match E::KIND {
+                ElemKind::F32 => _mm256_loadu_ps(p.cast()),
+                ElemKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                ElemKind::Bf16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                )),
+            }
+        }
+    }
+
     /// Tiles of 3 rows (12 accumulators of 8 lanes) until `rows` are done.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile<E: Elem>(
         x: &[f32],
         rows: usize,
         k: usize,
-        panel: &[f32],
+        panel: &[E],
         out: &mut [[f32; NR]; MR],
     ) {
         let mut r = 0;
@@ -333,9 +421,9 @@ mod avx2 {
             // SAFETY: forwarded from the caller.
             unsafe {
                 match rows - r {
-                    1 => tile_r::<1>(x, k, panel, out),
-                    2 => tile_r::<2>(x, k, panel, out),
-                    _ => tile_r::<3>(x, k, panel, out),
+                    1 => tile_r::<E, 1>(x, k, panel, out),
+                    2 => tile_r::<E, 2>(x, k, panel, out),
+                    _ => tile_r::<E, 3>(x, k, panel, out),
                 }
             }
             r += 3;
@@ -343,15 +431,19 @@ mod avx2 {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile_r<const R: usize>(x: &[f32], k: usize, panel: &[f32], out: &mut [[f32; NR]]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_r<E: Elem, const R: usize>(
+        x: &[f32],
+        k: usize,
+        panel: &[E],
+        out: &mut [[f32; NR]],
+    ) {
         let mut acc = [[_mm256_setzero_ps(); 4]; R];
         let (xp, wp) = (x.as_ptr(), panel.as_ptr());
         for t in 0..k {
-            // SAFETY: t < k; the panel holds k × NR floats and x holds R rows of k.
+            // SAFETY: t < k; the panel holds k × NR weights and x holds R rows of k.
             unsafe {
-                let w: [__m256; 4] =
-                    std::array::from_fn(|v| _mm256_loadu_ps(wp.add(t * NR + 8 * v)));
+                let w: [__m256; 4] = std::array::from_fn(|v| load8(wp.add(t * NR + 8 * v)));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xv = _mm256_set1_ps(*xp.add(i * k + t));
                     for v in 0..4 {
@@ -455,5 +547,34 @@ mod tests {
             packed.row_into(j, &mut row);
             assert_eq!(row, w[j * k..(j + 1) * k]);
         }
+    }
+
+    /// A 16-bit matrix gives, on every ISA, exactly the f32 result of its widened weights:
+    /// the kernels widen each weight as it is loaded and run the same FMA chain.
+    #[test]
+    fn half_matrices_equal_the_f32_product_of_their_widened_weights() {
+        fn check<E: Elem>(narrow: fn(f32) -> E) {
+            for &(m, k, n) in &[(1, 576, 963), (5, 40, 9), (13, 96, 70)] {
+                let x = data(m * k, 1);
+                let w: Vec<E> = data(n * k, 2).into_iter().map(narrow).collect();
+                let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                let (half, full) = (
+                    PackedMatrix::pack(&w, n, k),
+                    PackedMatrix::pack(&wide, n, k),
+                );
+                let bias = data(n, 3);
+                for isa in Isa::supported() {
+                    let (mut a, mut b) = (vec![1.0; m * n], vec![1.0; m * n]);
+                    half.matmul(isa, &x, m, Some(&bias), &mut a, true);
+                    full.matmul(isa, &x, m, Some(&bias), &mut b, true);
+                    assert_eq!(a, b, "{:?} {isa:?} m{m} k{k} n{n}", E::KIND);
+                }
+                let mut row = vec![0f32; k];
+                half.row_into(n - 1, &mut row);
+                assert_eq!(row, wide[(n - 1) * k..]);
+            }
+        }
+        check(half::f16::from_f32);
+        check(half::bf16::from_f32);
     }
 }
