@@ -184,28 +184,12 @@ impl Loader<'_> {
             let rows: Vec<&[E]> = parts.iter().flat_map(|p| p.chunks_exact(inp)).collect();
             (rows.len() == out).then(|| PackedMatrix::pack_rows(&rows, inp))
         }
-        let w = if parts.iter().all(|p| matches!(p, HalfValues::F16(_))) && wanted != ElemKind::Bf16
-        {
-            let p: Vec<&[half::f16]> = parts
-                .iter()
-                .filter_map(|p| match p {
-                    HalfValues::F16(v) => Some(&v[..]),
-                    HalfValues::Bf16(_) => None,
-                })
-                .collect();
-            pack(&p, inp, spec.out).map(Matrix::F16)
-        } else if parts.iter().all(|p| matches!(p, HalfValues::Bf16(_))) && wanted != ElemKind::F16
-        {
-            let p: Vec<&[half::bf16]> = parts
-                .iter()
-                .filter_map(|p| match p {
-                    HalfValues::Bf16(v) => Some(&v[..]),
-                    HalfValues::F16(_) => None,
-                })
-                .collect();
-            pack(&p, inp, spec.out).map(Matrix::Bf16)
-        } else {
-            return Ok(None);
+        let f16: Option<Vec<_>> = parts.iter().map(HalfValues::f16).collect();
+        let bf16: Option<Vec<_>> = parts.iter().map(HalfValues::bf16).collect();
+        let w = match (f16, bf16) {
+            (Some(p), _) if wanted != ElemKind::Bf16 => pack(&p, inp, spec.out).map(Matrix::F16),
+            (_, Some(p)) if wanted != ElemKind::F16 => pack(&p, inp, spec.out).map(Matrix::Bf16),
+            _ => return Ok(None),
         };
         w.map(Some).ok_or_else(|| {
             CandleBackendError::Weights(format!(

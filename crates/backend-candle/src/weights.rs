@@ -86,6 +86,24 @@ pub(crate) enum HalfValues<'a> {
     Bf16(Cow<'a, [half::bf16]>),
 }
 
+impl HalfValues<'_> {
+    /// The values, when stored as f16.
+    pub fn f16(&self) -> Option<&[half::f16]> {
+        match self {
+            Self::F16(v) => Some(v),
+            Self::Bf16(_) => None,
+        }
+    }
+
+    /// The values, when stored as bf16.
+    pub fn bf16(&self) -> Option<&[half::bf16]> {
+        match self {
+            Self::Bf16(v) => Some(v),
+            Self::F16(_) => None,
+        }
+    }
+}
+
 /// Little-endian 16-bit values of `bytes`: borrowed when aligned, copied otherwise.
 fn cast_u16<T: bytemuck::Pod>(bytes: Cow<'_, [u8]>) -> Cow<'_, [T]> {
     let copy = |b: &[u8]| {
