@@ -119,6 +119,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         backend: args.backend,
         device: args.device,
         dtype: args.dtype,
+        // Every repeat computes its prompt: a prefix-cache hit would time a lookup, not a
+        // prefill (llama.cpp's peer is reset between repeats too).
+        engine: infermux::EngineConfig {
+            prefix_caching: false,
+            ..infermux::EngineConfig::default()
+        },
         ..LoadOptions::default()
     };
     let start = Instant::now();
