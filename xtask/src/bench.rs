@@ -402,25 +402,22 @@ pub(crate) fn measure_bandwidth() -> Bandwidth {
     Bandwidth { read_gbs, copy_gbs }
 }
 
-/// A wrapping sum over the four quarters of `words` read side by side, eight lanes each
-/// (vectorizes; no float reassociation needed).
+/// A wrapping sum of `words` front to back in 16 lanes (vectorizes, no float reassociation):
+/// one stream per thread, as a decode step reads its weights (four interleaved streams read
+/// ~20% slower on AMD EPYC and understated the ceiling).
 fn sum_words(words: &[u64]) -> u64 {
-    let q = words.len() / 4;
-    let quarters: [&[u64]; 4] = std::array::from_fn(|i| &words[i * q..(i + 1) * q]);
-    let mut lanes = [[0u64; 8]; 4];
-    for i in (0..q / 8 * 8).step_by(8) {
-        for (lane, quarter) in lanes.iter_mut().zip(&quarters) {
-            for (l, w) in lane.iter_mut().zip(&quarter[i..i + 8]) {
-                *l = l.wrapping_add(*w);
-            }
+    let mut lanes = [0u64; 16];
+    let chunks = words.chunks_exact(16);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &w| a.wrapping_add(w));
+    for chunk in chunks {
+        for (l, w) in lanes.iter_mut().zip(chunk) {
+            *l = l.wrapping_add(*w);
         }
     }
-    let tail = quarters
-        .iter()
-        .flat_map(|quarter| &quarter[q / 8 * 8..])
-        .chain(&words[4 * q..])
-        .fold(0u64, |a, &w| a.wrapping_add(w));
-    lanes.iter().flatten().fold(tail, |a, &l| a.wrapping_add(l))
+    lanes.iter().fold(tail, |a, &l| a.wrapping_add(l))
 }
 
 /// Bytes of weights one batch-1 decode step reads: every tensor of the checkpoint once (the

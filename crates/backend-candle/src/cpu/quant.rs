@@ -141,7 +141,7 @@ impl QuantMatrix {
         let nb = blocks.next_multiple_of(2);
         let qs = kind.qs_bytes();
         let tile_bytes = TILE * nb * (qs + 4);
-        let mut data = vec![0u8; rows.len().div_ceil(TILE) * tile_bytes];
+        let mut data = super::packed::zeroed(rows.len().div_ceil(TILE) * tile_bytes);
         for (j, row) in rows.iter().enumerate() {
             if row.len() != blocks * kind.gguf_block() {
                 return None;
@@ -543,7 +543,7 @@ mod avx512 {
         let m = w.w;
         let nb = m.nb;
         let qs = m.kind.qs_bytes();
-        assert!(w.j0 % TILE == 0 && w.j0 + w.cols <= m.out);
+        assert!(w.j0.is_multiple_of(TILE) && w.j0 + w.cols <= m.out);
         let tile = m.tile(w.j0 / TILE).as_ptr();
         let low = _mm512_set1_epi8(0x0f);
         // SAFETY: for the closures' reads: a tile holds, per group of `len` blocks, TILE rows'
