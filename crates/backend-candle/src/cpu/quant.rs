@@ -1,10 +1,11 @@
-//! Block-quantized weights (GGUF `Q8_0`, `Q4_0`, `Q4_1`) and their matmul, as llama.cpp does it:
+//! Block-quantized weights (GGUF `Q8_0`, `Q5_0`, `Q5_1`, `Q4_0`, `Q4_1`) and their matmul, as
+//! llama.cpp does it:
 //! activations quantized per 32-value block to int8 with a scale (and the scaled sum of the
 //! block, for the weights' offsets), integer dot products per block, scaled and summed in f32.
 //!
 //! Every type is held as unsigned 8- or 4-bit values `u` with a scale `d` and an offset `m` per
-//! block (`w = d·u + m`): `Q4_1` as stored, `Q4_0` with `m = −8d`, `Q8_0` shifted by 128 with
-//! `m = −128d`. A block's contribution to `x·w` is then `d·d_x·Σ u·q_x + m·s_x`, where `q_x`
+//! block (`w = d·u + m`): `Q4_1` and `Q5_1` as stored, `Q4_0` with `m = −8d`, `Q5_0` with
+//! `m = −16d`, `Q8_0` shifted by 128 with `m = −128d` (all exact: powers of two times an f16). A block's contribution to `x·w` is then `d·d_x·Σ u·q_x + m·s_x`, where `q_x`
 //! are the activation's int8 values, `d_x` its scale and `s_x = d_x·Σ q_x`: one unsigned-by-
 //! signed integer dot product (AVX-512 VNNI's `vpdpbusd`) per block, whatever the type.
 //!
@@ -16,7 +17,8 @@
 //! pair of blocks the four rows' values (two blocks fill one 512-bit register). Activations are
 //! stored in the matching order: a pair of blocks as `[b₀ 0..16, b₁ 0..16, b₀ 16..32,
 //! b₁ 16..32]`, the order two blocks' nibbles unpack in (4-bit types keep GGUF's nibble
-//! layout; Q8_0 bytes are stored in that order).
+//! layout; the bytes of Q8_0 and of the 5-bit types, whose high bits are joined to their
+//! nibbles at load, are stored in that order).
 //!
 //! Few activation rows (decode) read the packed rows directly, decoding nibbles in registers:
 //! a step then reads each weight byte once, as stored. Many rows (prefill) unpack a tile of
@@ -35,12 +37,14 @@ const QK: usize = 32;
 const TILE: usize = 4;
 /// From this many activation rows on, a tile of weight rows is unpacked once for all of them
 /// instead of decoding the packed rows for each (decode runs below it, prefill above).
-const UNPACK_ROWS: usize = 4;
+const UNPACK_ROWS: usize = 16;
 
 /// Which block type a [`QuantMatrix`] holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QuantKind {
     Q8_0,
+    Q5_0,
+    Q5_1,
     Q4_0,
     Q4_1,
 }
@@ -50,24 +54,36 @@ impl QuantKind {
     pub(crate) fn of(t: GgmlType) -> Option<Self> {
         Some(match t {
             GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
             GgmlType::Q4_0 => Self::Q4_0,
             GgmlType::Q4_1 => Self::Q4_1,
             _ => return None,
         })
     }
 
+    /// Whether `u` is held one byte per value (8- and 5-bit types) rather than as nibbles.
+    fn byte_values(self) -> bool {
+        matches!(self, Self::Q8_0 | Self::Q5_0 | Self::Q5_1)
+    }
+
+    /// Whether the offsets `m` are stored (Q4_1, Q5_1), not `−k·d`: llama.cpp then pairs the
+    /// weights with Q8_1 activations, whose block sum is rounded to f16.
+    fn stored_offsets(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
     /// Bytes of `u` per block as stored.
     fn qs_bytes(self) -> usize {
-        match self {
-            Self::Q8_0 => 32,
-            Self::Q4_0 | Self::Q4_1 => 16,
-        }
+        if self.byte_values() { 32 } else { 16 }
     }
 
     /// Bytes of one GGUF block.
     fn gguf_block(self) -> usize {
         match self {
             Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
         }
@@ -151,20 +167,21 @@ impl QuantMatrix {
                 let d = f16_at(block, 0);
                 let (m, q) = match kind {
                     QuantKind::Q8_0 => (f16::from_f32(-128.0 * d.to_f32()), &block[2..]),
+                    QuantKind::Q5_0 => (f16::from_f32(-16.0 * d.to_f32()), &block[2..]),
                     QuantKind::Q4_0 => (f16::from_f32(-8.0 * d.to_f32()), &block[2..]),
-                    QuantKind::Q4_1 => (f16_at(block, 2), &block[4..]),
+                    QuantKind::Q5_1 | QuantKind::Q4_1 => (f16_at(block, 2), &block[4..]),
                 };
                 let group = Group::of(b, nb, qs);
                 let (i, p) = (b % 16, b % 16 / 2);
                 let values = &mut tile[group.pair(p, c)..][..2 * qs];
-                match kind {
-                    // int8 → uint8 by flipping the sign bit (q + 128), pair-interleaved.
-                    QuantKind::Q8_0 => {
-                        for (k, &v) in q.iter().enumerate() {
-                            values[interleaved(b % 2, k)] = v ^ 0x80;
-                        }
+                if kind.byte_values() {
+                    // Pair-interleaved bytes: int8 → uint8 by flipping the sign bit (q + 128);
+                    // 5-bit: each nibble joined to its high bit from `qh`.
+                    for (k, v) in byte_values(kind, q).into_iter().enumerate() {
+                        values[interleaved(b % 2, k)] = v;
                     }
-                    _ => values[b % 2 * qs..][..qs].copy_from_slice(q),
+                } else {
+                    values[b % 2 * qs..][..qs].copy_from_slice(q);
                 }
                 tile[group.scales(c) + 2 * i..][..2].copy_from_slice(&d.to_le_bytes());
                 tile[group.offsets(c) + 2 * i..][..2].copy_from_slice(&m.to_le_bytes());
@@ -206,7 +223,7 @@ impl QuantMatrix {
             d[b] = f16_at(tile, group.scales(c) + 2 * i).to_f32();
             m[b] = f16_at(tile, group.offsets(c) + 2 * i).to_f32();
             let pair = &tile[group.pair(i / 2, c)..][..2 * qs];
-            if self.kind == QuantKind::Q8_0 {
+            if self.kind.byte_values() {
                 if b % 2 == 0 {
                     u[b * QK..][..2 * QK].copy_from_slice(pair);
                 }
@@ -250,7 +267,7 @@ impl QuantMatrix {
         if rows == 0 || n == 0 {
             return;
         }
-        let acts = QuantActs::new(x, rows, k, self.nb);
+        let acts = QuantActs::new(x, rows, k, self.nb, self.kind.stored_offsets());
         let tiles = n.div_ceil(TILE);
         let grain = tiles.div_ceil(threads() * 8).max(1);
         let dst = SyncPtr(out.as_mut_ptr());
@@ -385,6 +402,25 @@ struct QuantActs {
     s: Vec<f32>,
 }
 
+/// The 32 unsigned values of a byte-valued block (`q`: the block past its scales).
+fn byte_values(kind: QuantKind, q: &[u8]) -> [u8; QK] {
+    match kind {
+        QuantKind::Q8_0 => std::array::from_fn(|k| q[k] ^ 0x80),
+        _ => {
+            let qh = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+            let qs = &q[4..];
+            std::array::from_fn(|k| {
+                let nibble = if k < 16 {
+                    qs[k] & 0x0f
+                } else {
+                    qs[k - 16] >> 4
+                };
+                nibble | (((qh >> k) & 1) as u8) << 4
+            })
+        }
+    }
+}
+
 /// Position of element `i` of block `b` in a pair-interleaved row.
 #[inline]
 fn interleaved(b: usize, i: usize) -> usize {
@@ -394,7 +430,13 @@ fn interleaved(b: usize, i: usize) -> usize {
 }
 
 impl QuantActs {
-    fn new(x: &[f32], rows: usize, k: usize, nb: usize) -> Self {
+    /// Quantizes `rows` rows of `k` exactly as llama.cpp's `quantize_row_q8_0` / `_q8_1` do on
+    /// x86 (a dot product then equals llama.cpp's up to f32 rounding; each of these choices
+    /// moved logprobs by up to ~0.2 against it): `q = round_half_even(x · 127/amax)`, the scale
+    /// `d = amax/127` used rounded to f16, and with `f16_sums` (Q8_1, for stored offsets) the
+    /// block sum `s = f16(d · Σq)` with the unrounded `d`; otherwise `s = f16(d) · Σq`, so
+    /// that `m·s` cancels the `−k·d` offset of the symmetric types to f32 rounding.
+    fn new(x: &[f32], rows: usize, k: usize, nb: usize, f16_sums: bool) -> Self {
         let mut q = vec![0i8; rows * nb * QK];
         let mut d = vec![0f32; rows * nb];
         let mut s = vec![0f32; rows * nb];
@@ -403,15 +445,20 @@ impl QuantActs {
             for (b, block) in row.chunks(QK).enumerate() {
                 let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
                 let mut sum = 0i32;
                 for (i, &v) in block.iter().enumerate() {
-                    let qv = (v * inv).round() as i8;
+                    let qv = (v * inv).round_ties_even() as i8;
                     sum += qv as i32;
                     q[r * nb * QK + interleaved(b, i)] = qv;
                 }
-                d[r * nb + b] = scale;
-                s[r * nb + b] = scale * sum as f32;
+                let rounded = f16::from_f32(scale).to_f32();
+                d[r * nb + b] = rounded;
+                s[r * nb + b] = if f16_sums {
+                    f16::from_f32(scale * sum as f32).to_f32()
+                } else {
+                    rounded * sum as f32
+                };
             }
         }
         Self { q, d, s }
@@ -439,7 +486,7 @@ fn dot_tile_portable(w: &Unpacked<'_>, a: &QuantActs, r: usize, acc: &mut [f32; 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Group, Packed, QK, QuantActs, QuantKind, TILE, Unpacked};
+    use super::{Group, Packed, QK, QuantActs, TILE, Unpacked};
 
     /// One kernel body over two weight sources: `$scales(c, g, mask)` gives row c's scales
     /// and offsets of blocks g.., `$u(c, b)` the 64 unsigned values of blocks b, b + 1. Both
@@ -549,7 +596,7 @@ mod avx512 {
         // SAFETY: for the closures' reads: a tile holds, per group of `len` blocks, TILE rows'
         // `len` f16 scales and offsets and per pair TILE rows' 2·qs value bytes (module docs,
         // `Group`); the masked loads read lanes 0..len of row c's scales and offsets of group
-        // g, the value loads the 32 (4-bit) or 64 (Q8_0) bytes of blocks b, b + 1 of row c.
+        // g, the value loads the 32 (4-bit) or 64 (byte-valued) bytes of blocks b, b + 1 of row c.
         let scales = |c: usize, g: usize, mask: __mmask16| unsafe {
             let group = Group::of(g, nb, qs);
             (
@@ -563,7 +610,7 @@ mod avx512 {
                 )),
             )
         };
-        if m.kind == QuantKind::Q8_0 {
+        if m.kind.byte_values() {
             // SAFETY: see above.
             let values = |c: usize, b: usize| unsafe {
                 let at = Group::of(b, nb, qs).pair(b % 16 / 2, c);
@@ -588,6 +635,14 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    const ALL: [QuantKind; 5] = [
+        QuantKind::Q8_0,
+        QuantKind::Q5_0,
+        QuantKind::Q5_1,
+        QuantKind::Q4_0,
+        QuantKind::Q4_1,
+    ];
+
     /// A GGUF row of `kind` with deterministic pseudo-random blocks, and its f32 values.
     fn gguf_row(kind: QuantKind, blocks: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
         let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -607,6 +662,27 @@ mod tests {
                         let q = (next() % 256) as u8 as i8;
                         bytes.push(q as u8);
                         vals.push(d.to_f32() * q as f32);
+                    }
+                }
+                QuantKind::Q5_0 | QuantKind::Q5_1 => {
+                    let m = f16::from_f32(-((next() % 1000) as f32) / 20_000.0);
+                    if kind == QuantKind::Q5_1 {
+                        bytes.extend_from_slice(&m.to_le_bytes());
+                    }
+                    let v: Vec<u32> = (0..32).map(|_| next() % 32).collect();
+                    let qh = v
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |h, (k, &x)| h | (x >> 4) << k);
+                    bytes.extend_from_slice(&qh.to_le_bytes());
+                    for i in 0..16 {
+                        bytes.push((v[i] & 15 | (v[i + 16] & 15) << 4) as u8);
+                    }
+                    for &x in &v {
+                        vals.push(match kind {
+                            QuantKind::Q5_0 => d.to_f32() * (x as f32 - 16.0),
+                            _ => d.to_f32() * x as f32 + m.to_f32(),
+                        });
                     }
                 }
                 QuantKind::Q4_0 | QuantKind::Q4_1 => {
@@ -641,7 +717,7 @@ mod tests {
 
     #[test]
     fn rows_dequantize_to_the_gguf_values() {
-        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+        for kind in ALL {
             let (w, vals) = matrix(kind, 5, 96);
             let mut row = vec![0f32; 96];
             for j in 0..5 {
@@ -661,7 +737,7 @@ mod tests {
     /// same alone as in a batch.
     #[test]
     fn matmul_matches_f32_and_is_batch_invariant_on_every_isa() {
-        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+        for kind in ALL {
             for (out, inp) in [(7, 96), (9, 576), (4, 32)] {
                 let (w, vals) = matrix(kind, out, inp);
                 let m = 5;
