@@ -125,7 +125,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             prefix_caching: false,
             ..infermux::EngineConfig::default()
         },
-        ..LoadOptions::default()
     };
     let start = Instant::now();
     let client = ServiceClient::with_options(options).create_sampling_client(&model)?;
