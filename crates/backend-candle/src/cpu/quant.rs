@@ -5,9 +5,11 @@
 //!
 //! Every type is held as unsigned 8- or 4-bit values `u` with a scale `d` and an offset `m` per
 //! block (`w = d·u + m`): `Q4_1` and `Q5_1` as stored, `Q4_0` with `m = −8d`, `Q5_0` with
-//! `m = −16d`, `Q8_0` shifted by 128 with `m = −128d` (all exact: powers of two times an f16). A block's contribution to `x·w` is then `d·d_x·Σ u·q_x + m·s_x`, where `q_x`
-//! are the activation's int8 values, `d_x` its scale and `s_x = d_x·Σ q_x`: one unsigned-by-
-//! signed integer dot product (AVX-512 VNNI's `vpdpbusd`) per block, whatever the type.
+//! `m = −16d`, `Q8_0` shifted by 128 with `m = −128d` (all exact: powers of two times an f16).
+//! A block's contribution to `x·w` is then `d·d_x·Σ u·q_x + m·s_x`, where `q_x` are the
+//! activation's int8 values, `d_x` its scale and `s_x ≈ d_x·Σ q_x` its scaled sum (made as
+//! llama.cpp makes them: [`QuantActs::new`]): one unsigned-by-signed integer dot product
+//! (AVX-512 VNNI's `vpdpbusd`) per block, whatever the type.
 //!
 //! Rows are stored by tiles of four, each tile in the order the decode kernel reads it, so a
 //! step streams the matrix front to back (the hardware prefetcher follows one stream; with four
@@ -107,7 +109,8 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
-/// Offsets inside a tile of one group of blocks: `g` its first block, `len` its length.
+/// Where one group of up to 16 blocks lies inside a tile: from byte `base`, `len` blocks of
+/// `qs` value bytes per row.
 #[derive(Clone, Copy)]
 struct Group {
     base: usize,
