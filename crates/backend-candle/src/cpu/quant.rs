@@ -270,7 +270,7 @@ impl QuantMatrix {
         if rows == 0 || n == 0 {
             return;
         }
-        let acts = QuantActs::new(x, rows, k, self.nb, self.kind.stored_offsets());
+        let acts = QuantActs::new(isa, x, rows, k, self.nb, self.kind.stored_offsets());
         let tiles = n.div_ceil(TILE);
         let grain = tiles.div_ceil(threads() * 8).max(1);
         let dst = SyncPtr(out.as_mut_ptr());
@@ -439,32 +439,73 @@ impl QuantActs {
     /// `d = amax/127` used rounded to f16, and with `f16_sums` (Q8_1, for stored offsets) the
     /// block sum `s = f16(d · Σq)` with the unrounded `d`; otherwise `s = f16(d) · Σq`, so
     /// that `m·s` cancels the `−k·d` offset of the symmetric types to f32 rounding.
-    fn new(x: &[f32], rows: usize, k: usize, nb: usize, f16_sums: bool) -> Self {
-        let mut q = vec![0i8; rows * nb * QK];
-        let mut d = vec![0f32; rows * nb];
-        let mut s = vec![0f32; rows * nb];
-        for r in 0..rows {
+    fn new(isa: Isa, x: &[f32], rows: usize, k: usize, nb: usize, f16_sums: bool) -> Self {
+        let mut acts = Self {
+            q: vec![0i8; rows * nb * QK],
+            d: vec![0f32; rows * nb],
+            s: vec![0f32; rows * nb],
+        };
+        let parts = acts
+            .q
+            .chunks_exact_mut(nb * QK)
+            .zip(acts.d.chunks_exact_mut(nb))
+            .zip(acts.s.chunks_exact_mut(nb));
+        for (r, ((q, d), s)) in parts.enumerate() {
             let row = &x[r * k..][..k];
-            for (b, block) in row.chunks(QK).enumerate() {
-                let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                let mut sum = 0i32;
-                for (i, &v) in block.iter().enumerate() {
-                    let qv = (v * inv).round_ties_even() as i8;
-                    sum += qv as i32;
-                    q[r * nb * QK + interleaved(b, i)] = qv;
-                }
-                let rounded = f16::from_f32(scale).to_f32();
-                d[r * nb + b] = rounded;
-                s[r * nb + b] = if f16_sums {
-                    f16::from_f32(scale * sum as f32).to_f32()
-                } else {
-                    rounded * sum as f32
-                };
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512() {
+                // SAFETY: AVX-512F/BW/VL were detected at run time (`isa`).
+                unsafe { quantize_row_avx512(row, q, d, s, f16_sums) };
+                continue;
             }
+            let _ = isa;
+            quantize_row(row, q, d, s, f16_sums);
         }
-        Self { q, d, s }
+        acts
+    }
+}
+
+/// [`quantize_row`] compiled for AVX-512, where the rounding and conversions vectorize
+/// (`vrndscaleps`; the baseline build calls libm per value, which made prefill's activation
+/// quantization, one thread per call, about as slow as its dot products).
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512BW and AVX-512VL.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_avx512(
+    row: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    f16_sums: bool,
+) {
+    quantize_row(row, q, d, s, f16_sums);
+}
+
+/// One activation row into its blocks' int8 values (pair-interleaved), scales and sums.
+#[inline(always)]
+fn quantize_row(row: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], f16_sums: bool) {
+    for (b, block) in row.chunks(QK).enumerate() {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut values = [0i8; QK];
+        for (o, &v) in values.iter_mut().zip(block) {
+            *o = (v * inv).round_ties_even() as i8;
+        }
+        let sum: i32 = values.iter().map(|&v| v as i32).sum();
+        let pair = &mut q[b / 2 * 2 * QK..][..2 * QK];
+        let half = b % 2 * 16;
+        pair[half..][..16].copy_from_slice(&values[..16]);
+        pair[32 + half..][..16].copy_from_slice(&values[16..]);
+        let rounded = f16::from_f32(scale).to_f32();
+        d[b] = rounded;
+        s[b] = if f16_sums {
+            f16::from_f32(scale * sum as f32).to_f32()
+        } else {
+            rounded * sum as f32
+        };
     }
 }
 
@@ -775,6 +816,37 @@ mod tests {
                         assert_eq!(*a, b + (b + (i % out) as f32), "{kind:?} {isa:?}");
                     }
                 }
+            }
+        }
+    }
+
+    /// llama.cpp's `quantize_row_q8_0`/`_q8_1` on x86: ties round to even at 127/amax, the
+    /// scale is rounded to f16, Q8_1's sum is f16(d·Σq); the same on every ISA.
+    #[test]
+    fn activations_are_quantized_as_llama_cpp_does() {
+        let mut x = vec![0f32; 64];
+        // Block 0: amax 127, so x·127/amax = x: ties at ±2.5, 3.5.
+        x[..5].copy_from_slice(&[2.5, 3.5, -2.5, 127.0, 0.49]);
+        // Block 1: amax 12.7, scale 0.1 (not an f16).
+        x[32] = 12.7;
+        x[33] = 1.0;
+        for isa in Isa::supported() {
+            for f16_sums in [false, true] {
+                let a = QuantActs::new(isa, &x, 1, 64, 2, f16_sums);
+                let at = |b, i| a.q[interleaved(b, i)];
+                assert_eq!(
+                    [at(0, 0), at(0, 1), at(0, 2), at(0, 3), at(0, 4)],
+                    [2, 4, -2, 127, 0]
+                );
+                assert_eq!([at(1, 0), at(1, 1)], [127, 10], "{isa:?}");
+                let d1 = f16::from_f32(0.1).to_f32();
+                assert_eq!(a.d, [1.0, d1], "{isa:?}");
+                let s1 = if f16_sums {
+                    f16::from_f32(0.1 * 137.0).to_f32()
+                } else {
+                    d1 * 137.0
+                };
+                assert_eq!(a.s, [131.0, s1], "{isa:?} {f16_sums}");
             }
         }
     }
