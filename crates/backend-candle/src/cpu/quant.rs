@@ -454,7 +454,7 @@ impl QuantActs {
             let row = &x[r * k..][..k];
             #[cfg(target_arch = "x86_64")]
             if isa.avx512() {
-                // SAFETY: AVX-512F/BW/VL were detected at run time (`isa`).
+                // SAFETY: AVX-512F was detected at run time (`isa`).
                 unsafe { quantize_row_avx512(row, q, d, s, f16_sums) };
                 continue;
             }
@@ -470,9 +470,9 @@ impl QuantActs {
 /// quantization, one thread per call, about as slow as its dot products).
 ///
 /// # Safety
-/// The CPU must support AVX-512F, AVX-512BW and AVX-512VL.
+/// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f")]
 unsafe fn quantize_row_avx512(
     row: &[f32],
     q: &mut [i8],
