@@ -100,9 +100,7 @@ impl Loader<'_> {
             _ => Tensor::cat(&parts, 0).map_err(weights_err),
         }
     }
-}
 
-impl Loader<'_> {
     /// A projection of quantized GGUF tensors: our kernels when every part is one type they
     /// run and the CPU kernels are on, candle's quantized matmuls otherwise; `None` when no
     /// part is quantized.
@@ -165,9 +163,7 @@ impl Loader<'_> {
             b: b.cloned(),
         }))
     }
-}
 
-impl Loader<'_> {
     /// A projection whose parts are all stored in one 16-bit type, packed as stored (exact:
     /// the kernels widen each weight to f32), unless the runtime asks for the other 16-bit
     /// type; `None` otherwise.
