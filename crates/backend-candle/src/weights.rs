@@ -104,6 +104,22 @@ impl HalfValues<'_> {
     }
 }
 
+/// The safetensors view of `name`, checked against `shape`.
+fn checked_view<'a>(
+    files: &'a MmapedSafetensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<safetensors::tensor::TensorView<'a>, CandleBackendError> {
+    let view = files.get(name).map_err(|e| err(name, e))?;
+    if view.shape() != shape {
+        return Err(err(
+            name,
+            format!("has shape {:?}, expected {shape:?}", view.shape()),
+        ));
+    }
+    Ok(view)
+}
+
 /// Little-endian 16-bit values of `bytes`: borrowed when aligned, copied otherwise.
 fn cast_u16<T: bytemuck::Pod>(bytes: Cow<'_, [u8]>) -> Cow<'_, [T]> {
     let copy = |b: &[u8]| {
@@ -242,13 +258,7 @@ impl Weights {
                 }
             }
             Files::Safetensors(files) => {
-                let view = files.get(name).map_err(|e| err(name, e))?;
-                if view.shape() != shape {
-                    return Err(err(
-                        name,
-                        format!("has shape {:?}, expected {shape:?}", view.shape()),
-                    ));
-                }
+                let view = checked_view(files, name, shape)?;
                 match view.dtype() {
                     safetensors::Dtype::F16 => (ElemKind::F16, Cow::Borrowed(view.data())),
                     safetensors::Dtype::BF16 => (ElemKind::Bf16, Cow::Borrowed(view.data())),
@@ -290,13 +300,7 @@ impl Weights {
                 return Ok(Cow::Owned(values));
             }
         };
-        let view = files.get(name).map_err(|e| err(name, e))?;
-        if view.shape() != shape {
-            return Err(err(
-                name,
-                format!("has shape {:?}, expected {shape:?}", view.shape()),
-            ));
-        }
+        let view = checked_view(files, name, shape)?;
         if view.dtype() == safetensors::Dtype::F32 && cfg!(target_endian = "little") {
             // SAFETY: every bit pattern is a valid f32; `align_to` yields only the aligned,
             // whole-f32 middle, which is used only if it is the entire buffer.
